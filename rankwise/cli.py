@@ -1,0 +1,176 @@
+"""`rankwise <verb>`: a thin layer over the API. Bad input ends in one sentence, exit 2."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from .config import CompressConfig, read_yaml
+from .errors import RankwiseError
+from .geometry import DEFAULT_DAMPING, METRICS
+
+log = logging.getLogger("rankwise")
+
+CALIB_DEFAULTS = {"calib_samples": 32, "seqlen": 512, "seed": 0}
+
+
+def _compress_parser(sub) -> None:
+    p = sub.add_parser("compress", help="factorize a model's linear layers and save it",
+                       description="Replace the linear layers inside the transformer blocks by "
+                                   "low-rank factors chosen in an information-geometric metric, "
+                                   "and save the result to --out.")
+    p.add_argument("--model", help="Hugging Face model folder or .gguf file "
+                                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--metric", choices=METRICS, default=None,
+                   help="projection metric: svd (Frobenius), whiten (input covariance), "
+                        "fisher (diagonal Fisher on outputs), kfac (Kronecker-factored "
+                        "Fisher, default)")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="fraction of the targeted layers' parameters to remove, in (0, 1) "
+                        "(default 0.2)")
+    p.add_argument("--include", help="regex: only target linear layers whose name matches")
+    p.add_argument("--exclude", help="regex: skip linear layers whose name matches")
+    p.add_argument("--damping", type=float, default=None,
+                   help=f"relative eigenvalue damping of covariances (default {DEFAULT_DAMPING})")
+    p.add_argument("--calib-text", help="calibration text file (default: the shipped "
+                                        "WikiText-2 validation split)")
+    p.add_argument("--calib-samples", type=int, default=None,
+                   help="number of calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=None, help="seed for windows and sampled labels (default 0)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--config", help="YAML recipe with any of these options; "
+                                    "options given on the command line win")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.set_defaults(run=_compress)
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity and divergence from the dense model",
+                       description="Perplexity on WikiText-2 test (non-overlapping windows) and, "
+                                   "against a reference (dense) model, the KL divergence and "
+                                   "top-1 agreement of next-token predictions.")
+    p.add_argument("model", nargs="?", help="rankwise output folder, HF folder or .gguf file "
+                                            "(default: the embedded model)")
+    p.add_argument("--reference", help="dense model to compare with (default: the model a "
+                                       "rankwise output was compressed from; 'none' to skip)")
+    p.add_argument("--text", help="evaluation text file (default: shipped WikiText-2 test split)")
+    p.add_argument("--windows", type=int, default=40, help="number of windows (default 40)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--full", action="store_true", help="evaluate on the whole text")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--ranks", action="store_true", help="also print the per-layer ranks")
+    p.set_defaults(run=_eval)
+
+
+def _recipe(args) -> dict:
+    """Options from --config, overridden by those given on the command line."""
+    recipe = read_yaml(args.config) if args.config else {}
+    for key, value in vars(args).items():
+        if value is not None and key not in ("config", "run", "command", "verbose"):
+            recipe[key] = value
+    return recipe
+
+
+def _compress(args) -> None:
+    from . import compress_, save
+    from .data import CALIBRATION_TEXT, calibration_windows, read_text, tokenize
+    from .models import load_model
+
+    recipe = _recipe(args)
+    calib = {k: int(recipe.pop(k, v)) for k, v in CALIB_DEFAULTS.items()}
+    calib_text = recipe.pop("calib_text", None)
+    model_spec, out = recipe.pop("model", None), recipe.pop("out")
+    batch_size = int(recipe.pop("batch_size", 4))
+    config = CompressConfig.from_dict(recipe)
+    text = read_text(calib_text or CALIBRATION_TEXT)   # fail on bad text before a slow load
+    model, tokenizer, source = load_model(model_spec)
+    windows = calibration_windows(tokenize(tokenizer, text), calib["calib_samples"],
+                                  calib["seqlen"], calib["seed"])
+    summary = compress_(model, config, windows, batch_size=batch_size, seed=calib["seed"])
+    manifest = {
+        "source_model": source if model_spec is None else str(model_spec),
+        "config": config.to_dict(),
+        "achieved_ratio": summary.achieved_ratio,
+        "targeted_params": {"dense": summary.dense_params, "compressed": summary.compressed_params},
+        "calibration": {"text": str(calib_text or "wikitext-2 validation (shipped)"),
+                        "windows": calib["calib_samples"], "seqlen": calib["seqlen"],
+                        "seed": calib["seed"], "tokens": summary.calibration_tokens},
+        "seconds": summary.seconds,
+    }
+    save(model, out, manifest, tokenizer)
+    kept = sum(r is not None for r in summary.ranks.values())
+    print(f"compressed {kept}/{len(summary.ranks)} layers with {config.metric}: removed "
+          f"{summary.achieved_ratio:.4f} of the targeted parameters (requested {config.ratio}) "
+          f"in {summary.seconds['total']:.1f} s -> {out}")
+
+
+def _eval(args) -> None:
+    from .data import EVALUATION_TEXT, evaluation_windows, read_text, tokenize
+    from .evaluate import evaluate, parameter_count
+    from .io import MANIFEST, read_manifest
+    from .models import DEFAULT_MODEL_NAME, load_model
+
+    text = read_text(args.text or EVALUATION_TEXT)
+    model, tokenizer, source = load_model(args.model)
+    manifest = read_manifest(args.model) if args.model and _is_output(args.model, MANIFEST) else None
+    reference = None
+    ref_spec = args.reference
+    if ref_spec is None and manifest is not None:
+        ref_spec = manifest.get("source_model")
+        ref_spec = None if ref_spec == DEFAULT_MODEL_NAME else ref_spec
+        load_reference = True
+    else:
+        load_reference = ref_spec is not None and ref_spec.lower() != "none"
+    if load_reference:
+        reference, _, _ = load_model(ref_spec)
+    windows = evaluation_windows(tokenize(tokenizer, text), args.seqlen,
+                                 None if args.full else args.windows)
+    report = evaluate(model, windows, reference, batch_size=args.batch_size)
+    print(f"evaluated {source} on {report.tokens} predicted tokens "
+          f"({windows.shape[0]} windows x {windows.shape[1]})")
+    if reference is not None:
+        print(f"  dense perplexity       {report.reference_perplexity:10.3f}  "
+              f"({parameter_count(reference):,} parameters)")
+    print(f"  perplexity             {report.perplexity:10.3f}  ({parameter_count(model):,} parameters)")
+    if reference is not None:
+        print(f"  KL(dense || model)     {report.kl:10.4f}  nats/token")
+        print(f"  top-1 agreement        {report.top1_agreement:10.4f}")
+    if args.ranks and manifest is not None:
+        print("  per-layer ranks:")
+        for name, rank in manifest["ranks"].items():
+            print(f"    {name:50s} {rank}")
+
+
+def _is_output(path: str, manifest: str) -> bool:
+    from pathlib import Path
+    return (Path(path) / manifest).exists()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rankwise", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _compress_parser(sub)
+    _eval_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    torch.manual_seed(0)
+    try:
+        args.run(args)
+    except RankwiseError as e:
+        print(f"rankwise: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

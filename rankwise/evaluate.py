@@ -1,0 +1,97 @@
+"""Perplexity, divergence from the dense model, size and measured speed."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from .layers import LowRankLinear
+
+
+@dataclass
+class Report:
+    tokens: int
+    perplexity: float
+    reference_perplexity: float | None = None
+    kl: float | None = None            # mean KL(reference || model) per next-token prediction
+    top1_agreement: float | None = None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, windows: torch.Tensor, reference: nn.Module | None = None,
+             batch_size: int = 4, progress: bool = True) -> Report:
+    """Perplexity of `model` on token windows (N, L); with a reference (the dense model),
+    also its perplexity, the KL of next-token distributions and top-1 agreement."""
+    nll = ref_nll = kl = agree = 0.0
+    tokens = 0
+    for ids in tqdm(windows.split(batch_size), desc="evaluating", unit="batch",
+                    disable=not progress):
+        targets = ids[:, 1:].reshape(-1)
+        logp = _log_probs(model, ids)
+        nll += F.nll_loss(logp, targets, reduction="sum").item()
+        tokens += targets.numel()
+        if reference is not None:
+            ref_logp = _log_probs(reference, ids)
+            ref_nll += F.nll_loss(ref_logp, targets, reduction="sum").item()
+            kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+            agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+    report = Report(tokens=tokens, perplexity=math.exp(nll / tokens))
+    if reference is not None:
+        report.reference_perplexity = math.exp(ref_nll / tokens)
+        report.kl = kl / tokens
+        report.top1_agreement = agree / tokens
+    return report
+
+
+def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    return torch.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
+
+
+def linear_macs(model: nn.Module) -> int:
+    """Multiply-accumulates per token of every linear map (LM head included)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            total += module.rank * (module.in_features + module.out_features)
+        elif isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+    return total
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@dataclass
+class Speed:
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+
+
+@torch.no_grad()
+def measure_speed(model: nn.Module, prompt_len: int = 512, decode_tokens: int = 64,
+                  repeats: int = 3, vocab_size: int | None = None, seed: int = 0) -> Speed:
+    """Best-of-`repeats` prefill (one prompt, batch 1) and greedy decode with a KV cache."""
+    vocab = vocab_size or model.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
+    best_prefill = best_decode = math.inf
+    model(input_ids=prompt[:, :16])   # warm-up: first calls allocate and pick kernels
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = model(input_ids=prompt, use_cache=True)
+        t1 = time.perf_counter()
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(decode_tokens):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t2 = time.perf_counter()
+        best_prefill, best_decode = min(best_prefill, t1 - t0), min(best_decode, t2 - t1)
+    return Speed(prompt_len / best_prefill, decode_tokens / best_decode)

@@ -1,0 +1,125 @@
+"""Save and load compressed models: model.safetensors + HF config.json + rankwise.json.
+
+`load` rebuilds the factorized architecture from the manifest's per-layer ranks, so no
+compression is re-run and the logits are identical to the saved model's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import RankwiseError
+from .layers import LowRankLinear
+from .models import check_finite, set_module
+
+MANIFEST = "rankwise.json"
+WEIGHTS = "model.safetensors"
+FORMAT = "rankwise/1"
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+    from . import __version__
+    return {"rankwise": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def save(model: nn.Module, folder: str | os.PathLike, manifest: dict | None = None,
+         tokenizer=None) -> Path:
+    """Write the model atomically: everything goes to a temporary sibling folder that is
+    renamed into place only once complete, so a failure never leaves a half-written output.
+    An existing rankwise output (or empty folder) at `folder` is replaced."""
+    from safetensors.torch import save_model
+
+    folder = Path(folder)
+    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir())
+                                                     or (folder / MANIFEST).exists())):
+        raise RankwiseError(f"refusing to overwrite {folder}: it exists and is not a rankwise output")
+    ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    record = {"format": FORMAT, **(manifest or {}), "ranks": ranks, "versions": _versions()}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)   # weights are plain floats once saved
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_model(model, str(tmp / WEIGHTS))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(record, indent=2))
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RankwiseError(f"not a folder: {folder}")
+    try:
+        record = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise RankwiseError(f"{folder} is not a rankwise output (no {MANIFEST})") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise RankwiseError(f"{folder / MANIFEST} is unreadable or corrupted: {e}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT \
+            or not isinstance(record.get("ranks"), dict):
+        raise RankwiseError(f"{folder / MANIFEST} is not a {FORMAT} manifest")
+    return record
+
+
+def load(folder: str | os.PathLike) -> nn.Module:
+    """Rebuild a saved compressed model (a transformers model with LowRankLinear layers)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    record = read_manifest(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise RankwiseError(f"{folder / 'config.json'} is missing or invalid") from e
+    model = AutoModelForCausalLM.from_config(config)
+    try:
+        for name, rank in record["ranks"].items():
+            linear = model.get_submodule(name)
+            set_module(model, name, LowRankLinear(linear.in_features, linear.out_features,
+                                                  int(rank), linear.bias is not None))
+    except (AttributeError, ValueError) as e:
+        raise RankwiseError(f"{folder / MANIFEST} does not match the model in config.json: {e}") from None
+    try:
+        missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=False)
+    except FileNotFoundError:
+        raise RankwiseError(f"{folder / WEIGHTS} is missing") from None
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise RankwiseError(f"{folder / WEIGHTS} is corrupted or does not match the manifest: "
+                            f"{str(e).splitlines()[0]}") from None
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    missing = [k for k in missing if not _is_tied(model, k)]
+    if missing or unexpected:
+        raise RankwiseError(f"{folder / WEIGHTS} does not match the manifest: "
+                            f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    check_finite(model, str(folder / WEIGHTS))
+    return model.eval()
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return key in tied

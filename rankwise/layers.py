@@ -1,0 +1,75 @@
+"""LowRankLinear: a linear map stored as two thin factors, y = B (A x) + bias."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def dense_params(out_features: int, in_features: int) -> int:
+    return out_features * in_features
+
+
+def factored_params(out_features: int, in_features: int, rank: int) -> int:
+    return rank * (out_features + in_features)
+
+
+def max_useful_rank(out_features: int, in_features: int) -> int:
+    """Largest rank whose factors are strictly smaller than the dense weight."""
+    return (out_features * in_features - 1) // (out_features + in_features)
+
+
+class LowRankLinear(nn.Module):
+    """Drop-in replacement for nn.Linear with weight B @ A of rank `rank`.
+
+    Forward runs two thin matmuls; the dense weight is never rebuilt, which is where the
+    speed-up comes from.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.A = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.B = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, A: torch.Tensor, B: torch.Tensor) -> "LowRankLinear":
+        rank = A.shape[0]
+        if A.shape != (rank, linear.in_features) or B.shape != (linear.out_features, rank):
+            raise ValueError(f"factors {tuple(B.shape)} @ {tuple(A.shape)} do not match "
+                             f"a linear map {linear.out_features} x {linear.in_features}")
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None,
+                    device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            layer.A.copy_(A)
+            layer.B.copy_(B)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.A), self.B, self.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense product B @ A (for inspection and merging, never used by forward)."""
+        return self.B @ self.A
+
+    def merge(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                           device=self.A.device, dtype=self.A.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.B @ self.A)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, bias={self.bias is not None}")
