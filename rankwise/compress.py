@@ -64,10 +64,10 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
             continue
         linear = layers[name]
         s = layer_stats.get(name)
-        left, right = geometry.metric_roots(
-            config.metric, s.input_cov if s else None, s.grad_cov if s else None,
-            config.damping, shared_roots)
-        factors = geometry.project(linear.weight.detach(), rank, left, right)
+        metric_stats = geometry.metric_statistics(
+            config.metric, shapes[name], **(s.matrices() if s else {}))
+        factors = geometry.project(linear.weight.detach(), rank, damping=config.damping,
+                                   root=shared_roots, **metric_stats)
         set_module(model, name, LowRankLinear.from_linear(linear, factors.A, factors.B))
         layer_stats.pop(name, None)   # free statistics as soon as they are spent
     t_total = time.perf_counter() - t0

@@ -13,10 +13,14 @@ side of `W` (m x n); the projection solves
   kfac    left = G = sum g g^T,  right = C    (Kronecker-factored Fisher; the KL's
                                                 second-order term)
 
-With M = L^{1/2} W R^{1/2} = U S V^T, the optimum is W_r = L^{-1/2} U_r U_r^T L^{1/2} W:
-only the *left* root is ever inverted, and not at all when left = I, so a singular input
-covariance never enters an inverse. The squared singular values S^2 are the loss of
-dropping each direction in that metric: the spectrum that rank allocation spends.
+With M = L^{1/2} W R^{1/2} = U S V^T the optimum is W_r = L^{-1/2} U_r U_r^T L^{1/2} W
+= W R^{1/2} V_r V_r^T R^{-1/2}. Only one side ever needs a root: the left form takes U from
+the m x m Gram matrix L^{1/2} W R W^T L^{1/2} (R enters as is), the right form takes V from
+the n x n Gram R^{1/2} W^T L W R^{1/2} (L enters as is). We use the smaller side, so no
+eigendecomposition of the larger covariance is ever computed (e.g. down_proj's 1536-wide
+input covariance), and only the root of the side in use is damped. The eigenvalues of the
+Gram matrix are S^2, the loss of dropping each direction in the metric: the spectrum rank
+allocation spends.
 """
 from __future__ import annotations
 
@@ -69,40 +73,72 @@ def psd_root(S: torch.Tensor, damping: float = DEFAULT_DAMPING) -> Root:
     return Root((Q * lam.sqrt()) @ Q.T, (Q * lam.rsqrt()) @ Q.T)
 
 
-def _left(root: Root | None, X: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    if root is None:
-        return X
+def _apply(root: Root, X: torch.Tensor, inverse: bool = False, side: str = "left") -> torch.Tensor:
     R = root.inv_half if inverse else root.half
-    return R[:, None] * X if root.diagonal else R @ X
+    if root.diagonal:
+        return R[:, None] * X if side == "left" else X * R
+    return R @ X if side == "left" else X @ R
 
 
-def weighted(W: torch.Tensor, left: Root | None = None, right: Root | None = None) -> torch.Tensor:
-    """M = L^{1/2} W R^{1/2}: the weight seen in the metric."""
-    M = _left(left, W.to(torch.float64))
-    if right is not None:
-        M = M * right.half if right.diagonal else M @ right.half
-    return M
+def _weigh(S: torch.Tensor | None, X: torch.Tensor) -> torch.Tensor:
+    """S X for a PSD statistic S given as a matrix, a diagonal vector, or None (identity)."""
+    if S is None:
+        return X
+    S = S.to(torch.float64)
+    return S[:, None] * X if S.dim() == 1 else S @ X
 
 
-def project(W: torch.Tensor, rank: int, left: Root | None = None,
-            right: Root | None = None) -> Factors:
-    """Best rank-`rank` approximation of W in the metric (left, right), as balanced factors."""
+def _top_eigen(K: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lam, Q = torch.linalg.eigh((K + K.T) / 2)
+    lam, Q = lam.flip(0).clamp_min(0), Q.flip(1)
+    return lam, Q[:, :rank]
+
+
+def project(W: torch.Tensor, rank: int, left: torch.Tensor | None = None,
+            right: torch.Tensor | None = None, damping: float = DEFAULT_DAMPING,
+            root=psd_root, *, left_image: torch.Tensor | None = None,
+            right_image: torch.Tensor | None = None) -> Factors:
+    """Best rank-`rank` approximation of W in the metric (left, right), as balanced factors.
+
+    left: output-side statistic L (m x m matrix, m-vector diagonal, or None = identity);
+    right: input-side statistic R (n x n matrix or None = identity).
+    right_image = W R W^T and left_image = W^T L W may be given instead of the larger side's
+    statistic: for m <= n only (left, right_image) are used, for m > n only
+    (right, left_image). `root` computes a Root from (statistic, damping); pass a memoised
+    one to share work between layers.
+    """
     m, n = W.shape
     if not 1 <= rank <= min(m, n):
         raise ValueError(f"rank must be in [1, {min(m, n)}] for a {m} x {n} weight, got {rank}")
     W64 = W.to(torch.float64)
-    M = weighted(W64, left, right)
-    U, S, _ = torch.linalg.svd(M, full_matrices=False)
-    Ur = U[:, :rank]
-    B = _left(left, Ur, inverse=True)
-    A = Ur.T @ _left(left, W64)
+    if m <= n:
+        if right_image is None:
+            right_image = W64 @ _weigh(right, W64.T)
+        L = root(left, damping) if left is not None else None
+        K = right_image.to(torch.float64)
+        if L is not None:                                            # L^{1/2} W R W^T L^{1/2}
+            K = _apply(L, _apply(L, K, side="right"))
+        lam, U = _top_eigen(K, rank)
+        B = _apply(L, U, inverse=True) if L is not None else U
+        A = U.T @ (_apply(L, W64) if L is not None else W64)
+    else:
+        if left_image is None:
+            left_image = W64.T @ _weigh(left, W64)
+        R = root(right, damping) if right is not None else None
+        K = left_image.to(torch.float64)
+        if R is not None:                                            # R^{1/2} W^T L W R^{1/2}
+            K = _apply(R, _apply(R, K, side="right"))
+        lam, V = _top_eigen(K, rank)
+        B = (_apply(R, W64, side="right") if R is not None else W64) @ V
+        A = _apply(R, V.T, inverse=True, side="right") if R is not None else V.T
     B, A = balance(B, A)
-    return Factors(B=B.to(W.dtype), A=A.to(W.dtype), spectrum=S.square())
+    return Factors(B=B.to(W.dtype), A=A.to(W.dtype), spectrum=lam)
 
 
-def spectrum(W: torch.Tensor, left: Root | None = None, right: Root | None = None) -> torch.Tensor:
+def spectrum(W: torch.Tensor, left: torch.Tensor | None = None,
+             right: torch.Tensor | None = None, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
     """Loss of dropping each singular direction in the metric (squared singular values)."""
-    return torch.linalg.svdvals(weighted(W, left, right)).square()
+    return project(W, 1, left, right, damping).spectrum
 
 
 def balance(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,28 +152,41 @@ def balance(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return B * c, A / c[:, None]
 
 
-def metric_error(W: torch.Tensor, W_approx: torch.Tensor, left: Root | None = None,
-                 right: Root | None = None) -> float:
-    """|| L^{1/2} (W - W_approx) R^{1/2} ||_F^2, the quantity `project` minimises."""
-    return float(weighted(W.to(torch.float64) - W_approx.to(torch.float64), left, right)
-                 .square().sum())
+def metric_error(W: torch.Tensor, W_approx: torch.Tensor, left: torch.Tensor | None = None,
+                 right: torch.Tensor | None = None) -> float:
+    """|| L^{1/2} (W - W_approx) R^{1/2} ||_F^2 with undamped statistics: trace(L D R D^T)."""
+    D = W.to(torch.float64) - W_approx.to(torch.float64)
+    return float((_weigh(left, D) * _weigh(right, D.T).T).sum())
 
 
-def metric_roots(metric: str, input_cov: torch.Tensor | None, grad_cov: torch.Tensor | None,
-                 damping: float = DEFAULT_DAMPING, root=psd_root) -> tuple[Root | None, Root | None]:
-    """(left, right) roots of one of METRICS from a layer's statistics.
-
-    `root` computes a Root from (matrix, damping); pass a memoised one to share work."""
+def metric_statistics(metric: str, shape: tuple[int, int], *,
+                      input_cov=None, output_cov=None, grad_cov=None, input_grad_cov=None,
+                      grad_diag=None) -> dict[str, torch.Tensor | None]:
+    """Keyword arguments of `project` for one of METRICS from a layer's statistics:
+    C = input_cov, W C W^T = output_cov, G = grad_cov, W^T G W = input_grad_cov,
+    diag(G) = grad_diag. Only what the layer's smaller side needs must be present."""
+    small_left = shape[0] <= shape[1]
     if metric == "svd":
-        return None, None
+        return {}
     if metric == "whiten":
-        return None, root(_need(input_cov, metric, "input covariance"), damping)
+        if input_cov is None and not (small_left and output_cov is not None):
+            raise ValueError("metric 'whiten' needs the layer's input covariance")
+        return {"right": input_cov, "right_image": output_cov}
     if metric == "fisher":
-        G = _need(grad_cov, metric, "output-gradient statistics")
-        return root(G.diagonal() if G.dim() == 2 else G, damping), None
+        diag = grad_diag if grad_diag is not None else \
+            (grad_cov.diagonal() if grad_cov is not None else None)
+        return {"left": _need(diag, metric, "diagonal Fisher")}
     if metric == "kfac":
-        return (root(_need(grad_cov, metric, "output-gradient covariance"), damping),
-                root(_need(input_cov, metric, "input covariance"), damping))
+        if small_left:
+            _need(grad_cov, metric, "output-gradient covariance")
+            if input_cov is None and output_cov is None:
+                raise ValueError("metric 'kfac' needs the layer's input or output covariance")
+        else:
+            _need(input_cov, metric, "input covariance")
+            if grad_cov is None and input_grad_cov is None:
+                raise ValueError("metric 'kfac' needs the layer's gradient covariance")
+        return {"left": grad_cov, "right": input_cov, "left_image": input_grad_cov,
+                "right_image": output_cov}
     raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
 
 

@@ -1,11 +1,19 @@
-"""Calibration statistics fed by hooks: input covariances and output-gradient covariances.
+"""Calibration statistics fed by hooks: covariances of inputs, outputs and gradients.
 
 Statistics are unnormalised sums over the calibration tokens (float64 accumulators), so
 every layer is measured in the same units: that is what lets one global budget compare
-layers. Layers that read the very same input tensor (q/k/v, gate/up) share one input
-covariance, accumulated once. Output gradients come from labels *sampled from the model's
-own predictive distribution*, so their covariance estimates the true Fisher (the Hessian of
-the KL at the dense model), not the empirical one. Nothing here knows about SVD.
+layers. Output gradients come from labels *sampled from the model's own predictive
+distribution*, so they estimate the true Fisher (the Hessian of the KL at the dense
+model), not the empirical one.
+
+Only the smaller side of each layer (min(m, n) wide) is ever accumulated, which is all the
+projection needs (see geometry.project):
+  m <= n (q, k, v, o, down):  G = sum g g^T, and W C W^T = sum (Wx)(Wx)^T from the outputs
+                              unless the input covariance C is at hand anyway;
+  m >  n (gate, up):          C = sum x x^T, and W^T G W = sum (W^T g)(W^T g)^T, read from
+                              the input gradient autograd computes anyway.
+Layers reading the very same input tensor (q/k/v, gate/up) share one C, accumulated once.
+Nothing here knows about SVD.
 """
 from __future__ import annotations
 
@@ -22,61 +30,124 @@ GRADIENT_MODES = (None, "diag", "full")
 
 @dataclass
 class LayerStats:
-    input_cov: torch.Tensor | None   # n x n, shared (same object) by layers reading one input
-    grad_cov: torch.Tensor | None    # m x m ("full") or m ("diag")
     tokens: int
+    input_cov: torch.Tensor | None = None       # n x n, C (one object shared by a group)
+    output_cov: torch.Tensor | None = None      # m x m, W C W^T
+    grad_cov: torch.Tensor | None = None        # m x m, G
+    input_grad_cov: torch.Tensor | None = None  # n x n, W^T G W
+    grad_diag: torch.Tensor | None = None       # m, diag(G)
+
+    def matrices(self) -> dict[str, torch.Tensor | None]:
+        return {k: getattr(self, k) for k in
+                ("input_cov", "output_cov", "grad_cov", "input_grad_cov", "grad_diag")}
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x over all tokens, for x of shape (..., features), in float32 (summed in float64
+    by the caller). A BLAS syrk computes half of this, but numpy's BLAS threads contend with
+    torch's inside autograd hooks and the whole pass gets slower, so plain matmul it is."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    return x.T @ x
 
 
 class _Accumulator:
     def __init__(self, layers: dict[str, nn.Linear], inputs: bool, gradients: str | None):
         self.layers, self.inputs, self.gradients = layers, inputs, gradients
-        self.leader: dict[str, str] = {}      # layer -> the layer whose input it shares
-        self.input_cov: dict[str, torch.Tensor] = {}
-        self.grad_cov: dict[str, torch.Tensor] = {}
+        self.leader: dict[str, str] = {}      # layer -> first layer reading the same input
+        self.sums: dict[tuple[str, str], torch.Tensor] = {}
         self._last: tuple[torch.Tensor, str] | None = None
+        self._group_needs_input: dict[str, bool] = {}
 
-    def _add(self, store: dict, key: str, value: torch.Tensor) -> None:
+    def add(self, kind: str, name: str, value: torch.Tensor) -> None:
         value = value.to(torch.float64)
-        if key in store:
-            store[key] += value
+        key = (kind, name)
+        if key in self.sums:
+            self.sums[key] += value
         else:
-            store[key] = value
+            self.sums[key] = value
+
+    def wide(self, name: str) -> bool:
+        layer = self.layers[name]
+        return layer.out_features > layer.in_features
+
+    def uses_input_cov(self, name: str) -> bool:
+        """Accumulate the shared input covariance for this layer's group, or output
+        covariances per layer, whichever is smaller (a wide layer always needs C)."""
+        group = [k for k, v in self.leader.items() if v == self.leader[name]]
+        n = self.layers[name].in_features
+        return any(self.wide(k) for k in group) or \
+            n * n <= sum(self.layers[k].out_features ** 2 for k in group)
+
+    def discover(self, batch: torch.Tensor, model: nn.Module) -> None:
+        """One forward pass (no statistics) to find which layers share an input tensor."""
+        def hook(name):
+            def pre(module, args):
+                same = self._last is not None and self._last[0] is args[0]
+                self.leader[name] = self._last[1] if same else name
+                self._last = (args[0], self.leader[name])
+            return pre
+        handles = [layer.register_forward_pre_hook(hook(n)) for n, layer in self.layers.items()]
+        try:
+            with torch.no_grad():
+                model(input_ids=batch[:1, :8], use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+            self._last = None
+        self._group_needs_input = {n: self.uses_input_cov(n) for n in self.layers}
 
     def pre_hook(self, name: str):
+        leader, wide, input_cov = self.leader[name], self.wide(name), self._group_needs_input[name]
+
         def hook(module, args):
             x = args[0]
-            if name not in self.leader:   # first batch: discover who shares an input tensor
-                same = self._last is not None and self._last[0] is x
-                self.leader[name] = self._last[1] if same else name
-            self._last = (x, self.leader[name])
-            if self.inputs and self.leader[name] == name:
-                x2 = x.detach().reshape(-1, x.shape[-1]).float()
-                self._add(self.input_cov, name, x2.T @ x2)
+            if self.inputs and input_cov and leader == name:
+                self.add("input_cov", name, gram(x))
+            if self.gradients == "full" and wide and x.requires_grad:
+                # a private view, so its gradient is this layer's W^T g alone
+                x = x.view_as(x)
+                x.register_hook(lambda g: self.add("input_grad_cov", name, gram(g)))
+                return (x, *args[1:])
         return hook
 
     def forward_hook(self, name: str):
+        wide, input_cov = self.wide(name), self._group_needs_input[name]
+
         def hook(module, args, out):
-            if out.requires_grad:
-                out.register_hook(lambda g: self._grad(name, g))
+            if self.inputs and not input_cov:
+                y = out if module.bias is None else out - module.bias
+                self.add("output_cov", name, gram(y))
+            if self.gradients and out.requires_grad:
+                out.register_hook(lambda g: self._output_grad(name, wide, g))
         return hook
 
-    def _grad(self, name: str, g: torch.Tensor) -> None:
+    def _output_grad(self, name: str, wide: bool, g: torch.Tensor) -> None:
         g2 = g.detach().reshape(-1, g.shape[-1]).float()
-        self._add(self.grad_cov, name, g2.T @ g2 if self.gradients == "full" else g2.square().sum(0))
+        self.add("grad_diag", name, g2.square().sum(0))
+        if self.gradients == "full" and not wide:
+            self.add("grad_cov", name, gram(g2))
 
     @contextlib.contextmanager
     def attached(self):
         handles = []
         for name, layer in self.layers.items():
             handles.append(layer.register_forward_pre_hook(self.pre_hook(name)))
-            if self.gradients:
-                handles.append(layer.register_forward_hook(self.forward_hook(name)))
+            handles.append(layer.register_forward_hook(self.forward_hook(name)))
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
-            self._last = None
+
+    def result(self, tokens: int) -> dict[str, LayerStats]:
+        out = {}
+        for name in self.layers:
+            s = LayerStats(tokens=tokens)
+            s.input_cov = self.sums.get(("input_cov", self.leader[name]))
+            for kind in ("output_cov", "grad_cov", "input_grad_cov", "grad_diag"):
+                setattr(s, kind, self.sums.get((kind, name)))
+            out[name] = s
+        return out
 
 
 def sample_logit_gradient(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -116,19 +187,20 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[to
             progress: bool = True) -> dict[str, LayerStats]:
     """Run the calibration batches through `model` and return per-layer statistics.
 
-    inputs: accumulate input covariances. gradients: None, "diag" (diagonal Fisher) or
-    "full" (K-FAC output-gradient covariance; needs one backward pass per batch).
+    inputs: accumulate input-side covariances (C or W C W^T). gradients: None, "diag"
+    (diagonal Fisher) or "full" (K-FAC gradient covariances; one backward pass per batch).
     """
     if gradients not in GRADIENT_MODES:
         raise ValueError(f"gradients must be one of {GRADIENT_MODES}, got {gradients!r}")
+    batches = list(batches)
     acc = _Accumulator(layers, inputs, gradients)
     generator = torch.Generator().manual_seed(seed)
     tokens = 0
     was_training = model.training
     model.eval()
-    grad_ctx = _activation_gradients_only(model) if gradients else torch.no_grad()
-    batches = list(batches)
     try:
+        acc.discover(batches[0], model)
+        grad_ctx = _activation_gradients_only(model) if gradients else torch.no_grad()
         with grad_ctx, acc.attached():
             for ids in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
                 tokens += ids.numel()
@@ -138,10 +210,4 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[to
                 del logits
     finally:
         model.train(was_training)
-    return {
-        name: LayerStats(
-            input_cov=acc.input_cov.get(acc.leader.get(name, name)) if inputs else None,
-            grad_cov=acc.grad_cov.get(name) if gradients else None,
-            tokens=tokens)
-        for name in layers
-    }
+    return acc.result(tokens)

@@ -1,0 +1,115 @@
+import copy
+
+import pytest
+import torch
+
+from rankwise import CompressConfig, RankwiseError, compress_, evaluate
+from rankwise.layers import LowRankLinear
+from rankwise.models import find_blocks, target_linears
+
+from conftest import structured_tiny
+
+
+def kl_to_dense(model, dense, windows):
+    return evaluate(model, windows, reference=dense, progress=False).kl
+
+
+def compressed(model, metric, ratio, calib, **kw):
+    model = copy.deepcopy(model)
+    summary = compress_(model, CompressConfig(metric=metric, ratio=ratio, **kw), calib,
+                        progress=False)
+    return model, summary
+
+
+def test_kfac_and_whiten_beat_svd_on_kl_to_dense(tiny, calib, heldout):
+    kl = {metric: kl_to_dense(compressed(tiny, metric, 0.5, calib)[0], tiny, heldout)
+          for metric in ("svd", "whiten", "kfac")}
+    assert kl["kfac"] < kl["svd"] and kl["whiten"] < kl["svd"], kl
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.6, 0.9])
+def test_achieved_ratio_matches_request_within_one_rank_step_per_layer(tiny, ratio):
+    model, summary = compressed(tiny, "svd", ratio, None)
+    shapes = summary.shapes.values()
+    step = sum(m + n for m, n in shapes) / sum(m * n for m, n in shapes)
+    assert 0 <= summary.achieved_ratio - ratio <= step
+    params = sum(p.numel() for name, p in model.named_parameters()
+                 if any(name.startswith(layer) for layer in summary.ranks))
+    assert params == summary.compressed_params
+    assert summary.compressed_params == round((1 - summary.achieved_ratio) * summary.dense_params)
+
+
+@pytest.mark.parametrize("family,count", [("llama", 14), ("qwen2", 14), ("gpt_neox", 8)])
+def test_every_block_linear_is_targeted_in_other_families(family, count, calib):
+    model = structured_tiny(family)
+    prefix, blocks = find_blocks(model)
+    layers = target_linears(model)
+    assert len(layers) == count
+    assert all(name.startswith(prefix + ".") for name in layers)   # never embeddings / lm_head
+    dense_logits = model(calib[:2]).logits
+    compress_(model, CompressConfig(metric="kfac", ratio=0.3), calib, progress=False)
+    assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == count
+    logits = model(calib[:2]).logits
+    assert torch.isfinite(logits).all() and not torch.allclose(logits, dense_logits)
+
+
+def test_biases_are_kept(calib):
+    model = structured_tiny("qwen2")   # q/k/v carry biases
+    bias = model.model.layers[0].self_attn.q_proj.bias.detach().clone()
+    compress_(model, CompressConfig(metric="whiten", ratio=0.2), calib, progress=False)
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.bias.detach(), bias)
+
+
+def test_include_exclude_and_rank_pattern(tiny, calib):
+    model, summary = compressed(tiny, "svd", 0.5, None, include=r"mlp", exclude=r"down_proj",
+                                rank_pattern={r"layers\.1\.mlp\.up_proj": 3})
+    assert set(summary.ranks) == {f"model.layers.{i}.mlp.{p}_proj"
+                                  for i in (0, 1) for p in ("gate", "up")}
+    assert summary.ranks["model.layers.1.mlp.up_proj"] == 3
+    assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+
+
+def test_no_matching_layers_is_a_clear_error(tiny):
+    with pytest.raises(RankwiseError, match="no linear layers match"):
+        compress_(tiny, CompressConfig(metric="svd", include="nothing-like-this"), None)
+
+
+def test_nan_weights_are_refused(tiny, calib):
+    with torch.no_grad():
+        tiny.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(RankwiseError, match="NaN or Inf"):
+        compress_(tiny, CompressConfig(metric="kfac"), calib, progress=False)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"ratio": 1.5}, "ratio must be in"), ({"ratio": 0}, "ratio must be in"),
+    ({"ratio": "a lot"}, "ratio must be a number"), ({"metric": "pca"}, "unknown metric"),
+    ({"include": "("}, "invalid regular expression"), ({"damping": -1}, "damping"),
+    ({"rank_pattern": {"q_proj": 0}}, "positive integer"),
+])
+def test_bad_config_is_a_clear_error(kw, match):
+    with pytest.raises(RankwiseError, match=match):
+        CompressConfig(**kw)
+
+
+def test_data_driven_metrics_need_calibration(tiny):
+    with pytest.raises(RankwiseError, match="needs calibration data"):
+        compress_(tiny, CompressConfig(metric="whiten"), None)
+
+
+def test_shared_inputs_share_one_covariance(tiny, calib):
+    from rankwise import stats
+    layers = target_linears(tiny)
+    st = stats.collect(tiny, layers, calib.split(4), progress=False)
+    attn = [st[f"model.layers.0.self_attn.{p}_proj"].input_cov for p in "qkv"]
+    assert attn[0] is attn[1] is attn[2]
+    assert st["model.layers.0.mlp.gate_proj"].input_cov is st["model.layers.0.mlp.up_proj"].input_cov
+    x = []
+    h = layers["model.layers.0.self_attn.q_proj"].register_forward_pre_hook(
+        lambda m, a: x.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    with torch.no_grad():
+        for ids in calib.split(4):
+            tiny(ids)
+    h.remove()
+    X = torch.cat(x)
+    torch.testing.assert_close(attn[0], X.T @ X, rtol=1e-4, atol=1e-4)

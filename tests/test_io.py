@@ -1,0 +1,93 @@
+import json
+
+import pytest
+import torch
+
+from rankwise import CompressConfig, RankwiseError, compress_, load, save
+from rankwise.layers import LowRankLinear
+
+from conftest import structured_tiny
+
+
+@pytest.fixture
+def saved(tmp_path, calib):
+    model = structured_tiny("llama", tie_word_embeddings=True)
+    model.tie_weights()
+    compress_(model, CompressConfig(metric="kfac", ratio=0.4), calib, progress=False)
+    folder = save(model, tmp_path / "out", {"metric": "kfac"})
+    return model, folder
+
+
+def test_save_load_gives_identical_logits(saved, calib):
+    model, folder = saved
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "rankwise.json"}
+    loaded = load(folder)
+    with torch.no_grad():
+        assert torch.equal(model(calib).logits, loaded(calib).logits)
+    ranks = json.loads((folder / "rankwise.json").read_text())["ranks"]
+    assert ranks == {n: m.rank for n, m in loaded.named_modules() if isinstance(m, LowRankLinear)}
+    assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+
+
+def test_loaded_model_works_with_transformers_calls(saved, calib):
+    loaded = load(saved[1])
+    out = loaded(calib[:2], labels=calib[:2])
+    assert torch.isfinite(out.loss)
+    gen = loaded.generate(calib[:1, :5], max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, 9)
+
+
+def test_saving_again_replaces_an_output_but_not_a_foreign_folder(saved, tmp_path):
+    model, folder = saved
+    save(model, folder)
+    assert (folder / "rankwise.json").exists()
+    foreign = tmp_path / "precious"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(RankwiseError, match="refusing to overwrite"):
+        save(model, foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_a_failed_save_leaves_nothing_behind(saved, tmp_path, monkeypatch):
+    import safetensors.torch
+    model, _ = saved
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_model", boom)
+    with pytest.raises(OSError):
+        save(model, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".new")]
+
+
+def test_folder_without_manifest_is_not_a_rankwise_output(tmp_path):
+    with pytest.raises(RankwiseError, match="not a rankwise output"):
+        load(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "drop_tensor", "nan"])
+def test_damaged_weights_are_a_clear_error(saved, damage):
+    from safetensors.torch import load_file, save_file
+    weights = saved[1] / "model.safetensors"
+    if damage == "delete":
+        weights.unlink()
+    elif damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        tensors = load_file(weights)
+        key = next(k for k in tensors if k.endswith("q_proj.A"))
+        if damage == "drop_tensor":
+            del tensors[key]
+        else:
+            tensors[key][0, 0] = float("nan")
+        save_file(tensors, weights)
+    with pytest.raises(RankwiseError):
+        load(saved[1])
+
+
+def test_corrupted_manifest_is_a_clear_error(saved):
+    (saved[1] / "rankwise.json").write_text("{not json")
+    with pytest.raises(RankwiseError, match="corrupted"):
+        load(saved[1])
