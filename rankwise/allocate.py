@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import re
 
+import torch
+
+from .errors import RankwiseError
 from .layers import dense_params, factored_params, max_useful_rank
 
 
@@ -35,3 +38,83 @@ def achieved_ratio(shapes: dict[str, tuple[int, int]], ranks: dict[str, int | No
     kept = sum(dense_params(m, n) if ranks.get(k) is None else factored_params(m, n, ranks[k])
                for k, (m, n) in shapes.items())
     return 1 - kept / dense
+
+
+def spectrum_ranks(shapes: dict[str, tuple[int, int]], spectra: dict[str, torch.Tensor],
+                   ratio: float, min_rank: int = 1) -> dict[str, int | None]:
+    """Global allocation from the per-direction loss spectra (descending, per layer).
+
+    Each layer picks, for a price `lam` per parameter, the option minimising
+    predicted loss + lam * parameters among "dense" (no loss, m*n parameters) and every
+    useful rank r >= min_rank (loss = sum of the dropped spectrum, r*(m+n) parameters), so a
+    layer that saves nothing until its rank falls below mn/(m+n) is handled exactly. `lam` is
+    bisected to the largest spend within the budget; the leftover is then spent greedily on
+    the directions with the most predicted loss per parameter. The spectra must be in the
+    same units for every layer (unnormalised statistics over the same tokens).
+    """
+    budget = (1 - ratio) * sum(dense_params(m, n) for m, n in shapes.values())
+    options = {name: _options(shapes[name], spectra[name], min_rank) for name in shapes}
+
+    def choose(lam: float) -> dict[str, int | None]:
+        return {name: opt.best(lam) for name, opt in options.items()}
+
+    def spend(ranks) -> int:
+        return sum(options[name].params(r) for name, r in ranks.items())
+
+    lo, hi = -100.0, 100.0      # bisection on log10(lam); spend falls as lam grows
+    if spend(choose(10.0 ** hi)) > budget:
+        raise RankwiseError(f"ratio {ratio} cannot be reached with at least rank {min_rank} "
+                            "in every layer")
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if spend(choose(10.0 ** mid)) > budget:
+            lo = mid
+        else:
+            hi = mid
+    ranks = choose(10.0 ** hi)
+    return _fill(ranks, options, budget - spend(ranks))
+
+
+class _options:
+    """Loss and parameters of every choice for one layer (index r = rank; None = dense)."""
+
+    def __init__(self, shape: tuple[int, int], spectrum: torch.Tensor, min_rank: int):
+        m, n = shape
+        self.m, self.n = m, n
+        self.top = max_useful_rank(m, n)
+        self.min_rank = min(max(min_rank, 1), self.top) if self.top >= 1 else None
+        s = spectrum.to(torch.float64).clamp_min(0)
+        tail = s.flip(0).cumsum(0).flip(0)                     # tail[r] = sum_{i >= r} s_i
+        self.loss = torch.cat([tail, torch.zeros(1, dtype=torch.float64)])   # loss[r]
+        self.ranks = torch.arange(self.loss.numel(), dtype=torch.float64)
+
+    def params(self, r: int | None) -> int:
+        return dense_params(self.m, self.n) if r is None else factored_params(self.m, self.n, r)
+
+    def best(self, lam: float) -> int | None:
+        if self.min_rank is None:
+            return None
+        lo, hi = self.min_rank, self.top
+        cost = self.loss[lo:hi + 1] + lam * self.ranks[lo:hi + 1] * (self.m + self.n)
+        i = int(cost.argmin())
+        return None if lam * self.m * self.n <= float(cost[i]) else lo + i
+
+
+def _fill(ranks: dict[str, int | None], options: dict[str, _options],
+          leftover: float) -> dict[str, int | None]:
+    """Spend leftover parameters one rank at a time on the best loss drop per parameter."""
+    ranks = dict(ranks)
+    while True:
+        best, best_gain = None, 0.0
+        for name, r in ranks.items():
+            opt = options[name]
+            if r is None or r >= opt.top:
+                continue
+            cost = opt.m + opt.n
+            gain = float(opt.loss[r] - opt.loss[r + 1]) / cost
+            if cost <= leftover and gain > best_gain:
+                best, best_gain = name, gain
+        if best is None:
+            return ranks
+        ranks[best] += 1
+        leftover -= options[best].m + options[best].n

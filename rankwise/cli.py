@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from .config import CompressConfig, read_yaml
+from .config import ALLOCATIONS, CompressConfig, read_yaml
 from .errors import RankwiseError
 from .geometry import DEFAULT_DAMPING, METRICS
 
@@ -30,6 +30,12 @@ def _compress_parser(sub) -> None:
     p.add_argument("--ratio", type=float, default=None,
                    help="fraction of the targeted layers' parameters to remove, in (0, 1) "
                         "(default 0.2)")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
+                   help="per-layer ranks: uniform (every layer loses --ratio, default) or "
+                        "spectrum (one global budget spent where the metric predicts the "
+                        "least loss per parameter; some layers may stay dense)")
+    p.add_argument("--min-rank", type=int, default=None,
+                   help="smallest rank the spectrum allocation may give a layer (default 1)")
     p.add_argument("--include", help="regex: only target linear layers whose name matches")
     p.add_argument("--exclude", help="regex: skip linear layers whose name matches")
     p.add_argument("--damping", type=float, default=None,

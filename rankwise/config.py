@@ -8,7 +8,7 @@ from pathlib import Path
 from .errors import RankwiseError
 from .geometry import DEFAULT_DAMPING, METRICS
 
-ALLOCATIONS = ("uniform",)
+ALLOCATIONS = ("uniform", "spectrum")
 
 
 @dataclass
@@ -16,7 +16,10 @@ class CompressConfig:
     """metric: projection metric (svd, whiten, fisher, kfac).
     ratio: fraction of the targeted linear layers' parameters to remove, in (0, 1).
     include / exclude: regexes on module names selecting the targeted nn.Linear layers.
-    allocation: how ranks are chosen per layer under the global budget.
+    allocation: how ranks are chosen per layer under the global budget: uniform (every
+        layer loses `ratio`) or spectrum (global choice from the metric's per-direction
+        loss spectra; layers may stay dense).
+    min_rank: smallest rank the spectrum allocation may give a layer.
     rank_pattern: explicit {regex: rank} overrides (peft-style), matched on layer names.
     damping: relative eigenvalue damping of the covariances (times their mean eigenvalue).
     """
@@ -25,6 +28,7 @@ class CompressConfig:
     include: str | None = None
     exclude: str | None = None
     allocation: str = "uniform"
+    min_rank: int = 1
     rank_pattern: dict[str, int] = field(default_factory=dict)
     damping: float = DEFAULT_DAMPING
 
@@ -41,6 +45,8 @@ class CompressConfig:
         if self.allocation not in ALLOCATIONS:
             raise RankwiseError(f"unknown allocation {self.allocation!r}; "
                                 f"choose one of {', '.join(ALLOCATIONS)}")
+        if not isinstance(self.min_rank, int) or self.min_rank < 1:
+            raise RankwiseError(f"min_rank must be a positive integer, got {self.min_rank!r}")
         if not (isinstance(self.damping, (int, float)) and 0 <= self.damping < 1):
             raise RankwiseError(f"damping must be in [0, 1), got {self.damping!r}")
         for pattern in (self.include, self.exclude, *self.rank_pattern):

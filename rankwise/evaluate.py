@@ -23,20 +23,23 @@ class Report:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, windows: torch.Tensor, reference: nn.Module | None = None,
+def evaluate(model: nn.Module, windows: torch.Tensor,
+             reference: nn.Module | list[torch.Tensor] | None = None,
              batch_size: int = 4, progress: bool = True) -> Report:
-    """Perplexity of `model` on token windows (N, L); with a reference (the dense model),
-    also its perplexity, the KL of next-token distributions and top-1 agreement."""
+    """Perplexity of `model` on token windows (N, L); with a reference (the dense model, or
+    its `reference_log_probs` on the same windows and batch size), also its perplexity, the
+    KL of next-token distributions and top-1 agreement."""
     nll = ref_nll = kl = agree = 0.0
     tokens = 0
-    for ids in tqdm(windows.split(batch_size), desc="evaluating", unit="batch",
-                    disable=not progress):
+    for i, ids in enumerate(tqdm(windows.split(batch_size), desc="evaluating", unit="batch",
+                                 disable=not progress)):
         targets = ids[:, 1:].reshape(-1)
         logp = _log_probs(model, ids)
         nll += F.nll_loss(logp, targets, reduction="sum").item()
         tokens += targets.numel()
         if reference is not None:
-            ref_logp = _log_probs(reference, ids)
+            ref_logp = reference[i].float() if isinstance(reference, list) \
+                else _log_probs(reference, ids)
             ref_nll += F.nll_loss(ref_logp, targets, reduction="sum").item()
             kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
             agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
@@ -46,6 +49,16 @@ def evaluate(model: nn.Module, windows: torch.Tensor, reference: nn.Module | Non
         report.kl = kl / tokens
         report.top1_agreement = agree / tokens
     return report
+
+
+@torch.no_grad()
+def reference_log_probs(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
+                        progress: bool = True) -> list[torch.Tensor]:
+    """The dense model's next-token log-probabilities per batch (float16 to halve memory),
+    so several compressed models can be compared with one dense pass."""
+    return [_log_probs(model, ids).half()
+            for ids in tqdm(windows.split(batch_size), desc="dense reference", unit="batch",
+                            disable=not progress)]
 
 
 def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

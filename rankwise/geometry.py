@@ -88,17 +88,40 @@ def _weigh(S: torch.Tensor | None, X: torch.Tensor) -> torch.Tensor:
     return S[:, None] * X if S.dim() == 1 else S @ X
 
 
-def _top_eigen(K: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    lam, Q = torch.linalg.eigh((K + K.T) / 2)
-    lam, Q = lam.flip(0).clamp_min(0), Q.flip(1)
-    return lam, Q[:, :rank]
+@dataclass
+class Decomposition:
+    """A weight's singular directions in a metric, from which the best factors of any rank
+    are read off without another decomposition (rank allocation tries many ranks)."""
+    W: torch.Tensor                 # m x n, float64
+    basis: torch.Tensor             # U (m x k, left form) or V (n x k, right form), descending
+    spectrum: torch.Tensor          # k = min(m, n) squared singular values, descending
+    root: Root | None               # L (left form) or R (right form); None = identity
+    left_form: bool
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Balanced float64 (B, A) of the best rank-`rank` approximation in the metric."""
+        k = self.spectrum.numel()
+        if not 1 <= rank <= k:
+            raise ValueError(f"rank must be in [1, {k}] for a {tuple(self.W.shape)} weight, got {rank}")
+        Q, R = self.basis[:, :rank], self.root
+        if self.left_form:     # W_r = L^{-1/2} U_r U_r^T L^{1/2} W
+            B = _apply(R, Q, inverse=True) if R is not None else Q
+            A = Q.T @ (_apply(R, self.W) if R is not None else self.W)
+        else:                  # W_r = W R^{1/2} V_r V_r^T R^{-1/2}
+            B = (_apply(R, self.W, side="right") if R is not None else self.W) @ Q
+            A = _apply(R, Q.T, inverse=True, side="right") if R is not None else Q.T
+        return balance(B, A)
+
+    def dropped_loss(self, rank: int) -> float:
+        """The metric error of the rank-`rank` approximation: the dropped spectrum's sum."""
+        return float(self.spectrum[rank:].sum())
 
 
-def project(W: torch.Tensor, rank: int, left: torch.Tensor | None = None,
-            right: torch.Tensor | None = None, damping: float = DEFAULT_DAMPING,
-            root=psd_root, *, left_image: torch.Tensor | None = None,
-            right_image: torch.Tensor | None = None) -> Factors:
-    """Best rank-`rank` approximation of W in the metric (left, right), as balanced factors.
+def decompose(W: torch.Tensor, left: torch.Tensor | None = None,
+              right: torch.Tensor | None = None, damping: float = DEFAULT_DAMPING,
+              root=psd_root, *, left_image: torch.Tensor | None = None,
+              right_image: torch.Tensor | None = None) -> Decomposition:
+    """Singular directions of W in the metric (left, right).
 
     left: output-side statistic L (m x m matrix, m-vector diagonal, or None = identity);
     right: input-side statistic R (n x n matrix or None = identity).
@@ -108,37 +131,38 @@ def project(W: torch.Tensor, rank: int, left: torch.Tensor | None = None,
     one to share work between layers.
     """
     m, n = W.shape
-    if not 1 <= rank <= min(m, n):
-        raise ValueError(f"rank must be in [1, {min(m, n)}] for a {m} x {n} weight, got {rank}")
     W64 = W.to(torch.float64)
-    if m <= n:
-        if right_image is None:
-            right_image = W64 @ _weigh(right, W64.T)
-        L = root(left, damping) if left is not None else None
-        K = right_image.to(torch.float64)
-        if L is not None:                                            # L^{1/2} W R W^T L^{1/2}
-            K = _apply(L, _apply(L, K, side="right"))
-        lam, U = _top_eigen(K, rank)
-        B = _apply(L, U, inverse=True) if L is not None else U
-        A = U.T @ (_apply(L, W64) if L is not None else W64)
+    left_form = m <= n
+    if left_form:
+        K = right_image if right_image is not None else W64 @ _weigh(right, W64.T)
+        stat = left
     else:
-        if left_image is None:
-            left_image = W64.T @ _weigh(left, W64)
-        R = root(right, damping) if right is not None else None
-        K = left_image.to(torch.float64)
-        if R is not None:                                            # R^{1/2} W^T L W R^{1/2}
-            K = _apply(R, _apply(R, K, side="right"))
-        lam, V = _top_eigen(K, rank)
-        B = (_apply(R, W64, side="right") if R is not None else W64) @ V
-        A = _apply(R, V.T, inverse=True, side="right") if R is not None else V.T
-    B, A = balance(B, A)
-    return Factors(B=B.to(W.dtype), A=A.to(W.dtype), spectrum=lam)
+        K = left_image if left_image is not None else W64.T @ _weigh(left, W64)
+        stat = right
+    R = root(stat, damping) if stat is not None else None
+    K = K.to(torch.float64)
+    if R is not None:          # L^{1/2} W R W^T L^{1/2}  or  R^{1/2} W^T L W R^{1/2}
+        K = _apply(R, _apply(R, K, side="right"))
+    lam, Q = torch.linalg.eigh((K + K.T) / 2)
+    return Decomposition(W=W64, basis=Q.flip(1), spectrum=lam.flip(0).clamp_min(0), root=R,
+                         left_form=left_form)
+
+
+def project(W: torch.Tensor, rank: int, left: torch.Tensor | None = None,
+            right: torch.Tensor | None = None, damping: float = DEFAULT_DAMPING,
+            root=psd_root, *, left_image: torch.Tensor | None = None,
+            right_image: torch.Tensor | None = None) -> Factors:
+    """Best rank-`rank` approximation of W in the metric (left, right), as balanced factors
+    in W's dtype. Arguments as in `decompose`."""
+    d = decompose(W, left, right, damping, root, left_image=left_image, right_image=right_image)
+    B, A = d.factors(rank)
+    return Factors(B=B.to(W.dtype), A=A.to(W.dtype), spectrum=d.spectrum)
 
 
 def spectrum(W: torch.Tensor, left: torch.Tensor | None = None,
              right: torch.Tensor | None = None, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
     """Loss of dropping each singular direction in the metric (squared singular values)."""
-    return project(W, 1, left, right, damping).spectrum
+    return decompose(W, left, right, damping).spectrum
 
 
 def balance(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,89 @@
+"""WikiText-2 test perplexity and KL to dense for each metric x ratio (uniform ratio).
+
+Bench settings (issue 3): SmolLM2-135M-Instruct, calibration 32 x 512 tokens of the shipped
+validation split (seed 0), evaluation 40 x 512 tokens of the test split. Statistics are
+collected once per kind (forward-only for whiten; forward + backward for fisher/kfac) and
+their time is charged to every metric that uses them.
+
+    python bench/quality.py [--metrics svd whiten fisher kfac] [--ratios 0.2 0.4]
+                            [--spectrum-ratios 0.2 0.4 0.6]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from rankwise import CompressConfig, compress_, evaluate, stats
+from rankwise.data import (CALIBRATION_TEXT, EVALUATION_TEXT, calibration_windows,
+                           evaluation_windows, read_text, tokenize)
+from rankwise.evaluate import reference_log_probs
+from rankwise.models import load_model, target_linears
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--metrics", nargs="+", default=["svd", "whiten", "fisher", "kfac"])
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
+    p.add_argument("--spectrum-ratios", nargs="*", type=float, default=[0.2, 0.4, 0.6],
+                   help="ratios for kfac with allocation=spectrum (issue 5); none to skip")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--seqlen", type=int, default=512)
+    args = p.parse_args()
+    torch.manual_seed(0)
+
+    dense, tokenizer, _ = load_model()
+    calib = calibration_windows(tokenize(tokenizer, read_text(CALIBRATION_TEXT)),
+                                args.calib_samples, args.seqlen, seed=0)
+    test = evaluation_windows(tokenize(tokenizer, read_text(EVALUATION_TEXT)), args.seqlen,
+                              args.windows)
+    ref = reference_log_probs(dense, test)
+    dense_report = evaluate(dense, test, ref)
+
+    layers = target_linears(dense)
+    collected, stat_seconds = {}, {}
+    for kind, gradients in (("forward", None), ("backward", "full")):
+        if not any(_kind(m) == kind for m in args.metrics if m != "svd"):
+            continue
+        t0 = time.perf_counter()
+        collected[kind] = stats.collect(dense, layers, calib.split(4), gradients=gradients)
+        stat_seconds[kind] = time.perf_counter() - t0
+
+    runs = [(metric, "uniform", ratio) for ratio in args.ratios for metric in args.metrics]
+    runs += [("kfac", "spectrum", ratio) for ratio in args.spectrum_ratios]
+    if args.spectrum_ratios and "backward" not in collected:
+        t0 = time.perf_counter()
+        collected["backward"] = stats.collect(dense, layers, calib.split(4), gradients="full")
+        stat_seconds["backward"] = time.perf_counter() - t0
+    rows = [("dense", "-", "-", dense_report.perplexity, 0.0, 1.0, 0.0, 0.0)]
+    for metric, allocation, ratio in runs:
+        model = copy.deepcopy(dense)
+        kind = _kind(metric) if metric != "svd" else None
+        config = CompressConfig(metric=metric, ratio=ratio, allocation=allocation)
+        summary = compress_(model, config, precomputed=collected.get(kind), progress=False)
+        seconds = summary.seconds["projection"] + stat_seconds.get(kind, 0.0)
+        report = evaluate(model, test, ref, progress=False)
+        rows.append((metric, allocation, f"{summary.achieved_ratio:.3f}", report.perplexity,
+                     report.kl, report.top1_agreement, seconds, summary.seconds["projection"]))
+        print(f"  {metric} {allocation} @ {ratio}: ppl {report.perplexity:.2f}", flush=True)
+        del model
+
+    print(f"\nSmolLM2-135M-Instruct, WikiText-2 test {test.shape[0]} x {test.shape[1]} tokens, "
+          f"calibration {calib.shape[0]} x {calib.shape[1]} (seed 0), torch threads "
+          f"{torch.get_num_threads()}")
+    print(f"{'metric':8s} {'allocation':10s} {'ratio':>6s} {'ppl':>12s} {'KL':>8s} {'top-1':>7s} "
+          f"{'compress s':>11s} {'(project s)':>11s}")
+    for metric, alloc, ratio, ppl, kl, top1, secs, proj in rows:
+        print(f"{metric:8s} {alloc:10s} {ratio:>6s} {ppl:12.2f} {kl:8.4f} {top1:7.4f} "
+              f"{secs:11.1f} {proj:11.1f}")
+
+
+def _kind(metric: str) -> str:
+    return "forward" if metric == "whiten" else "backward"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+import copy
+
+import pytest
+import torch
+
+from rankwise import CompressConfig, RankwiseError, compress_
+from rankwise.allocate import achieved_ratio, spectrum_ranks, uniform_ranks
+from rankwise.layers import factored_params
+
+
+def random_spectra(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.rand(min(s), generator=g, dtype=torch.float64).sort(descending=True).values
+               * torch.rand(1, generator=g, dtype=torch.float64) * 10
+            for k, s in shapes.items()}
+
+
+SHAPES = {f"l{i}": s for i, s in enumerate([(64, 64), (32, 64), (128, 64), (64, 128), (48, 96)])}
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 0.8])
+def test_spectrum_allocation_meets_the_budget_within_one_rank_step(ratio):
+    ranks = spectrum_ranks(SHAPES, random_spectra(SHAPES), ratio)
+    step = max(m + n for m, n in SHAPES.values()) / sum(m * n for m, n in SHAPES.values())
+    assert 0 <= achieved_ratio(SHAPES, ranks) - ratio <= step
+
+
+def test_spectrum_allocation_beats_uniform_in_predicted_loss():
+    spectra = random_spectra(SHAPES, seed=3)
+    loss = lambda ranks: sum(float(spectra[k][r:].sum()) if r else 0.0 for k, r in ranks.items())
+    glob = spectrum_ranks(SHAPES, spectra, 0.4)
+    assert loss(glob) < loss(uniform_ranks(SHAPES, 0.4))
+
+
+def test_spectrum_cuts_the_layer_that_is_exactly_low_rank(tiny):
+    target = "model.layers.1.mlp.gate_proj"
+    layer = tiny.get_submodule(target)
+    m, n = layer.weight.shape
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(m, 2) @ torch.randn(2, n))
+    total = sum(l.weight.numel() for name, l in tiny.named_modules()
+                if isinstance(l, torch.nn.Linear) and ".layers." in name)
+    ratio = 0.5 * (m * n - factored_params(m, n, 2)) / total
+    summary = compress_(tiny, CompressConfig(metric="svd", ratio=ratio, allocation="spectrum"),
+                        progress=False)
+    assert summary.ranks[target] is not None and summary.ranks[target] >= 2
+    assert all(r is None for k, r in summary.ranks.items() if k != target)
+    assert summary.predicted_loss < 1e-8 * float(layer.weight.square().sum())
+
+
+def test_spectrum_allocation_on_a_model_and_infeasible_floor(tiny, calib):
+    model = copy.deepcopy(tiny)
+    summary = compress_(model, CompressConfig(metric="kfac", ratio=0.5, allocation="spectrum"),
+                        calib, progress=False)
+    assert 0.5 <= summary.achieved_ratio < 0.52
+    assert len(set(summary.ranks.values())) > 2     # ranks differ across layers
+    with pytest.raises(RankwiseError, match="cannot be reached"):
+        compress_(tiny, CompressConfig(metric="svd", ratio=0.9, allocation="spectrum",
+                                       min_rank=30), progress=False)
