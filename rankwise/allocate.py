@@ -33,11 +33,13 @@ def apply_rank_pattern(ranks: dict[str, int | None], shapes: dict[str, tuple[int
     return out
 
 
-def achieved_ratio(shapes: dict[str, tuple[int, int]], ranks: dict[str, int | None]) -> float:
-    dense = sum(dense_params(m, n) for m, n in shapes.values())
-    kept = sum(dense_params(m, n) if ranks.get(k) is None else factored_params(m, n, ranks[k])
+def kept_params(shapes: dict[str, tuple[int, int]], ranks: dict[str, int | None]) -> int:
+    return sum(dense_params(m, n) if ranks.get(k) is None else factored_params(m, n, ranks[k])
                for k, (m, n) in shapes.items())
-    return 1 - kept / dense
+
+
+def achieved_ratio(shapes: dict[str, tuple[int, int]], ranks: dict[str, int | None]) -> float:
+    return 1 - kept_params(shapes, ranks) / sum(dense_params(m, n) for m, n in shapes.values())
 
 
 def spectrum_ranks(shapes: dict[str, tuple[int, int]], spectra: dict[str, torch.Tensor],

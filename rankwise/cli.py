@@ -83,6 +83,7 @@ def _recipe(args) -> dict:
 
 def _compress(args) -> None:
     from . import compress_, save
+    from .plots import rank_chart
     from .data import CALIBRATION_TEXT, calibration_windows, read_text, tokenize
     from .models import load_model
 
@@ -98,7 +99,7 @@ def _compress(args) -> None:
                                   calib["seqlen"], calib["seed"])
     summary = compress_(model, config, windows, batch_size=batch_size, seed=calib["seed"])
     manifest = {
-        "source_model": source if model_spec is None else str(model_spec),
+        "source_model": source,
         "config": config.to_dict(),
         "achieved_ratio": summary.achieved_ratio,
         "targeted_params": {"dense": summary.dense_params, "compressed": summary.compressed_params},
@@ -107,7 +108,9 @@ def _compress(args) -> None:
                         "seed": calib["seed"], "tokens": summary.calibration_tokens},
         "seconds": summary.seconds,
     }
-    save(model, out, manifest, tokenizer)
+    folder = save(model, out, manifest, tokenizer)
+    rank_chart(summary.ranks, summary.shapes, folder / "ranks.png",
+               f"{config.metric}, {config.allocation}, ratio {summary.achieved_ratio:.3f}")
     kept = sum(r is not None for r in summary.ranks.values())
     print(f"compressed {kept}/{len(summary.ranks)} layers with {config.metric}: removed "
           f"{summary.achieved_ratio:.4f} of the targeted parameters (requested {config.ratio}) "
@@ -117,22 +120,21 @@ def _compress(args) -> None:
 def _eval(args) -> None:
     from .data import EVALUATION_TEXT, evaluation_windows, read_text, tokenize
     from .evaluate import evaluate, parameter_count
-    from .io import MANIFEST, read_manifest
+    from .io import read_manifest
     from .models import DEFAULT_MODEL_NAME, load_model
 
     text = read_text(args.text or EVALUATION_TEXT)
     model, tokenizer, source = load_model(args.model)
-    manifest = read_manifest(args.model) if args.model and _is_output(args.model, MANIFEST) else None
-    reference = None
+    manifest = read_manifest(args.model) if args.model and _is_output(args.model) else None
+    # default reference: the model a rankwise output was compressed from
     ref_spec = args.reference
     if ref_spec is None and manifest is not None:
-        ref_spec = manifest.get("source_model")
-        ref_spec = None if ref_spec == DEFAULT_MODEL_NAME else ref_spec
-        load_reference = True
+        origin = manifest.get("source_model")
+        reference = load_model(None if origin == DEFAULT_MODEL_NAME else origin)[0]
+    elif ref_spec is not None and ref_spec.lower() != "none":
+        reference = load_model(ref_spec)[0]
     else:
-        load_reference = ref_spec is not None and ref_spec.lower() != "none"
-    if load_reference:
-        reference, _, _ = load_model(ref_spec)
+        reference = None
     windows = evaluation_windows(tokenize(tokenizer, text), args.seqlen,
                                  None if args.full else args.windows)
     report = evaluate(model, windows, reference, batch_size=args.batch_size)
@@ -151,9 +153,11 @@ def _eval(args) -> None:
             print(f"    {name:50s} {rank}")
 
 
-def _is_output(path: str, manifest: str) -> bool:
+def _is_output(path: str) -> bool:
     from pathlib import Path
-    return (Path(path) / manifest).exists()
+
+    from .io import MANIFEST
+    return (Path(path) / MANIFEST).exists()
 
 
 def build_parser() -> argparse.ArgumentParser:

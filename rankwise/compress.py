@@ -56,6 +56,11 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
                                     inputs=config.needs_inputs, gradients=config.gradients,
                                     seed=seed, progress=progress)
         tokens = calib.numel()
+    widest = max(max(shape) for shape in shapes.values())
+    if config.metric in ("whiten", "kfac") and tokens < 2 * widest:
+        log.warning("only %d calibration tokens for layers up to %d wide: the covariances are "
+                    "rank-deficient and %s projections degrade badly; use more windows",
+                    tokens, widest, config.metric)
     t_stats = time.perf_counter() - t0
 
     shared_roots = _SharedRoots()
@@ -87,7 +92,7 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
     t_total = time.perf_counter() - t0
 
     dense = sum(dense_params(m, n) for m, n in shapes.values())
-    kept = round((1 - allocate.achieved_ratio(shapes, ranks)) * dense)
+    kept = allocate.kept_params(shapes, ranks)
     summary = Summary(metric=config.metric, requested_ratio=config.ratio,
                       achieved_ratio=allocate.achieved_ratio(shapes, ranks), ranks=ranks,
                       shapes=shapes, dense_params=dense, compressed_params=kept,

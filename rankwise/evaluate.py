@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -97,14 +98,16 @@ def measure_speed(model: nn.Module, prompt_len: int = 512, decode_tokens: int = 
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
     best_prefill = best_decode = math.inf
     model(input_ids=prompt[:, :16])   # warm-up: first calls allocate and pick kernels
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = model(input_ids=prompt, use_cache=True)
-        t1 = time.perf_counter()
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        for _ in range(decode_tokens):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+    with warnings.catch_warnings():   # newer transformers rename past_key_values; both work
+        warnings.simplefilter("ignore", FutureWarning)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = model(input_ids=prompt, use_cache=True)
+            t1 = time.perf_counter()
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        t2 = time.perf_counter()
-        best_prefill, best_decode = min(best_prefill, t1 - t0), min(best_decode, t2 - t1)
+            for _ in range(decode_tokens):
+                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            t2 = time.perf_counter()
+            best_prefill, best_decode = min(best_prefill, t1 - t0), min(best_decode, t2 - t1)
     return Speed(prompt_len / best_prefill, decode_tokens / best_decode)

@@ -60,7 +60,7 @@ def load_model(spec: str | os.PathLike | None = None):
                             f"{str(e).splitlines()[0]}") from e
     model.eval()
     check_finite(model, str(path))
-    source = DEFAULT_MODEL_NAME if spec is None else str(path)
+    source = DEFAULT_MODEL_NAME if spec is None else str(path.resolve())
     return model, tokenizer, source
 
 

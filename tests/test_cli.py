@@ -21,6 +21,7 @@ def test_compress_then_eval_end_to_end(tiny_folder, tmp_path, capsys):
     code, text, _ = run(capsys, *compress_args(tiny_folder, out, "--metric", "kfac", "--ratio", "0.3"))
     assert code == 0 and "removed 0.3" in text
     assert load(out) is not None
+    assert (out / "ranks.png").read_bytes()[:4] == b"\x89PNG"
     code, text, _ = run(capsys, "eval", str(out), "--windows", "2", "--seqlen", "32", "--ranks")
     assert code == 0
     assert "dense perplexity" in text and "KL(dense || model)" in text

@@ -113,3 +113,14 @@ def test_shared_inputs_share_one_covariance(tiny, calib):
     h.remove()
     X = torch.cat(x)
     torch.testing.assert_close(attn[0], X.T @ X, rtol=1e-4, atol=1e-4)
+
+
+def test_speed_and_size_accounting(tiny):
+    from rankwise import measure_speed
+    from rankwise.evaluate import linear_macs, parameter_count
+    dense_macs, dense_params = linear_macs(tiny), parameter_count(tiny)
+    summary = compress_(tiny, CompressConfig(metric="svd", ratio=0.4), progress=False)
+    assert dense_macs - linear_macs(tiny) == summary.dense_params - summary.compressed_params
+    assert dense_params - parameter_count(tiny) == summary.dense_params - summary.compressed_params
+    speed = measure_speed(tiny, prompt_len=16, decode_tokens=4, repeats=1)
+    assert speed.prefill_tokens_per_s > 0 and speed.decode_tokens_per_s > 0

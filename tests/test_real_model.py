@@ -1,4 +1,4 @@
-"""End to end on the real embedded SmolLM2-135M-Instruct (slow: about two minutes)."""
+"""End to end on the real embedded SmolLM2-135M-Instruct (slow: about three minutes)."""
 import importlib.util
 
 import pytest
@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow,
 def test_kfac_on_smollm2_end_to_end(tmp_path):
     import copy
     dense, tokenizer, _ = load_model()
-    calib = calibration_windows(tokenize(tokenizer, read_text(CALIBRATION_TEXT)), 4, 256)
+    calib = calibration_windows(tokenize(tokenizer, read_text(CALIBRATION_TEXT)), 12, 256)
     test = evaluation_windows(tokenize(tokenizer, read_text(EVALUATION_TEXT)[:200_000]), 256, 4)
     model = copy.deepcopy(dense)
     summary = compress_(model, CompressConfig(metric="kfac", ratio=0.2), calib, progress=False)
