@@ -1,4 +1,4 @@
-"""compress_(model, config, calib): statistics -> allocation -> projection -> module swap."""
+"""compress_(model, config, calib): statistics -> decompositions -> allocation -> swap."""
 from __future__ import annotations
 
 import logging
@@ -28,7 +28,7 @@ class Summary:
     dense_params: int                     # of the targeted layers
     compressed_params: int
     calibration_tokens: int = 0
-    predicted_loss: float = 0.0           # summed dropped spectrum (for kfac: ~2 x KL x tokens)
+    predicted_loss: float = 0.0           # summed dropped spectrum; kfac: ~2 x KL/token x tokens^2
     seconds: dict[str, float] = field(default_factory=dict)
 
 
