@@ -6,7 +6,7 @@ collected once per kind (forward-only for whiten; forward + backward for fisher/
 their time is charged to every metric that uses them.
 
     python bench/quality.py [--metrics svd whiten fisher kfac] [--ratios 0.2 0.4]
-                            [--spectrum-ratios 0.2 0.4 0.6]
+                            [--spectrum-ratios 0.2 0.4 0.6] [--steps 4 --steps-ratios 0.2 0.4]
 """
 from __future__ import annotations
 
@@ -25,10 +25,15 @@ from rankwise.models import load_model, target_linears
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--metrics", nargs="+", default=["svd", "whiten", "fisher", "kfac"])
-    p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
+    p.add_argument("--metrics", nargs="*", default=["svd", "whiten", "fisher", "kfac"])
+    p.add_argument("--ratios", nargs="*", type=float, default=[0.2, 0.4])
     p.add_argument("--spectrum-ratios", nargs="*", type=float, default=[0.2, 0.4, 0.6],
                    help="ratios for kfac with allocation=spectrum (issue 5); none to skip")
+    p.add_argument("--steps", type=int, default=4,
+                   help="stages for the multi-step rows (kfac, spectrum, statistics "
+                        "re-collected before each stage)")
+    p.add_argument("--steps-ratios", nargs="*", type=float, default=[0.2, 0.4],
+                   help="ratios for the multi-step rows; none to skip")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--seqlen", type=int, default=512)
@@ -52,19 +57,25 @@ def main():
         collected[kind] = stats.collect(dense, layers, calib.split(4), gradients=gradients)
         stat_seconds[kind] = time.perf_counter() - t0
 
-    runs = [(metric, "uniform", ratio) for ratio in args.ratios for metric in args.metrics]
-    runs += [("kfac", "spectrum", ratio) for ratio in args.spectrum_ratios]
+    runs = [(metric, "uniform", ratio, 1) for ratio in args.ratios for metric in args.metrics]
+    runs += [("kfac", "spectrum", ratio, 1) for ratio in args.spectrum_ratios]
+    runs += [("kfac", "spectrum", ratio, args.steps) for ratio in args.steps_ratios]
     if args.spectrum_ratios and "backward" not in collected:
         t0 = time.perf_counter()
         collected["backward"] = stats.collect(dense, layers, calib.split(4), gradients="full")
         stat_seconds["backward"] = time.perf_counter() - t0
     rows = [("dense", "-", "-", dense_report.perplexity, 0.0, 1.0, 0.0, 0.0)]
-    for metric, allocation, ratio in runs:
+    for metric, allocation, ratio, steps in runs:
         model = copy.deepcopy(dense)
         kind = _kind(metric) if metric != "svd" else None
-        config = CompressConfig(metric=metric, ratio=ratio, allocation=allocation)
-        summary = compress_(model, config, precomputed=collected.get(kind), progress=False)
-        seconds = summary.seconds["projection"] + stat_seconds.get(kind, 0.0)
+        config = CompressConfig(metric=metric, ratio=ratio, allocation=allocation, steps=steps)
+        if steps == 1:
+            summary = compress_(model, config, precomputed=collected.get(kind), progress=False)
+            seconds = summary.seconds["projection"] + stat_seconds.get(kind, 0.0)
+        else:
+            summary = compress_(model, config, calib, progress=False)
+            seconds = summary.seconds["total"]
+            allocation = f"{allocation}x{steps}"
         report = evaluate(model, test, ref, progress=False)
         rows.append((metric, allocation, f"{summary.achieved_ratio:.3f}", report.perplexity,
                      report.kl, report.top1_agreement, seconds, summary.seconds["projection"]))
@@ -74,10 +85,10 @@ def main():
     print(f"\nSmolLM2-135M-Instruct, WikiText-2 test {test.shape[0]} x {test.shape[1]} tokens, "
           f"calibration {calib.shape[0]} x {calib.shape[1]} (seed 0), torch threads "
           f"{torch.get_num_threads()}")
-    print(f"{'metric':8s} {'allocation':10s} {'ratio':>6s} {'ppl':>12s} {'KL':>8s} {'top-1':>7s} "
+    print(f"{'metric':8s} {'allocation':12s} {'ratio':>6s} {'ppl':>12s} {'KL':>8s} {'top-1':>7s} "
           f"{'compress s':>11s} {'(project s)':>11s}")
     for metric, alloc, ratio, ppl, kl, top1, secs, proj in rows:
-        print(f"{metric:8s} {alloc:10s} {ratio:>6s} {ppl:12.2f} {kl:8.4f} {top1:7.4f} "
+        print(f"{metric:8s} {alloc:12s} {ratio:>6s} {ppl:12.2f} {kl:8.4f} {top1:7.4f} "
               f"{secs:11.1f} {proj:11.1f}")
 
 

@@ -36,6 +36,9 @@ def _compress_parser(sub) -> None:
                         "least loss per parameter; some layers may stay dense)")
     p.add_argument("--min-rank", type=int, default=None,
                    help="smallest rank the spectrum allocation may give a layer (default 1)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="reach the ratio in this many stages, re-collecting statistics on the "
+                        "partly compressed model before each (default 1: one cut)")
     p.add_argument("--include", help="regex: only target linear layers whose name matches")
     p.add_argument("--exclude", help="regex: skip linear layers whose name matches")
     p.add_argument("--damping", type=float, default=None,

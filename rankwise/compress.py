@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from . import allocate, geometry, stats
 from .config import CompressConfig
 from .errors import RankwiseError
-from .layers import LowRankLinear, dense_params
+from .layers import LowRankLinear
 from .models import check_finite, set_module, target_linears
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,47 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
 
     calib: LongTensor (num_windows, seqlen) of calibration token ids; needed by every metric
     but `svd`. precomputed: statistics from `stats.collect` on this model, reused instead
-    of calib (e.g. to try several ratios). Returns a Summary with the per-layer ranks and
-    the achieved ratio.
+    of calib (e.g. to try several ratios; one-step compression only). With
+    `config.steps = k` the ratio is reached in k stages, the statistics re-collected on the
+    partly compressed model before each, so every layer is projected with the inputs and
+    output gradients it will really see. Returns a Summary with the per-layer ranks and the
+    achieved ratio.
     """
+    if precomputed is not None and config.steps > 1:
+        raise ValueError("precomputed statistics describe the dense model; they cannot be "
+                         "reused across the stages of a multi-step compression")
     t0 = time.perf_counter()
     layers = target_linears(model, config.include, config.exclude)
     check_finite(model)
     shapes = {name: (l.out_features, l.in_features) for name, l in layers.items()}
+    tokens, t_stats, predicted = 0, 0.0, 0.0
+    for stage in range(1, config.steps + 1):
+        stage_ratio = config.ratio * stage / config.steps
+        tokens, seconds, predicted = _stage(model, layers, shapes, config, stage_ratio, calib,
+                                            batch_size, seed, progress, precomputed)
+        t_stats += seconds
+        layers = {name: model.get_submodule(name) for name in layers}
+    t_total = time.perf_counter() - t0
 
+    ranks = {name: l.rank if isinstance(l, LowRankLinear) else None for name, l in layers.items()}
+    summary = Summary(metric=config.metric, requested_ratio=config.ratio,
+                      achieved_ratio=allocate.achieved_ratio(shapes, ranks), ranks=ranks,
+                      shapes=shapes, dense_params=sum(m * n for m, n in shapes.values()),
+                      compressed_params=allocate.kept_params(shapes, ranks),
+                      calibration_tokens=tokens, predicted_loss=predicted,
+                      seconds={"statistics": t_stats, "projection": t_total - t_stats,
+                               "total": t_total})
+    log.info("compressed %d layers with %s: ratio %.4f achieved (%.4f requested) in %.1f s",
+             len(layers), config.metric, summary.achieved_ratio, config.ratio, t_total)
+    return summary
+
+
+def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progress,
+           precomputed) -> tuple[int, float, float]:
+    """One cut to `ratio` (of the dense targeted parameters): statistics on the model as it
+    is now, decompositions, allocation, module swap. Returns (tokens, statistics seconds,
+    predicted loss). A layer already factorized is only ever cut further."""
+    t0 = time.perf_counter()
     layer_stats: dict[str, stats.LayerStats] = precomputed or {}
     tokens = next(iter(layer_stats.values())).tokens if layer_stats else 0
     if config.metric != "svd" and not layer_stats:
@@ -75,33 +108,22 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
                                                   **metric_stats)
     if config.allocation == "spectrum":
         ranks = allocate.spectrum_ranks(
-            shapes, {k: d.spectrum for k, d in decompositions.items()}, config.ratio,
-            config.min_rank)
+            shapes, {k: d.spectrum for k, d in decompositions.items()}, ratio, config.min_rank)
     else:
-        ranks = allocate.uniform_ranks(shapes, config.ratio)
+        ranks = allocate.uniform_ranks(shapes, ratio)
     ranks = allocate.apply_rank_pattern(ranks, shapes, config.rank_pattern)
 
+    predicted = 0.0
     for name, rank in ranks.items():
-        if rank is not None:
-            B, A = decompositions[name].factors(rank)
-            linear = layers[name]
-            set_module(model, name, LowRankLinear.from_linear(
-                linear, A.to(linear.weight.dtype), B.to(linear.weight.dtype)))
-    predicted = sum(d.dropped_loss(ranks[k]) for k, d in decompositions.items()
-                    if ranks[k] is not None)
-    t_total = time.perf_counter() - t0
-
-    dense = sum(dense_params(m, n) for m, n in shapes.values())
-    kept = allocate.kept_params(shapes, ranks)
-    summary = Summary(metric=config.metric, requested_ratio=config.ratio,
-                      achieved_ratio=allocate.achieved_ratio(shapes, ranks), ranks=ranks,
-                      shapes=shapes, dense_params=dense, compressed_params=kept,
-                      calibration_tokens=tokens, predicted_loss=predicted,
-                      seconds={"statistics": t_stats, "projection": t_total - t_stats,
-                               "total": t_total})
-    log.info("compressed %d layers with %s: ratio %.4f achieved (%.4f requested) in %.1f s",
-             len(layers), config.metric, summary.achieved_ratio, config.ratio, t_total)
-    return summary
+        layer = layers[name]
+        current = layer.rank if isinstance(layer, LowRankLinear) else None
+        if rank is None or (current is not None and rank >= current):
+            continue
+        B, A = decompositions[name].factors(rank)
+        dtype = layer.A.dtype if current is not None else layer.weight.dtype
+        set_module(model, name, LowRankLinear.from_linear(layer, A.to(dtype), B.to(dtype)))
+        predicted += decompositions[name].dropped_loss(rank)
+    return tokens, t_stats, predicted
 
 
 class _SharedRoots:

@@ -20,6 +20,8 @@ class CompressConfig:
         layer loses `ratio`) or spectrum (global choice from the metric's per-direction
         loss spectra; layers may stay dense).
     min_rank: smallest rank the spectrum allocation may give a layer.
+    steps: reach the ratio in this many stages, re-measuring statistics on the partly
+        compressed model before each (1 = one-shot).
     rank_pattern: explicit {regex: rank} overrides (peft-style), matched on layer names.
     damping: relative eigenvalue damping of the covariances (times their mean eigenvalue).
     """
@@ -29,6 +31,7 @@ class CompressConfig:
     exclude: str | None = None
     allocation: str = "uniform"
     min_rank: int = 1
+    steps: int = 1
     rank_pattern: dict[str, int] = field(default_factory=dict)
     damping: float = DEFAULT_DAMPING
 
@@ -45,6 +48,8 @@ class CompressConfig:
         if self.allocation not in ALLOCATIONS:
             raise RankwiseError(f"unknown allocation {self.allocation!r}; "
                                 f"choose one of {', '.join(ALLOCATIONS)}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise RankwiseError(f"steps must be a positive integer, got {self.steps!r}")
         if not isinstance(self.min_rank, int) or self.min_rank < 1:
             raise RankwiseError(f"min_rank must be a positive integer, got {self.min_rank!r}")
         if not (isinstance(self.damping, (int, float)) and 0 <= self.damping < 1):

@@ -38,14 +38,15 @@ class LowRankLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, A: torch.Tensor, B: torch.Tensor) -> "LowRankLinear":
+    def from_linear(cls, linear: "nn.Linear | LowRankLinear", A: torch.Tensor,
+                    B: torch.Tensor) -> "LowRankLinear":
         rank = A.shape[0]
         if A.shape != (rank, linear.in_features) or B.shape != (linear.out_features, rank):
             raise ValueError(f"factors {tuple(B.shape)} @ {tuple(A.shape)} do not match "
                              f"a linear map {linear.out_features} x {linear.in_features}")
-        w = linear.weight
+        like = linear.A if isinstance(linear, LowRankLinear) else linear.weight
         layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None,
-                    device=w.device, dtype=w.dtype)
+                    device=like.device, dtype=like.dtype)
         with torch.no_grad():
             layer.A.copy_(A)
             layer.B.copy_(B)

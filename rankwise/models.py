@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import RankwiseError
+from .layers import LowRankLinear
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,14 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def target_linears(model: nn.Module, include: str | None = None,
                    exclude: str | None = None) -> dict[str, nn.Linear]:
-    """Every nn.Linear inside the repeated blocks (never embeddings or the LM head),
+    """Every nn.Linear (or LowRankLinear, to cut further) inside the repeated blocks (never
+    embeddings or the LM head),
     filtered by `include` / `exclude` regexes searched in the full module name."""
     prefix, blocks = find_blocks(model)
     found = {}
     for name, module in blocks.named_modules():
         full = f"{prefix}.{name}" if prefix else name
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, LowRankLinear)):
             continue
         if include is not None and not re.search(include, full):
             continue

@@ -57,3 +57,28 @@ def test_spectrum_allocation_on_a_model_and_infeasible_floor(tiny, calib):
     with pytest.raises(RankwiseError, match="cannot be reached"):
         compress_(tiny, CompressConfig(metric="svd", ratio=0.9, allocation="spectrum",
                                        min_rank=30), progress=False)
+
+
+def test_one_step_equals_the_one_shot_path(tiny, calib):
+    from rankwise import stats
+    from rankwise.models import target_linears
+    a, b = copy.deepcopy(tiny), copy.deepcopy(tiny)
+    compress_(a, CompressConfig(metric="kfac", ratio=0.4, steps=1), calib, progress=False)
+    precomputed = stats.collect(b, target_linears(b), calib.split(4), gradients="full",
+                                progress=False)
+    compress_(b, CompressConfig(metric="kfac", ratio=0.4), precomputed=precomputed, progress=False)
+    with torch.no_grad():
+        assert torch.equal(a(calib).logits, b(calib).logits)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "spectrum"])
+def test_multi_step_reduction_meets_the_budget(tiny, calib, allocation):
+    summary = compress_(tiny, CompressConfig(metric="kfac", ratio=0.5, steps=3,
+                                             allocation=allocation), calib, progress=False)
+    shapes = summary.shapes.values()
+    step = sum(m + n for m, n in shapes) / sum(m * n for m, n in shapes)
+    assert 0.5 <= summary.achieved_ratio <= 0.5 + len(summary.shapes) * step
+    assert summary.compressed_params == sum(
+        p.numel() for n, p in tiny.named_parameters() if any(n.startswith(k) for k in summary.ranks))
+    with torch.no_grad():
+        assert torch.isfinite(tiny(calib).logits).all()
