@@ -159,12 +159,6 @@ def project(W: torch.Tensor, rank: int, left: torch.Tensor | None = None,
     return Factors(B=B.to(W.dtype), A=A.to(W.dtype), spectrum=d.spectrum)
 
 
-def spectrum(W: torch.Tensor, left: torch.Tensor | None = None,
-             right: torch.Tensor | None = None, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
-    """Loss of dropping each singular direction in the metric (squared singular values)."""
-    return decompose(W, left, right, damping).spectrum
-
-
 def balance(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rescale each rank-one term so column i of B and row i of A have equal norms.
 
