@@ -8,8 +8,11 @@ import sys
 import torch
 
 from .config import ALLOCATIONS, CompressConfig, read_yaml
+from .dln import PROBLEMS
 from .errors import RankwiseError
 from .geometry import DEFAULT_DAMPING, METRICS
+from .transfer import WIDE_LAYERS
+from .vision import DATASETS
 
 log = logging.getLogger("rankwise")
 
@@ -73,6 +76,106 @@ def _eval_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--ranks", action="store_true", help="also print the per-layer ranks")
     p.set_defaults(run=_eval)
+
+
+def _dln_parser(sub) -> None:
+    p = sub.add_parser("dln", help="deep linear networks vs their compressed form (C-DLN)",
+                       description="Low-dimensional learning dynamics: train a wide deep linear "
+                                   "network and a compressed one (narrow, spectral init, faster "
+                                   "outer layers) on low-rank recovery, or carry the idea to an "
+                                   "MLP / ViT on real digits.")
+    p.add_argument("experiment", choices=("recover", "subspace", "transfer"),
+                   help="recover: error vs iteration and time, DLN vs C-DLN (curves.png); "
+                        "subspace: where the wide DLN's updates live (subspace.png); "
+                        "transfer: an MLP or ViT and its compressed version on images")
+    p.add_argument("--problems", nargs="+", choices=PROBLEMS, default=list(PROBLEMS),
+                   help="recovery problems (recover; subspace uses the first)")
+    p.add_argument("--d", type=int, default=100, help="target size d x d (default 100)")
+    p.add_argument("--rank", type=int, default=5, help="target rank r (default 5)")
+    p.add_argument("--depth", type=int, default=3, help="number of layers L (default 3)")
+    p.add_argument("--width", type=int, default=None,
+                   help="compressed width r_hat (default 2r for recovery, 64 for transfer)")
+    p.add_argument("--eps", type=float, default=1e-3, help="initialisation scale (default 1e-3)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="base learning rate (default 0.2 for recovery, 1e-3 Adam for transfer)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="outer layers' learning-rate multiplier (default 4 recovery, 2 transfer)")
+    p.add_argument("--iterations", type=int, default=30000, help="most iterations (default 30000)")
+    p.add_argument("--tol", type=float, default=1e-3, help="target relative error (default 1e-3)")
+    p.add_argument("--measurements", type=int, default=None,
+                   help="sensing: Gaussian measurements (default 3 d r)")
+    p.add_argument("--observed", type=float, default=0.3,
+                   help="completion: observed fraction of entries (default 0.3)")
+    p.add_argument("--noise", type=float, default=0.0,
+                   help="observation noise std, relative to the observations' RMS (default 0)")
+    p.add_argument("--data", choices=DATASETS, default="mnist", help="transfer: image data set")
+    p.add_argument("--model", choices=tuple(WIDE_LAYERS), default="mlp", help="transfer: network")
+    p.add_argument("--epochs", type=int, default=20, help="transfer: training epochs (default 20)")
+    p.add_argument("--warmup-steps", type=int, default=20,
+                   help="transfer: wide-model steps before the spectral init (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--out", default="out/dln", help="folder for the PNGs (default out/dln)")
+    p.set_defaults(run=_dln)
+
+
+def _dln(args) -> None:
+    from pathlib import Path
+
+    from . import dln, plots
+    out = Path(args.out)
+    if args.experiment == "transfer":
+        return _transfer(args)
+    width = args.width or 2 * args.rank
+    lr, alpha = args.lr or 0.2, args.alpha or 4.0
+    problems = {name: dln.make_problem(name, args.d, args.rank, measurements=args.measurements,
+                                       observed_fraction=args.observed, noise=args.noise,
+                                       seed=args.seed)
+                for name in (args.problems if args.experiment == "recover" else args.problems[:1])}
+    if args.experiment == "subspace":
+        name, problem = next(iter(problems.items()))
+        trace, record = dln.track_subspace(problem, args.depth, args.eps, lr, args.iterations,
+                                           args.tol, seed=args.seed)
+        path = plots.subspace_figure(record, args.rank, out / "subspace.png",
+                                     f"wide DLN updates, {name}, d={args.d}, r={args.rank}")
+        ranks = record.effective_rank()[-1]
+        print(f"{name}: error {trace.final_error:.2e} after {trace.iterations[-1]} iterations; "
+              f"rank of each layer's update (singular values > 1e-3 x largest): {ranks} "
+              f"(2r = {2 * args.rank}, d = {args.d}); largest principal angle to the target's "
+              f"subspaces: first layer {record.angle_right[-1]:.2f} deg, last layer "
+              f"{record.angle_left[-1]:.2f} deg -> {path}")
+        return
+    rows, runs = [], {}
+    for name, problem in problems.items():
+        wide, compressed = dln.run_pair(problem, args.depth, width, args.eps, lr, alpha,
+                                        args.iterations, args.tol, seed=args.seed)
+        rows += [(name, wide), (name, compressed)]
+        runs[name] = [wide, compressed]
+        worse = dln.dominated_records(wide, compressed)
+        if worse:
+            log.warning("%s: the C-DLN's error is above the DLN's at %d logged iterations "
+                        "(first at %d)", name, len(worse), worse[0][0])
+    print(dln.table(rows, args.tol))
+    path = plots.recovery_curves(runs, out / "curves.png",
+                                 f"d={args.d}, r={args.rank}, L={args.depth}, r_hat={width}, "
+                                 f"eps={args.eps}, lr={lr}, alpha={alpha}")
+    print(f"-> {path}")
+
+
+def _transfer(args) -> None:
+    from .transfer import run_transfer
+    from .vision import load_images
+
+    data = load_images(args.data, seed=args.seed)
+    original, compressed = run_transfer(data, args.model, width=args.width or 64,
+                                        epochs=args.epochs, warmup_steps=args.warmup_steps,
+                                        alpha=args.alpha or 2.0, lr=args.lr or 1e-3,
+                                        depth=args.depth, seed=args.seed)
+    print(f"{args.model} on {args.data} ({len(data.y_train)} train / {len(data.y_test)} test images)")
+    print(f"{'network':22s} {'test acc':>8s} {'params':>9s} {'wide-layer params':>17s} "
+          f"{'s/epoch':>8s} {'train s':>8s}")
+    for r in (original, compressed):
+        print(f"{r.network:22s} {r.accuracy:8.4f} {r.params:9d} {r.wide_params:17d} "
+              f"{r.seconds_per_epoch:8.3f} {r.train_seconds:8.1f}")
 
 
 def _recipe(args) -> dict:
@@ -169,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _compress_parser(sub)
     _eval_parser(sub)
+    _dln_parser(sub)
     return parser
 
 

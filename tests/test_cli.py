@@ -88,3 +88,28 @@ def test_eval_of_a_folder_that_is_not_a_model(tmp_path, capsys):
     (tmp_path / "junk").mkdir()
     code, _, err = run(capsys, "eval", str(tmp_path / "junk"))
     assert code == 2 and "could not load" in err
+
+
+def test_dln_recover_and_subspace_write_their_pictures(tmp_path, capsys):
+    code, text, _ = run(capsys, "dln", "recover", "--d", "16", "--rank", "2", "--width", "4",
+                        "--eps", "0.01", "--measurements", "200", "--observed", "0.6",
+                        "--iterations", "8000", "--out", str(tmp_path))
+    assert code == 0
+    for problem in ("full", "completion", "sensing"):
+        assert sum(line.startswith(problem) for line in text.splitlines()) == 2
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    code, text, _ = run(capsys, "dln", "subspace", "--d", "16", "--rank", "2", "--eps", "0.01",
+                        "--iterations", "4000", "--out", str(tmp_path))
+    assert code == 0 and "rank of each layer's update" in text
+    assert (tmp_path / "subspace.png").exists()
+
+
+def test_dln_transfer_prints_both_networks(capsys):
+    code, text, _ = run(capsys, "dln", "transfer", "--data", "digits", "--width", "8",
+                        "--epochs", "1", "--warmup-steps", "2")
+    assert code == 0 and "original" in text and "compressed (width 8)" in text
+
+
+def test_dln_bad_option_is_one_sentence(capsys):
+    code, _, err = run(capsys, "dln", "recover", "--rank", "0", "--d", "10")
+    assert code == 2 and err.startswith("rankwise: error: rank must be")
