@@ -11,6 +11,7 @@ from .config import ALLOCATIONS, CompressConfig, read_yaml
 from .dln import PROBLEMS
 from .errors import RankwiseError
 from .geometry import DEFAULT_DAMPING, METRICS
+from .train import METHODS, OPTIMIZERS, PROX_METRICS
 from .transfer import WIDE_LAYERS
 from .vision import DATASETS
 
@@ -76,6 +77,150 @@ def _eval_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--ranks", action="store_true", help="also print the per-layer ranks")
     p.set_defaults(run=_eval)
+
+
+def _finetune_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune under a rank constraint (factors, hard, svt)",
+                       description="Train a model down to a parameter budget: one-shot "
+                                   "compression then training the factors (factors), dense "
+                                   "training with periodic hard truncation (hard, TRP), or "
+                                   "proximal gradient with singular value soft-thresholding "
+                                   "(svt). The LLM trains on WikiText-2 validation minus a "
+                                   "held-out calibration part and is saved to --out; an image "
+                                   "task first trains its dense MLP.")
+    p.add_argument("--task", choices=("lm", *DATASETS), default="lm",
+                   help="lm (a causal LM, default) or an image data set (digits, mnist)")
+    p.add_argument("--model", help="lm: Hugging Face folder or .gguf (default: embedded model)")
+    p.add_argument("--method", choices=METHODS, default=None, help="factors | hard | svt (default svt)")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="fraction of the targeted layers' parameters removed at the end (default 0.5)")
+    p.add_argument("--metric", choices=PROX_METRICS, default=None,
+                   help="metric of projections and proximal steps: svd (Euclidean), whiten, "
+                        "kfac (default)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps in all (default 200)")
+    p.add_argument("--prox-every", type=int, default=None,
+                   help="steps between proximal steps / truncations (default 10)")
+    p.add_argument("--recovery-steps", type=int, default=None,
+                   help="final steps training the exact factors (hard, svt; default 40)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="adamw (default) or sgd")
+    p.add_argument("--momentum", type=float, default=None, help="sgd momentum (default 0)")
+    p.add_argument("--lam", type=float, default=None,
+                   help="svt: fixed nuclear-norm weight (default: a controller that reaches "
+                        "the budget on a cubic schedule)")
+    p.add_argument("--min-rank", type=int, default=None, help="smallest rank of a layer (default 1)")
+    p.add_argument("--include", help="regex: only target linear layers whose name matches")
+    p.add_argument("--exclude", help="regex: skip linear layers whose name matches")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows (lm, default 2) or images (default 128) per step")
+    p.add_argument("--seqlen", type=int, default=256, help="lm: tokens per training window (default 256)")
+    p.add_argument("--calib-samples", type=int, default=16,
+                   help="lm: calibration windows of 512 tokens from the held-out part (default 16)")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="lm: final fraction of the training text kept for calibration (default 0.2)")
+    p.add_argument("--text", help="lm: training text (default: shipped WikiText-2 validation split)")
+    p.add_argument("--eval-windows", type=int, default=40, help="lm: test windows of 512 (default 40)")
+    p.add_argument("--pretrain-epochs", type=int, default=15,
+                   help="images: epochs training the dense MLP first (default 15)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto (cuda when present)")
+    p.add_argument("--seed", type=int, default=0, help="seed of batches and sampled labels (default 0)")
+    p.add_argument("--checkpoint", help="checkpoint file, written every --checkpoint-every steps")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="(default 50)")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    p.add_argument("--config", help="YAML recipe with any of these options")
+    p.add_argument("--out", required=True, help="output folder: model (lm), training.png, history.json")
+    p.set_defaults(run=_finetune)
+
+
+def _finetune(args) -> None:
+    import json
+    from pathlib import Path
+
+    from .plots import training_curves
+    from .train import FinetuneConfig, finetune, history_json
+
+    recipe = _recipe(args)
+    known = set(FinetuneConfig.__dataclass_fields__)
+    unknown = set(recipe) - known - set(vars(args))
+    if unknown:
+        raise RankwiseError(f"unknown fine-tuning option(s) {sorted(unknown)}; accepted: {sorted(known)}")
+    if args.task != "lm":
+        recipe.setdefault("lr", 1e-3)     # Adam on a small MLP, not on a pretrained LLM
+    config = FinetuneConfig(**{k: v for k, v in recipe.items() if k in known})
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RankwiseError("--device cuda was asked for but no GPU is available")
+    build = _lm_finetune if args.task == "lm" else _image_finetune
+    model, task, finish = build(args, config, device)
+    from .models import target_linears
+    result = finetune(model, task, config, target_linears(model, config.include, config.exclude),
+                      checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                      resume=args.resume)
+    out = finish(model, result)
+    (out / "history.json").write_text(history_json(result))
+    training_curves(result.history, result.shapes, out / "training.png",
+                    f"{config.method}, {config.metric}, ratio {result.achieved_ratio:.3f}")
+    print(f"{config.method}: {config.steps} steps, removed {result.achieved_ratio:.4f} of the "
+          f"targeted parameters (requested {config.ratio}) in {result.seconds:.0f} s -> {out}")
+
+
+def _lm_finetune(args, config, device):
+    from .data import (CALIBRATION_TEXT, EVALUATION_TEXT, calibration_windows,
+                       evaluation_windows, read_text, tokenize)
+    from .evaluate import evaluate, reference_log_probs
+    from .io import save
+    from .models import load_model
+    from .train import LanguageTask
+
+    if not 0 < args.holdout < 1:
+        raise RankwiseError(f"--holdout must be in (0, 1), got {args.holdout}")
+    text = read_text(args.text or CALIBRATION_TEXT)
+    test_text = read_text(EVALUATION_TEXT)
+    model, tokenizer, source = load_model(args.model)
+    ids = tokenize(tokenizer, text)
+    split = int(ids.numel() * (1 - args.holdout))
+    calib = calibration_windows(ids[split:], args.calib_samples, 512, args.seed,
+                                what="the held-out calibration part of the text")
+    task = LanguageTask(ids[:split], calib, args.batch_size or 2, args.seqlen, config.steps, args.seed)
+    test = evaluation_windows(tokenize(tokenizer, test_text), 512, args.eval_windows)
+    ref = reference_log_probs(model, test)
+    model.to(device)
+
+    def finish(model, result):
+        report = evaluate(model.cpu(), test, ref)
+        print(f"test perplexity {report.perplexity:.3f} (dense {report.reference_perplexity:.3f}), "
+              f"KL(dense || model) {report.kl:.4f}, top-1 agreement {report.top1_agreement:.4f}")
+        manifest = {"source_model": source, "finetune": {**config.__dict__},
+                    "achieved_ratio": result.achieved_ratio,
+                    "targeted_params": {"dense": result.dense_params, "compressed": result.final_params},
+                    "evaluation": {"perplexity": report.perplexity, "kl": report.kl,
+                                   "dense_perplexity": report.reference_perplexity},
+                    "seconds": {"total": result.seconds}}
+        return save(model, args.out, manifest, tokenizer)
+    return model, task, finish
+
+
+def _image_finetune(args, config, device):
+    from pathlib import Path
+
+    from .train import ImageTask
+    from .vision import accuracy, build_model, fit, load_images
+
+    data = load_images(args.task, seed=args.seed)
+    model = build_model("mlp", data, seed=args.seed)
+    fit(model, data, args.pretrain_epochs, torch.optim.Adam(model.parameters(), lr=1e-3),
+        seed=args.seed)
+    dense_acc = accuracy(model, data.x_test, data.y_test)
+    model.to(device)
+    task = ImageTask(data, args.batch_size or 128, config.steps, args.seed)
+
+    def finish(model, result):
+        acc = accuracy(model.cpu(), data.x_test, data.y_test)
+        print(f"test accuracy {acc:.4f} (dense {dense_acc:.4f})")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    return model, task, finish
 
 
 def _dln_parser(sub) -> None:
@@ -272,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _compress_parser(sub)
     _eval_parser(sub)
+    _finetune_parser(sub)
     _dln_parser(sub)
     return parser
 

@@ -96,7 +96,7 @@ def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progre
                     tokens, widest, config.metric)
     t_stats = time.perf_counter() - t0
 
-    shared_roots = _SharedRoots()
+    shared_roots = geometry.SharedRoots()
     decompositions = {}
     for name in tqdm(list(layers), desc=f"decomposing ({config.metric})", unit="layer",
                      disable=not progress):
@@ -124,17 +124,3 @@ def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progre
         set_module(model, name, LowRankLinear.from_linear(layer, A.to(dtype), B.to(dtype)))
         predicted += decompositions[name].dropped_loss(rank)
     return tokens, t_stats, predicted
-
-
-class _SharedRoots:
-    """psd_root, memoised per statistics tensor: a covariance shared by several layers
-    (q/k/v, gate/up) is decomposed once."""
-
-    def __init__(self):
-        self._cache: dict[int, tuple[torch.Tensor, geometry.Root]] = {}
-
-    def __call__(self, S: torch.Tensor, damping: float) -> geometry.Root:
-        hit = self._cache.get(id(S))
-        if hit is None or hit[0] is not S:
-            hit = self._cache[id(S)] = (S, geometry.psd_root(S, damping))
-        return hit[1]

@@ -73,6 +73,20 @@ def psd_root(S: torch.Tensor, damping: float = DEFAULT_DAMPING) -> Root:
     return Root((Q * lam.sqrt()) @ Q.T, (Q * lam.rsqrt()) @ Q.T)
 
 
+class SharedRoots:
+    """psd_root, memoised per statistics tensor: a covariance shared by several layers
+    (q/k/v, gate/up) is decomposed once."""
+
+    def __init__(self):
+        self._cache: dict[int, tuple[torch.Tensor, Root]] = {}
+
+    def __call__(self, S: torch.Tensor, damping: float) -> Root:
+        hit = self._cache.get(id(S))
+        if hit is None or hit[0] is not S:
+            hit = self._cache[id(S)] = (S, psd_root(S, damping))
+        return hit[1]
+
+
 def _apply(root: Root, X: torch.Tensor, inverse: bool = False, side: str = "left") -> torch.Tensor:
     R = root.inv_half if inverse else root.half
     if root.diagonal:
@@ -212,3 +226,55 @@ def _need(t: torch.Tensor | None, metric: str, what: str) -> torch.Tensor:
     if t is None:
         raise ValueError(f"metric {metric!r} needs the layer's {what}")
     return t
+
+
+@dataclass
+class MetricSVD:
+    """The full SVD of M = L^{1/2} W R^{1/2}: W's singular directions in a two-sided
+    metric (roots None = identity), for proximal steps and hard truncations during
+    training, where the weight changes and every direction is needed."""
+    U: torch.Tensor
+    S: torch.Tensor              # descending
+    Vh: torch.Tensor
+    left: Root | None
+    right: Root | None
+
+    def weight(self, S: torch.Tensor | None = None) -> torch.Tensor:
+        """L^{-1/2} U diag(S) V^T R^{-1/2} (S defaults to the singular values themselves)."""
+        M = (self.U * (self.S if S is None else S)) @ self.Vh
+        if self.left is not None:
+            M = _apply(self.left, M, inverse=True)
+        return _apply(self.right, M, inverse=True, side="right") if self.right is not None else M
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Balanced (B, A) of the best rank-`rank` approximation in the metric."""
+        B = self.U[:, :rank] * self.S[:rank]
+        A = self.Vh[:rank]
+        if self.left is not None:
+            B = _apply(self.left, B, inverse=True)
+        if self.right is not None:
+            A = _apply(self.right, A, inverse=True, side="right")
+        return balance(B, A)
+
+
+def metric_svd(W: torch.Tensor, left: Root | None = None, right: Root | None = None,
+               dtype: torch.dtype = torch.float64) -> MetricSVD:
+    """SVD of L^{1/2} W R^{1/2}; `dtype` float32 halves the cost of the many decompositions
+    a training run makes (roots must be in the same dtype)."""
+    M = W.to(dtype)
+    if left is not None:
+        M = _apply(left, M)
+    if right is not None:
+        M = _apply(right, M, side="right")
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return MetricSVD(U, S, Vh, left, right)
+
+
+def singular_value_threshold(W: torch.Tensor, tau: float, left: Root | None = None,
+                             right: Root | None = None,
+                             dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The proximal operator of tau * ||L^{1/2} X R^{1/2}||_* in the metric's own norm:
+    argmin_X 1/2 ||L^{1/2} (X - W) R^{1/2}||_F^2 + tau ||L^{1/2} X R^{1/2}||_*, i.e. soft-
+    thresholding of W's singular values in the metric (plain SVT when both are None)."""
+    d = metric_svd(W, left, right, dtype)
+    return d.weight((d.S - tau).clamp_min(0)).to(W.dtype)

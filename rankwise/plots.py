@@ -109,3 +109,30 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     _pyplot().close(fig)
     return path
+
+
+def training_curves(history, shapes: dict[str, tuple[int, int]], path: str | Path,
+                    title: str = "") -> Path:
+    """Fine-tuning under a rank constraint: training loss (top) and, at every proximal
+    step, each layer's rank as a fraction of its full rank (thin lines) with the kept
+    fraction of the targeted parameters (thick) (bottom), against step."""
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    top.plot([r.step for r in history], [r.loss for r in history], lw=0.8)
+    top.set_ylabel("training loss")
+    top.grid(alpha=0.3)
+    dense = sum(m * n for m, n in shapes.values())
+    prox = [r for r in history if r.ranks]
+    for name in shapes:
+        bottom.plot([r.step for r in prox], [r.ranks[name] / min(shapes[name]) for r in prox],
+                    color="tab:blue", alpha=min(0.5, max(0.1, 8 / len(shapes))), lw=0.6)
+    bottom.plot([r.step for r in history], [r.params / dense for r in history], color="k",
+                lw=2, label="kept fraction of parameters")
+    bottom.set_xlabel("step")
+    bottom.set_ylabel("rank / full rank")
+    bottom.set_ylim(0, 1.05)
+    bottom.legend(fontsize=7)
+    bottom.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -50,9 +50,16 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return x.T @ x
 
 
+def lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """A causal LM's logits for a batch of token windows (no KV cache)."""
+    return model(input_ids=ids.to(model.device), use_cache=False).logits
+
+
 class _Accumulator:
-    def __init__(self, layers: dict[str, nn.Linear], inputs: bool, gradients: str | None):
+    def __init__(self, layers: dict[str, nn.Linear], inputs: bool, gradients: str | None,
+                 both_sides: bool = False):
         self.layers, self.inputs, self.gradients = layers, inputs, gradients
+        self.both_sides = both_sides
         self.leader: dict[str, str] = {}      # layer -> first layer reading the same input
         self.sums: dict[tuple[str, str], torch.Tensor] = {}
         self._last: tuple[torch.Tensor, str] | None = None
@@ -75,10 +82,10 @@ class _Accumulator:
         covariances per layer, whichever is smaller (a wide layer always needs C)."""
         group = [k for k, v in self.leader.items() if v == self.leader[name]]
         n = self.layers[name].in_features
-        return any(self.wide(k) for k in group) or \
+        return self.both_sides or any(self.wide(k) for k in group) or \
             n * n <= sum(self.layers[k].out_features ** 2 for k in group)
 
-    def discover(self, batch: torch.Tensor, model: nn.Module) -> None:
+    def discover(self, batch: torch.Tensor, model: nn.Module, forward) -> None:
         """One forward pass (no statistics) to find which layers share an input tensor."""
         def hook(name):
             def pre(module, args):
@@ -89,7 +96,7 @@ class _Accumulator:
         handles = [layer.register_forward_pre_hook(hook(n)) for n, layer in self.layers.items()]
         try:
             with torch.no_grad():
-                model(input_ids=batch[:1, :8], use_cache=False)
+                forward(model, batch[:1])
         finally:
             for h in handles:
                 h.remove()
@@ -97,7 +104,8 @@ class _Accumulator:
         self._group_needs_input = {n: self.uses_input_cov(n) for n in self.layers}
 
     def pre_hook(self, name: str):
-        leader, wide, input_cov = self.leader[name], self.wide(name), self._group_needs_input[name]
+        leader, input_cov = self.leader[name], self._group_needs_input[name]
+        wide = self.wide(name) and not self.both_sides
 
         def hook(module, args):
             x = args[0]
@@ -111,7 +119,7 @@ class _Accumulator:
         return hook
 
     def forward_hook(self, name: str):
-        wide, input_cov = self.wide(name), self._group_needs_input[name]
+        wide, input_cov = self.wide(name) and not self.both_sides, self._group_needs_input[name]
 
         def hook(module, args, out):
             if self.inputs and not input_cov:
@@ -159,10 +167,10 @@ def sample_logit_gradient(logits: torch.Tensor, generator: torch.Generator) -> t
     flat = logits.detach().float().reshape(-1, logits.shape[-1])
     p = torch.softmax(flat, dim=-1)
     cdf = p.cumsum(dim=-1)
-    u = torch.rand(flat.shape[0], 1, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
+    u = torch.rand(flat.shape[0], 1, generator=generator, dtype=cdf.dtype).to(cdf.device) * cdf[:, -1:]
     labels = torch.searchsorted(cdf, u).clamp_max(flat.shape[1] - 1).squeeze(1)
     del cdf
-    p[torch.arange(flat.shape[0]), labels] -= 1
+    p[torch.arange(flat.shape[0], device=p.device), labels] -= 1
     return p.view_as(logits).to(logits.dtype)
 
 
@@ -172,8 +180,11 @@ def _activation_gradients_only(model: nn.Module):
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
-    emb = model.get_input_embeddings()
-    handle = emb.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+    # the first activations need a gradient for backward to reach the hooked layers
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    handle = emb.register_forward_hook(lambda m, i, out: out.requires_grad_(True)) \
+        if emb is not None else model.register_forward_pre_hook(
+            lambda m, args: (args[0].detach().requires_grad_(True), *args[1:]))
     try:
         yield
     finally:
@@ -184,27 +195,32 @@ def _activation_gradients_only(model: nn.Module):
 
 def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[torch.Tensor],
             inputs: bool = True, gradients: str | None = None, seed: int = 0,
-            progress: bool = True) -> dict[str, LayerStats]:
+            progress: bool = True, both_sides: bool = False,
+            forward=lm_logits) -> dict[str, LayerStats]:
     """Run the calibration batches through `model` and return per-layer statistics.
 
     inputs: accumulate input-side covariances (C or W C W^T). gradients: None, "diag"
     (diagonal Fisher) or "full" (K-FAC gradient covariances; one backward pass per batch).
+    both_sides: accumulate C (and G, with full gradients) for every layer, whichever side
+    is smaller, as a weight that changes during training needs. forward(model, batch)
+    returns the logits (default: a causal LM on token windows); the loss is summed over
+    every position's sampled label.
     """
     if gradients not in GRADIENT_MODES:
         raise ValueError(f"gradients must be one of {GRADIENT_MODES}, got {gradients!r}")
     batches = list(batches)
-    acc = _Accumulator(layers, inputs, gradients)
+    acc = _Accumulator(layers, inputs, gradients, both_sides)
     generator = torch.Generator().manual_seed(seed)
     tokens = 0
     was_training = model.training
     model.eval()
     try:
-        acc.discover(batches[0], model)
+        acc.discover(batches[0], model, forward)
         grad_ctx = _activation_gradients_only(model) if gradients else torch.no_grad()
         with grad_ctx, acc.attached():
             for ids in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
-                tokens += ids.numel()
-                logits = model(input_ids=ids, use_cache=False).logits
+                logits = forward(model, ids)
+                tokens += logits[..., 0].numel()
                 if gradients:
                     logits.backward(sample_logit_gradient(logits, generator))
                 del logits

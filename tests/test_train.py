@@ -1,0 +1,193 @@
+import copy
+
+import pytest
+import torch
+
+from rankwise import geometry
+from rankwise.errors import RankwiseError
+from rankwise.layers import LowRankLinear
+from rankwise.models import target_linears
+from rankwise.train import (FinetuneConfig, LanguageTask, budget_threshold, finetune,
+                            metric_roots)
+
+
+def _random_psd(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 3 * n, generator=g, dtype=torch.float64)
+    return X @ X.T
+
+
+def test_prox_is_singular_value_soft_thresholding():
+    torch.manual_seed(0)
+    W = torch.randn(12, 20, dtype=torch.float64)
+    tau = 1.3
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    expected = (U * (S - tau).clamp_min(0)) @ Vh
+    X = geometry.singular_value_threshold(W, tau)
+    torch.testing.assert_close(X, expected)
+
+    def objective(Y):
+        return 0.5 * (Y - W).square().sum() + tau * torch.linalg.svdvals(Y).sum()
+    for _ in range(20):   # the prox minimises its objective
+        assert objective(X) <= objective(X + 1e-3 * torch.randn_like(X)) + 1e-12
+
+
+def test_prox_in_a_metric_thresholds_the_weighted_singular_values():
+    torch.manual_seed(1)
+    W = torch.randn(8, 10, dtype=torch.float64)
+    L, R = _random_psd(8, 2), _random_psd(10, 3)
+    left, right = geometry.psd_root(L, 0.0), geometry.psd_root(R, 0.0)
+    tau = 2.0
+    X = geometry.singular_value_threshold(W, tau, left, right)
+    M = left.half @ W @ right.half
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    torch.testing.assert_close(left.half @ X @ right.half, (U * (S - tau).clamp_min(0)) @ Vh)
+
+    def objective(Y):
+        D = left.half @ (Y - W) @ right.half
+        return 0.5 * D.square().sum() + tau * torch.linalg.svdvals(left.half @ Y @ right.half).sum()
+    for _ in range(20):
+        assert objective(X) <= objective(X + 1e-4 * torch.randn_like(X)) + 1e-10
+
+
+def test_budget_threshold_keeps_the_most_parameters_within_the_target():
+    torch.manual_seed(2)
+    shapes = {"a": (20, 30), "b": (40, 10)}
+    spectra = {k: torch.rand(min(s)).sort(descending=True).values for k, s in shapes.items()}
+    target = 700
+
+    def kept(tau):
+        return sum(max(int((s > tau).sum()), 1) * sum(shapes[k]) if max(int((s > tau).sum()), 1)
+                   * sum(shapes[k]) < shapes[k][0] * shapes[k][1] else shapes[k][0] * shapes[k][1]
+                   for k, s in spectra.items())
+    tau = budget_threshold(spectra, shapes, target)
+    assert kept(tau) <= target
+    below = torch.cat(list(spectra.values()))
+    below = below[below < tau]
+    if below.numel():
+        assert kept(float(below.max())) > target
+
+
+@pytest.fixture
+def lm_task():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (4000,), generator=g)
+    return lambda steps: LanguageTask(ids[:3200], ids[3200:].view(-1, 100), 2, 32, steps)
+
+
+@pytest.mark.parametrize("method", ["factors", "hard", "svt"])
+def test_final_model_meets_the_budget_exactly(tiny, lm_task, method):
+    config = FinetuneConfig(method=method, ratio=0.4, metric="kfac", steps=8, prox_every=2,
+                            recovery_steps=2, lr=1e-3)
+    result = finetune(tiny, lm_task(8), config, target_linears(tiny), progress=False)
+    budget = (1 - 0.4) * result.dense_params
+    widest = max(m + n for m, n in result.shapes.values())
+    assert budget - widest < result.final_params <= budget
+    layers = target_linears(tiny)
+    actual = sum(l.rank * (l.in_features + l.out_features) if isinstance(l, LowRankLinear)
+                 else l.weight.numel() for l in layers.values())
+    assert actual == result.final_params
+    assert any(isinstance(l, LowRankLinear) for l in layers.values())
+    assert [r.step for r in result.history] == list(range(8))
+
+
+def test_svt_with_zero_lambda_is_plain_training(tiny, lm_task):
+    plain = copy.deepcopy(tiny)
+    task = lm_task(6)
+    layers = target_linears(plain)
+    for p in plain.parameters():
+        p.requires_grad_(False)
+    params = [p for l in layers.values() for p in l.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    plain.train()
+    losses = []
+    for step in range(6):
+        loss = task.loss(plain, task.batch(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    config = FinetuneConfig(method="svt", ratio=0.3, metric="svd", steps=6, prox_every=1,
+                            recovery_steps=0, lr=1e-3, lam=0.0)
+    result = finetune(tiny, task, config, target_linears(tiny), progress=False)
+    assert [r.loss for r in result.history] == pytest.approx(losses, rel=1e-5, abs=1e-6)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAt:
+    """A task that fails at one step, as a killed run would."""
+
+    def __init__(self, task, step):
+        self.task, self.step = task, step
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def batch(self, step):
+        if step == self.step:
+            raise _Interrupt
+        return self.task.batch(step)
+
+
+@pytest.mark.parametrize("stop", [5, 7])   # before and after the cut to factors (step 6)
+def test_checkpoint_resumes_to_the_same_state(tiny, lm_task, tmp_path, stop):
+    config = FinetuneConfig(method="svt", ratio=0.4, metric="kfac", steps=9, prox_every=2,
+                            recovery_steps=3, lr=1e-3)
+    dense = copy.deepcopy(tiny)
+    straight = finetune(tiny, lm_task(9), config, target_linears(tiny), progress=False)
+
+    ckpt = tmp_path / "run.pt"
+    interrupted = copy.deepcopy(dense)
+    with pytest.raises(_Interrupt):
+        finetune(interrupted, _StopAt(lm_task(9), stop), config, target_linears(interrupted),
+                 checkpoint=ckpt, checkpoint_every=3, progress=False)
+    resumed = copy.deepcopy(dense)
+    result = finetune(resumed, lm_task(9), config, target_linears(resumed), checkpoint=ckpt,
+                      checkpoint_every=3, resume=True, progress=False)
+    assert result.ranks == straight.ranks
+    assert [r.loss for r in result.history] == [r.loss for r in straight.history]
+    for (name, a), b in zip(tiny.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_checks_its_inputs(tiny, lm_task, tmp_path):
+    config = FinetuneConfig(method="hard", steps=4, prox_every=2, recovery_steps=1)
+    with pytest.raises(RankwiseError, match="no checkpoint"):
+        finetune(tiny, lm_task(4), config, target_linears(tiny), checkpoint=tmp_path / "x.pt",
+                 resume=True, progress=False)
+    first = copy.deepcopy(tiny)
+    finetune(first, lm_task(4), config, target_linears(first), checkpoint=tmp_path / "x.pt",
+             progress=False)
+    other = FinetuneConfig(method="hard", steps=4, prox_every=2, recovery_steps=1, lr=0.5)
+    with pytest.raises(RankwiseError, match="another configuration"):
+        finetune(tiny, lm_task(4), other, target_linears(tiny), checkpoint=tmp_path / "x.pt",
+                 resume=True, progress=False)
+
+
+def test_metric_roots_cover_both_sides_of_every_layer(tiny, lm_task):
+    layers = target_linears(tiny)
+    roots, _ = metric_roots(tiny, layers, lm_task(1), FinetuneConfig(metric="kfac"), progress=False)
+    for name, layer in layers.items():
+        left, right = roots[name]
+        assert left.half.shape == (layer.out_features,) * 2
+        assert right.half.shape == (layer.in_features,) * 2
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"method": "prune"}, "unknown method"),
+    ({"metric": "fisher"}, "unknown metric"),
+    ({"ratio": 1.5}, "ratio must be in"),
+    ({"steps": 10, "recovery_steps": 10}, "recovery_steps"),
+    ({"prox_every": 0}, "prox_every"),
+    ({"lr": 0.0}, "learning rate"),
+    ({"lam": -1.0}, "lam"),
+    ({"optimizer": "lbfgs"}, "optimizer"),
+])
+def test_bad_finetune_options_raise_clear_errors(kwargs, match):
+    with pytest.raises(RankwiseError, match=match):
+        FinetuneConfig(**kwargs)
