@@ -7,6 +7,7 @@ their time is charged to every metric that uses them.
 
     python bench/quality.py [--metrics svd whiten fisher kfac] [--ratios 0.2 0.4]
                             [--spectrum-ratios 0.2 0.4 0.6] [--steps 4 --steps-ratios 0.2 0.4]
+                            [--search-ratios 0.4 --search-seconds 1200]
 """
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ def main():
                         "re-collected before each stage)")
     p.add_argument("--steps-ratios", nargs="*", type=float, default=[0.2, 0.4],
                    help="ratios for the multi-step rows; none to skip")
+    p.add_argument("--search-ratios", nargs="*", type=float, default=[0.4],
+                   help="ratios for kfac with allocation=search (seeded from spectrum; the "
+                        "last 4 calibration windows are its fitness data); none to skip")
+    p.add_argument("--search-seconds", type=float, default=1200,
+                   help="time limit of each search")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--seqlen", type=int, default=512)
@@ -60,6 +66,7 @@ def main():
     runs = [(metric, "uniform", ratio, 1) for ratio in args.ratios for metric in args.metrics]
     runs += [("kfac", "spectrum", ratio, 1) for ratio in args.spectrum_ratios]
     runs += [("kfac", "spectrum", ratio, args.steps) for ratio in args.steps_ratios]
+    runs += [("kfac", "search", ratio, 1) for ratio in args.search_ratios]
     if args.spectrum_ratios and "backward" not in collected:
         t0 = time.perf_counter()
         collected["backward"] = stats.collect(dense, layers, calib.split(4), gradients="full")
@@ -68,8 +75,15 @@ def main():
     for metric, allocation, ratio, steps in runs:
         model = copy.deepcopy(dense)
         kind = _kind(metric) if metric != "svd" else None
-        config = CompressConfig(metric=metric, ratio=ratio, allocation=allocation, steps=steps)
-        if steps == 1:
+        config = CompressConfig(metric=metric, ratio=ratio, allocation=allocation, steps=steps,
+                                search_generations=10_000, search_seconds=args.search_seconds)
+        if allocation == "search":
+            summary = compress_(model, config, calib, progress=False)
+            seconds = summary.seconds["total"]
+            print(f"  search: fitness KL {summary.search.seed_fitness:.4f} -> "
+                  f"{summary.search.fitness:.4f} in {summary.search.generations} generations",
+                  flush=True)
+        elif steps == 1:
             summary = compress_(model, config, precomputed=collected.get(kind), progress=False)
             seconds = summary.seconds["projection"] + stat_seconds.get(kind, 0.0)
         else:

@@ -35,9 +35,17 @@ def _compress_parser(sub) -> None:
                    help="fraction of the targeted layers' parameters to remove, in (0, 1) "
                         "(default 0.2)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
-                   help="per-layer ranks: uniform (every layer loses --ratio, default) or "
+                   help="per-layer ranks: uniform (every layer loses --ratio, default), "
                         "spectrum (one global budget spent where the metric predicts the "
-                        "least loss per parameter; some layers may stay dense)")
+                        "least loss per parameter; some layers may stay dense) or search "
+                        "(evolutionary search from spectrum, fitness = KL to the dense model "
+                        "on held-out calibration windows)")
+    p.add_argument("--search-generations", type=int, default=None,
+                   help="search: most generations (default 50)")
+    p.add_argument("--search-seconds", type=float, default=None,
+                   help="search: time limit in seconds (default none)")
+    p.add_argument("--search-windows", type=int, default=None,
+                   help="search: calibration windows held out as fitness data (default 4)")
     p.add_argument("--min-rank", type=int, default=None,
                    help="smallest rank the spectrum allocation may give a layer (default 1)")
     p.add_argument("--steps", type=int, default=None,
@@ -359,6 +367,10 @@ def _compress(args) -> None:
                         "seed": calib["seed"], "tokens": summary.calibration_tokens},
         "seconds": summary.seconds,
     }
+    if summary.search is not None:
+        manifest["search"] = {"seed_kl": summary.search.seed_fitness, "kl": summary.search.fitness,
+                              "generations": summary.search.generations,
+                              "evaluations": summary.search.evaluations}
     folder = save(model, out, manifest, tokenizer)
     rank_chart(summary.ranks, summary.shapes, folder / "ranks.png",
                f"{config.metric}, {config.allocation}, ratio {summary.achieved_ratio:.3f}")

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import allocate, geometry, stats
+from .search import SearchResult, search_ranks
 from .config import CompressConfig
 from .errors import RankwiseError
 from .layers import LowRankLinear
@@ -30,6 +31,7 @@ class Summary:
     calibration_tokens: int = 0
     predicted_loss: float = 0.0           # summed dropped spectrum; kfac: ~2 x KL/token x tokens^2
     seconds: dict[str, float] = field(default_factory=dict)
+    search: SearchResult | None = None
 
 
 def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None = None,
@@ -52,11 +54,15 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
     layers = target_linears(model, config.include, config.exclude)
     check_finite(model)
     shapes = {name: (l.out_features, l.in_features) for name, l in layers.items()}
-    tokens, t_stats, predicted = 0, 0.0, 0.0
+    fitness = None
+    if config.allocation == "search":
+        calib, fitness = _hold_out(model, calib, config.search_windows, progress)
+    tokens, t_stats, predicted, searched = 0, 0.0, 0.0, None
     for stage in range(1, config.steps + 1):
         stage_ratio = config.ratio * stage / config.steps
-        tokens, seconds, predicted = _stage(model, layers, shapes, config, stage_ratio, calib,
-                                            batch_size, seed, progress, precomputed)
+        tokens, seconds, predicted, searched = _stage(
+            model, layers, shapes, config, stage_ratio, calib, batch_size, seed, progress,
+            precomputed, fitness if stage == config.steps else None)
         t_stats += seconds
         layers = {name: model.get_submodule(name) for name in layers}
     t_total = time.perf_counter() - t0
@@ -68,17 +74,31 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
                       compressed_params=allocate.kept_params(shapes, ranks),
                       calibration_tokens=tokens, predicted_loss=predicted,
                       seconds={"statistics": t_stats, "projection": t_total - t_stats,
-                               "total": t_total})
+                               "total": t_total}, search=searched)
     log.info("compressed %d layers with %s: ratio %.4f achieved (%.4f requested) in %.1f s",
              len(layers), config.metric, summary.achieved_ratio, config.ratio, t_total)
     return summary
 
 
+def _hold_out(model, calib, windows: int, progress: bool):
+    """Split the last `windows` calibration windows off as the search's fitness data, with
+    the dense model's log-probabilities on them (before anything is cut)."""
+    from .evaluate import reference_log_probs
+    if calib is None or calib.shape[0] <= windows:
+        raise RankwiseError(f"allocation 'search' holds out {windows} calibration windows for "
+                            f"its fitness and needs more than that "
+                            f"(got {0 if calib is None else calib.shape[0]})")
+    held = calib[-windows:]
+    return calib[:-windows], (held, reference_log_probs(model, held, batch_size=1,
+                                                        progress=progress))
+
+
 def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progress,
-           precomputed) -> tuple[int, float, float]:
+           precomputed, fitness=None) -> tuple[int, float, float, SearchResult | None]:
     """One cut to `ratio` (of the dense targeted parameters): statistics on the model as it
-    is now, decompositions, allocation, module swap. Returns (tokens, statistics seconds,
-    predicted loss). A layer already factorized is only ever cut further."""
+    is now, decompositions, allocation (searched when `fitness` data is given), module
+    swap. Returns (tokens, statistics seconds, predicted loss, search result). A layer
+    already factorized is only ever cut further."""
     t0 = time.perf_counter()
     layer_stats: dict[str, stats.LayerStats] = precomputed or {}
     tokens = next(iter(layer_stats.values())).tokens if layer_stats else 0
@@ -106,12 +126,21 @@ def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progre
         decompositions[name] = geometry.decompose(layers[name].weight.detach(),
                                                   damping=config.damping, root=shared_roots,
                                                   **metric_stats)
-    if config.allocation == "spectrum":
+    searched = None
+    if config.allocation in ("spectrum", "search"):
         ranks = allocate.spectrum_ranks(
             shapes, {k: d.spectrum for k, d in decompositions.items()}, ratio, config.min_rank)
     else:
         ranks = allocate.uniform_ranks(shapes, ratio)
     ranks = allocate.apply_rank_pattern(ranks, shapes, config.rank_pattern)
+    if fitness is not None:
+        caps = {k: l.rank for k, l in layers.items() if isinstance(l, LowRankLinear)}
+        searched = search_ranks(model, layers, decompositions, shapes, ranks, *fitness,
+                                generations=config.search_generations,
+                                seconds=config.search_seconds,
+                                offspring=config.search_offspring, min_rank=config.min_rank,
+                                caps=caps, seed=seed, progress=progress)
+        ranks = searched.ranks
 
     predicted = 0.0
     for name, rank in ranks.items():
@@ -123,4 +152,4 @@ def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progre
         dtype = layer.A.dtype if current is not None else layer.weight.dtype
         set_module(model, name, LowRankLinear.from_linear(layer, A.to(dtype), B.to(dtype)))
         predicted += decompositions[name].dropped_loss(rank)
-    return tokens, t_stats, predicted
+    return tokens, t_stats, predicted, searched

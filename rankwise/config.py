@@ -8,7 +8,7 @@ from pathlib import Path
 from .errors import RankwiseError
 from .geometry import DEFAULT_DAMPING, METRICS
 
-ALLOCATIONS = ("uniform", "spectrum")
+ALLOCATIONS = ("uniform", "spectrum", "search")
 
 
 @dataclass
@@ -17,8 +17,12 @@ class CompressConfig:
     ratio: fraction of the targeted linear layers' parameters to remove, in (0, 1).
     include / exclude: regexes on module names selecting the targeted nn.Linear layers.
     allocation: how ranks are chosen per layer under the global budget: uniform (every
-        layer loses `ratio`) or spectrum (global choice from the metric's per-direction
-        loss spectra; layers may stay dense).
+        layer loses `ratio`), spectrum (global choice from the metric's per-direction
+        loss spectra; layers may stay dense) or search (evolutionary search seeded from
+        spectrum, fitness = KL to the dense model on held-out calibration windows).
+    search_generations / search_seconds: limits of the search (whichever comes first).
+    search_windows: calibration windows held out from the statistics as the search's
+        fitness data. search_offspring: candidates per generation.
     min_rank: smallest rank the spectrum allocation may give a layer.
     steps: reach the ratio in this many stages, re-measuring statistics on the partly
         compressed model before each (1 = one-shot).
@@ -34,6 +38,10 @@ class CompressConfig:
     steps: int = 1
     rank_pattern: dict[str, int] = field(default_factory=dict)
     damping: float = DEFAULT_DAMPING
+    search_generations: int = 50
+    search_seconds: float | None = None
+    search_windows: int = 4
+    search_offspring: int = 8
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -52,6 +60,14 @@ class CompressConfig:
             raise RankwiseError(f"steps must be a positive integer, got {self.steps!r}")
         if not isinstance(self.min_rank, int) or self.min_rank < 1:
             raise RankwiseError(f"min_rank must be a positive integer, got {self.min_rank!r}")
+        for name in ("search_generations", "search_windows", "search_offspring"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise RankwiseError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.search_seconds is not None and not float(self.search_seconds) > 0:
+            raise RankwiseError(f"search_seconds must be positive, got {self.search_seconds!r}")
+        if self.allocation == "search" and self.metric == "svd":
+            raise RankwiseError("allocation 'search' is seeded from the metric's spectra; "
+                                "use it with whiten, fisher or kfac")
         if not (isinstance(self.damping, (int, float)) and 0 <= self.damping < 1):
             raise RankwiseError(f"damping must be in [0, 1), got {self.damping!r}")
         for pattern in (self.include, self.exclude, *self.rank_pattern):

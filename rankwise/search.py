@@ -1,0 +1,191 @@
+"""Evolutionary search over per-layer ranks under one parameter budget (EvoPress-style).
+
+The search starts from the spectrum allocation and keeps one parent. Each generation
+mutates it into `offspring` candidates; a mutation moves parameters from one layer (the
+donor loses ranks) to another (the receiver gains what that frees), so no candidate
+exceeds the budget. Fitness is the KL divergence of next-token distributions from the
+dense model on held-out windows. Selection is multi-step: every offspring is scored on
+the first window (cheap), the best `survivors` on all windows, and the parent is replaced
+only by a strictly fitter one, so the result is never worse than the seed. Each layer's
+factors are decomposed once; a candidate of any rank is a slice of them, so a candidate
+costs forward passes, not decompositions.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .layers import LowRankLinear, dense_params, factored_params, max_useful_rank
+from .models import set_module
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchResult:
+    ranks: dict[str, int | None]
+    fitness: float                     # KL(dense || model) per token on all fitness windows
+    seed_fitness: float
+    generations: int
+    evaluations: int
+    seconds: float
+    trace: list[float] = field(default_factory=list)   # parent fitness after each generation
+
+
+class _Candidates:
+    """Puts a rank assignment into the model (factors sliced from full-rank caches) and
+    measures its KL to the dense model; restores the original layers afterwards."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], decompositions,
+                 windows: torch.Tensor, reference: list[torch.Tensor], batch_size: int):
+        self.model, self.windows, self.reference = model, windows, reference
+        self.batch_size = batch_size
+        self.original = dict(layers)
+        self.full = {}
+        for name, d in decompositions.items():
+            k = d.spectrum.numel()
+            B, A = d.factors(k)
+            dtype = _dtype(layers[name])
+            self.full[name] = (B.to(dtype), A.to(dtype))
+
+    def apply(self, ranks: dict[str, int | None]) -> None:
+        for name, rank in ranks.items():
+            current = self.model.get_submodule(name)
+            if rank is None:
+                if current is not self.original[name]:
+                    set_module(self.model, name, self.original[name])
+                continue
+            if isinstance(current, LowRankLinear) and current is not self.original[name] \
+                    and current.rank == rank:
+                continue
+            B, A = self.full[name]
+            set_module(self.model, name, LowRankLinear.from_linear(self.original[name],
+                                                                   A[:rank], B[:, :rank]))
+
+    def restore(self) -> None:
+        for name, layer in self.original.items():
+            set_module(self.model, name, layer)
+
+    @torch.no_grad()
+    def kl(self, ranks: dict[str, int | None], windows: int | None = None) -> float:
+        """Mean KL(dense || candidate) per predicted token on the first `windows` batches."""
+        self.apply(ranks)
+        total, tokens = 0.0, 0
+        batches = self.windows.split(self.batch_size)
+        for ids, ref in list(zip(batches, self.reference))[:windows]:
+            logits = self.model(input_ids=ids, use_cache=False).logits[:, :-1]
+            logp = torch.log_softmax(logits.float(), -1).reshape(-1, logits.shape[-1])
+            ref = ref.float()
+            total += float((ref.exp() * (ref - logp)).sum())
+            tokens += logp.shape[0]
+        return total / tokens
+
+
+def _dtype(layer: nn.Module) -> torch.dtype:
+    return layer.A.dtype if isinstance(layer, LowRankLinear) else layer.weight.dtype
+
+
+class _Budget:
+    """Parameter accounting of rank assignments; None = dense."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], caps: dict[str, int | None],
+                 min_rank: int):
+        self.shapes, self.min_rank = shapes, min_rank
+        self.top = {k: max_useful_rank(m, n) if caps.get(k) is None else caps[k]
+                    for k, (m, n) in shapes.items()}
+        self.can_be_dense = {k: caps.get(k) is None for k in shapes}
+
+    def params(self, name: str, rank: int | None) -> int:
+        m, n = self.shapes[name]
+        return dense_params(m, n) if rank is None else factored_params(m, n, rank)
+
+    def total(self, ranks: dict[str, int | None]) -> int:
+        return sum(self.params(k, r) for k, r in ranks.items())
+
+    def mutate(self, ranks: dict[str, int | None], rng: random.Random, quantum: int,
+               moves: int) -> dict[str, int | None]:
+        """Move about `quantum` parameters from a donor layer to a receiver, `moves` times,
+        then spend any slack on random layers; never exceeds the parent's spend."""
+        child = dict(ranks)
+        names = list(child)
+        slack = 0
+        for _ in range(moves):
+            donor, receiver = rng.sample(names, 2)
+            before = self.params(donor, child[donor])
+            r = self.top[donor] if child[donor] is None else child[donor]
+            m, n = self.shapes[donor]
+            child[donor] = max(self.min_rank, r - max(1, round(quantum / (m + n))))
+            slack += before - self.params(donor, child[donor])
+            slack = self._grow(child, receiver, slack)
+        while True:      # spend what rounding left on layers it still fits
+            fits = [k for k in names if child[k] is not None and child[k] < self.top[k]
+                    and sum(self.shapes[k]) <= slack]
+            if not fits:
+                return child
+            slack = self._grow(child, rng.choice(fits), slack)
+
+    def _grow(self, child, name: str, slack: int) -> int:
+        if child[name] is None:
+            return slack
+        m, n = self.shapes[name]
+        gain = min(slack // (m + n), self.top[name] - child[name])
+        child[name] += gain
+        slack -= gain * (m + n)
+        if child[name] == self.top[name] and self.can_be_dense[name]:
+            extra = dense_params(m, n) - factored_params(m, n, child[name])
+            if extra <= slack:
+                child[name], slack = None, slack - extra
+        return slack
+
+
+def search_ranks(model: nn.Module, layers: dict[str, nn.Module], decompositions,
+                 shapes: dict[str, tuple[int, int]], seed_ranks: dict[str, int | None],
+                 windows: torch.Tensor, reference: list[torch.Tensor], *,
+                 generations: int = 50, offspring: int = 8, survivors: int = 2,
+                 seconds: float | None = None, min_rank: int = 1, batch_size: int = 1,
+                 caps: dict[str, int | None] | None = None, seed: int = 0,
+                 progress: bool = True) -> SearchResult:
+    """Search per-layer ranks around `seed_ranks` (same parameter budget) minimising the KL
+    to the dense model's `reference` log-probabilities (one tensor per batch of
+    `batch_size` windows). `caps`: largest rank per layer (a layer already factorized may
+    not grow back). Stops after `generations` or `seconds`. The model is left as it was."""
+    t0 = time.perf_counter()
+    rng = random.Random(seed)
+    budget = _Budget(shapes, caps or {}, min_rank)
+    candidates = _Candidates(model, layers, decompositions, windows, reference, batch_size)
+    quantum = 8 * sorted(m + n for m, n in shapes.values())[len(shapes) // 2]
+    try:
+        parent = dict(seed_ranks)
+        parent_fitness = seed_fitness = candidates.kl(parent)
+        evaluations, trace, generation = 1, [], 0
+        bar = tqdm(range(generations), desc="rank search", unit="gen", disable=not progress)
+        for generation in bar:
+            if seconds is not None and time.perf_counter() - t0 > seconds:
+                break
+            children = [budget.mutate(parent, rng, quantum, rng.randint(1, 3))
+                        for _ in range(offspring)]
+            cheap = sorted((candidates.kl(c, windows=1), i) for i, c in enumerate(children))
+            evaluations += len(children)
+            for _, i in cheap[:survivors]:
+                fitness = candidates.kl(children[i])
+                evaluations += 1
+                if fitness < parent_fitness:
+                    parent, parent_fitness = children[i], fitness
+            trace.append(parent_fitness)
+            bar.set_postfix(kl=f"{parent_fitness:.4f}")
+        else:
+            generation = generations
+    finally:
+        candidates.restore()
+    result = SearchResult(ranks=parent, fitness=parent_fitness, seed_fitness=seed_fitness,
+                          generations=generation, evaluations=evaluations,
+                          seconds=time.perf_counter() - t0, trace=trace)
+    log.info("rank search: KL %.4f -> %.4f in %d generations (%d evaluations, %.0f s)",
+             seed_fitness, parent_fitness, result.generations, evaluations, result.seconds)
+    return result
