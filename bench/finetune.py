@@ -13,6 +13,7 @@ full-batch proximal gradient (SGD, prox every step, fixed lambda) on the digits 
 objective loss + lambda * nuclear norm, averaged over windows, must not increase.
 
     python bench/finetune.py [--skip-llm] [--skip-vision] [--steps 200] [--out bench/results]
+                             [--methods factors hard svt] [--shrink soft|reweighted]
 """
 from __future__ import annotations
 
@@ -28,11 +29,11 @@ from rankwise.data import (CALIBRATION_TEXT, EVALUATION_TEXT, calibration_window
                            evaluation_windows, read_text, tokenize)
 from rankwise.evaluate import reference_log_probs
 from rankwise.models import load_model, target_linears
-from rankwise.train import METHODS, FinetuneConfig, ImageTask, LanguageTask, finetune
+from rankwise.train import METHODS, SHRINKS, FinetuneConfig, ImageTask, LanguageTask, finetune
 from rankwise.vision import accuracy, build_model, fit, load_images
 
 
-def llm(steps: int, out: Path) -> None:
+def llm(steps: int, out: Path, methods, shrink: str) -> None:
     dense, tokenizer, _ = load_model()
     ids = tokenize(tokenizer, read_text(CALIBRATION_TEXT))
     split = int(ids.numel() * 0.8)
@@ -42,26 +43,27 @@ def llm(steps: int, out: Path) -> None:
     base = evaluate(dense, test, ref, progress=False)
     rows = [("dense", base.perplexity, 0.0, 1.0, sum(l.weight.numel() for l in target_linears(dense).values()), 0.0)]
     print(f"dense: ppl {base.perplexity:.2f}", flush=True)
-    for method in METHODS:
+    for method in methods:
         model = copy.deepcopy(dense)
         config = FinetuneConfig(method=method, ratio=0.5, metric="kfac", steps=steps,
-                                prox_every=10, recovery_steps=steps // 5, lr=1e-4)
+                                prox_every=10, recovery_steps=steps // 5, lr=1e-4, shrink=shrink)
         task = LanguageTask(ids[:split], calib, batch_size=2, seqlen=256, steps=steps, seed=0)
         result = finetune(model, task, config, target_linears(model), progress=False)
         report = evaluate(model, test, ref, progress=False)
-        rows.append((method, report.perplexity, report.kl, report.top1_agreement,
+        label = f"{method}-{shrink}" if method == "svt" else method
+        rows.append((label, report.perplexity, report.kl, report.top1_agreement,
                      result.final_params, result.seconds))
-        plots.training_curves(result.history, result.shapes, out / f"finetune_llm_{method}.png",
-                              f"SmolLM2-135M, {method}, kfac, ratio 0.5")
-        print(f"  {method}: ppl {report.perplexity:.2f}, KL {report.kl:.3f}, params "
+        plots.training_curves(result.history, result.shapes, out / f"finetune_llm_{label}.png",
+                              f"SmolLM2-135M, {label}, kfac, ratio 0.5")
+        print(f"  {label}: ppl {report.perplexity:.2f}, KL {report.kl:.3f}, params "
               f"{result.final_params} (ratio {result.achieved_ratio:.4f}), {result.seconds:.0f} s, "
               f"last train loss {result.history[-1].loss:.3f}", flush=True)
         del model
     print(f"\nSmolLM2-135M-Instruct, ratio 0.5 of the block linears, {steps} steps of 2 x 256 "
           f"tokens, WikiText-2 test {test.shape[0]} x {test.shape[1]}")
-    print(f"{'method':8s} {'test ppl':>9s} {'KL':>7s} {'top-1':>6s} {'params':>10s} {'wall s':>7s}")
+    print(f"{'method':15s} {'test ppl':>9s} {'KL':>7s} {'top-1':>6s} {'params':>10s} {'wall s':>7s}")
     for method, ppl, kl, top1, params, secs in rows:
-        print(f"{method:8s} {ppl:9.2f} {kl:7.3f} {top1:6.3f} {params:10d} {secs:7.0f}")
+        print(f"{method:15s} {ppl:9.2f} {kl:7.3f} {top1:6.3f} {params:10d} {secs:7.0f}")
 
 
 def vision(out: Path) -> None:
@@ -114,6 +116,9 @@ def main():
     p.add_argument("--skip-llm", action="store_true")
     p.add_argument("--skip-vision", action="store_true")
     p.add_argument("--steps", type=int, default=200, help="LLM optimizer steps")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="LLM methods to run")
+    p.add_argument("--shrink", choices=SHRINKS, default="soft", help="svt's shrink rule")
     p.add_argument("--out", default="bench/results", help="folder for the PNGs")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -122,7 +127,7 @@ def main():
         convergence(out)
         vision(out)
     if not args.skip_llm:
-        llm(args.steps, out)
+        llm(args.steps, out, args.methods, args.shrink)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from .config import ALLOCATIONS, CompressConfig, read_yaml
 from .dln import PROBLEMS
 from .errors import RankwiseError
 from .geometry import DEFAULT_DAMPING, METRICS
-from .train import METHODS, OPTIMIZERS, PROX_METRICS
+from .train import METHODS, OPTIMIZERS, PROX_METRICS, SHRINKS
 from .transfer import WIDE_LAYERS
 from .vision import DATASETS
 
@@ -116,6 +116,10 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--lam", type=float, default=None,
                    help="svt: fixed nuclear-norm weight (default: a controller that reaches "
                         "the budget on a cubic schedule)")
+    p.add_argument("--shrink", choices=SHRINKS, default=None,
+                   help="svt: soft (every singular value loses tau; the nuclear norm's prox, "
+                        "default) or reweighted (s - tau^2/s: the same directions vanish, "
+                        "large ones barely move)")
     p.add_argument("--min-rank", type=int, default=None, help="smallest rank of a layer (default 1)")
     p.add_argument("--include", help="regex: only target linear layers whose name matches")
     p.add_argument("--exclude", help="regex: skip linear layers whose name matches")
@@ -123,11 +127,13 @@ def _finetune_parser(sub) -> None:
                    help="windows (lm, default 2) or images (default 128) per step")
     p.add_argument("--seqlen", type=int, default=256, help="lm: tokens per training window (default 256)")
     p.add_argument("--calib-samples", type=int, default=16,
-                   help="lm: calibration windows of 512 tokens from the held-out part (default 16)")
+                   help="lm: calibration windows from the held-out part (default 16)")
+    p.add_argument("--calib-seqlen", type=int, default=512,
+                   help="lm: tokens per calibration and test window (default 512)")
     p.add_argument("--holdout", type=float, default=0.2,
                    help="lm: final fraction of the training text kept for calibration (default 0.2)")
     p.add_argument("--text", help="lm: training text (default: shipped WikiText-2 validation split)")
-    p.add_argument("--eval-windows", type=int, default=40, help="lm: test windows of 512 (default 40)")
+    p.add_argument("--eval-windows", type=int, default=40, help="lm: test windows (default 40)")
     p.add_argument("--pretrain-epochs", type=int, default=15,
                    help="images: epochs training the dense MLP first (default 15)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto (cuda when present)")
@@ -141,9 +147,6 @@ def _finetune_parser(sub) -> None:
 
 
 def _finetune(args) -> None:
-    import json
-    from pathlib import Path
-
     from .plots import training_curves
     from .train import FinetuneConfig, finetune, history_json
 
@@ -187,10 +190,10 @@ def _lm_finetune(args, config, device):
     model, tokenizer, source = load_model(args.model)
     ids = tokenize(tokenizer, text)
     split = int(ids.numel() * (1 - args.holdout))
-    calib = calibration_windows(ids[split:], args.calib_samples, 512, args.seed,
+    calib = calibration_windows(ids[split:], args.calib_samples, args.calib_seqlen, args.seed,
                                 what="the held-out calibration part of the text")
     task = LanguageTask(ids[:split], calib, args.batch_size or 2, args.seqlen, config.steps, args.seed)
-    test = evaluation_windows(tokenize(tokenizer, test_text), 512, args.eval_windows)
+    test = evaluation_windows(tokenize(tokenizer, test_text), args.calib_seqlen, args.eval_windows)
     ref = reference_log_probs(model, test)
     model.to(device)
 

@@ -10,11 +10,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import allocate, geometry, stats
-from .search import SearchResult, search_ranks
 from .config import CompressConfig
 from .errors import RankwiseError
 from .layers import LowRankLinear
 from .models import check_finite, set_module, target_linears
+from .search import SearchResult, search_ranks
 
 log = logging.getLogger(__name__)
 

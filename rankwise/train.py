@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 METHODS = ("factors", "hard", "svt")
 PROX_METRICS = ("svd", "whiten", "kfac")
 OPTIMIZERS = ("adamw", "sgd")
+SHRINKS = ("soft", "reweighted")
 
 
 @dataclass
@@ -70,6 +71,7 @@ class FinetuneConfig:
     optimizer: str = "adamw"
     momentum: float = 0.0
     lam: float | None = None
+    shrink: str = "soft"
     min_rank: int = 1
     damping: float = geometry.DEFAULT_DAMPING
     include: str | None = None
@@ -93,6 +95,8 @@ class FinetuneConfig:
                                 f"got {self.recovery_steps!r}")
         if not self.lr > 0:
             raise RankwiseError(f"learning rate must be positive, got {self.lr}")
+        if self.shrink not in SHRINKS:
+            raise RankwiseError(f"unknown shrink {self.shrink!r}; choose one of {', '.join(SHRINKS)}")
         if self.lam is not None and not self.lam >= 0:
             raise RankwiseError(f"lam must be non-negative, got {self.lam}")
 
@@ -216,6 +220,13 @@ def budget_threshold(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[i
     return float(candidates[lo])
 
 
+def shrink(s: torch.Tensor, tau: float, rule: str = "soft") -> torch.Tensor:
+    """New singular values: soft (s - tau)_+, or reweighted (s - tau^2 / s)_+."""
+    if rule == "soft" or tau == 0:
+        return (s - tau).clamp_min(0)
+    return (s - tau * tau / s.clamp_min(tau)).clamp_min(0)
+
+
 def cubic_schedule(fraction: float) -> float:
     """Share of the total cut made by `fraction` of the proximal phase: fast early, when
     the model has most capacity to spare, slow near the budget (as in gradual pruning)."""
@@ -273,10 +284,7 @@ class _Run:
         return self.model.get_submodule(name)
 
     def trainable(self) -> list[nn.Parameter]:
-        params = []
-        for name in self.names:
-            params += [p for p in self.layer(name).parameters()]
-        return params
+        return [p for name in self.names for p in self.layer(name).parameters()]
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -285,12 +293,7 @@ class _Run:
         return torch.optim.AdamW(self.trainable(), lr=c.lr, weight_decay=0.0)
 
     def current_params(self) -> int:
-        total = 0
-        for name in self.names:
-            layer = self.layer(name)
-            total += factored_params(*self.shapes[name], layer.rank) \
-                if isinstance(layer, LowRankLinear) else dense_params(*self.shapes[name])
-        return total
+        return allocate.kept_params(self.shapes, self.ranks())
 
     def decompositions(self) -> dict[str, geometry.MetricSVD]:
         return {name: geometry.metric_svd(self.layer(name).weight.detach(), *self.roots[name],
@@ -320,7 +323,7 @@ class _Run:
                 tau = c.lr * c.lam * c.prox_every
                 record.lam = c.lam
             record.tau = tau
-            shrunk = {k: (s - tau).clamp_min(0) for k, s in spectra.items()}
+            shrunk = {k: shrink(s, tau, c.shrink) for k, s in spectra.items()}
             new = {k: svds[k].weight(s) for k, s in shrunk.items()}
             kept = {k: max(int((s > 0).sum()), c.min_rank) for k, s in shrunk.items()}
             self.nuclear = sum(float(s.sum()) for s in shrunk.values())

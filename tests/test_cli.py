@@ -113,3 +113,27 @@ def test_dln_transfer_prints_both_networks(capsys):
 def test_dln_bad_option_is_one_sentence(capsys):
     code, _, err = run(capsys, "dln", "recover", "--rank", "0", "--d", "10")
     assert code == 2 and err.startswith("rankwise: error: rank must be")
+
+
+def test_finetune_language_model_saves_a_loadable_model(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "ft"
+    code, text, _ = run(capsys, "finetune", "--model", str(tiny_folder), "--method", "svt",
+                        "--ratio", "0.4", "--steps", "4", "--prox-every", "2",
+                        "--recovery-steps", "1", "--seqlen", "32", "--calib-seqlen", "64",
+                        "--calib-samples", "6", "--eval-windows", "2", "--out", str(out))
+    assert code == 0 and "test perplexity" in text and "removed 0.4" in text
+    model = load(out)
+    assert any(type(m).__name__ == "LowRankLinear" for m in model.modules())
+    assert (out / "training.png").exists() and (out / "history.json").exists()
+
+
+def test_finetune_images_and_bad_options(tmp_path, capsys):
+    code, text, _ = run(capsys, "finetune", "--task", "digits", "--method", "hard",
+                        "--ratio", "0.6", "--steps", "6", "--prox-every", "2",
+                        "--recovery-steps", "2", "--pretrain-epochs", "1", "--out", str(tmp_path))
+    assert code == 0 and "test accuracy" in text
+    code, _, err = run(capsys, "finetune", "--task", "digits", "--ratio", "1.5", "--out", str(tmp_path))
+    assert code == 2 and err.startswith("rankwise: error: ratio must be in (0, 1)")
+    code, _, err = run(capsys, "finetune", "--task", "digits", "--resume", "--pretrain-epochs", "1",
+                       "--steps", "3", "--recovery-steps", "1", "--out", str(tmp_path))
+    assert code == 2 and "no checkpoint to resume from" in err

@@ -191,3 +191,15 @@ def test_metric_roots_cover_both_sides_of_every_layer(tiny, lm_task):
 def test_bad_finetune_options_raise_clear_errors(kwargs, match):
     with pytest.raises(RankwiseError, match=match):
         FinetuneConfig(**kwargs)
+
+
+def test_shrink_rules_zero_the_same_directions_and_reweighted_keeps_large_ones():
+    from rankwise.train import shrink
+    s = torch.tensor([10.0, 4.0, 2.0, 1.0, 0.5])
+    soft, reweighted = shrink(s, 1.0, "soft"), shrink(s, 1.0, "reweighted")
+    torch.testing.assert_close(soft, torch.tensor([9.0, 3.0, 1.0, 0.0, 0.0]))
+    torch.testing.assert_close(reweighted, torch.tensor([9.9, 3.75, 1.5, 0.0, 0.0]))
+    assert torch.equal(soft > 0, reweighted > 0)
+    torch.testing.assert_close(shrink(s, 0.0, "reweighted"), s)
+    with pytest.raises(RankwiseError, match="unknown shrink"):
+        FinetuneConfig(shrink="hard")
