@@ -56,10 +56,12 @@ class FinetuneConfig:
     metric: where projections and proximal steps are taken: svd, whiten or kfac.
     steps: optimizer steps in all (recovery included). prox_every: steps between proximal
     steps / truncations. recovery_steps: final steps that train the exact factors (hard
-    and svt; factors trains factors throughout). lr, optimizer: adamw or sgd (momentum 0.9
-    when momentum is set). lam: fixed nuclear-norm weight for svt (None: the budget
-    controller). min_rank: smallest rank of a factorized layer. include / exclude: regexes
-    narrowing the targeted layers.
+    and svt; factors trains factors throughout). lr; optimizer: adamw or sgd (with
+    `momentum`). lam: fixed nuclear-norm weight for svt (None: the budget controller).
+    shrink: soft (the nuclear norm's prox: every singular value loses tau) or reweighted
+    (sigma -> sigma - tau^2 / sigma above tau: one step of the reweighted nuclear norm,
+    zeroing the same directions while barely moving the large ones). min_rank: smallest
+    rank of a factorized layer. include / exclude: regexes narrowing the targeted layers.
     """
     method: str = "svt"
     ratio: float = 0.5
