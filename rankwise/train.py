@@ -390,9 +390,9 @@ def finetune(model: nn.Module, task, config: FinetuneConfig, layers: dict[str, n
     if resume:
         if checkpoint is None or not Path(checkpoint).exists():
             raise RankwiseError(f"no checkpoint to resume from at {checkpoint}")
-        start = _load_checkpoint(run, checkpoint)
+        start, optimizer_state = _load_checkpoint(run, checkpoint)
         optimizer = run.make_optimizer()
-        optimizer.load_state_dict(torch.load(checkpoint, weights_only=False)["optimizer"])
+        optimizer.load_state_dict(optimizer_state)
     else:
         if config.cut_step == 0:
             run.cut()
@@ -453,7 +453,8 @@ def _save_checkpoint(run: _Run, optimizer, step: int, path) -> None:
     os.replace(tmp, path)
 
 
-def _load_checkpoint(run: _Run, path) -> int:
+def _load_checkpoint(run: _Run, path) -> tuple[int, dict]:
+    """Restore the run from a checkpoint; returns (next step, optimizer state)."""
     state = torch.load(path, weights_only=False)
     saved = {k: v for k, v in state["config"].items() if k in {f.name for f in fields(FinetuneConfig)}}
     if saved != asdict(run.config):
@@ -466,7 +467,7 @@ def _load_checkpoint(run: _Run, path) -> int:
     run.kept_params = state["kept_params"]
     run.roots = {k: tuple(None if r is None else geometry.Root(*r) for r in v)
                  for k, v in state["roots"].items()}
-    return state["step"]
+    return state["step"], state["optimizer"]
 
 
 def history_json(result: FinetuneResult) -> str:
