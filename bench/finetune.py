@@ -14,6 +14,7 @@ objective loss + lambda * nuclear norm, averaged over windows, must not increase
 
     python bench/finetune.py [--skip-llm] [--skip-vision] [--steps 200] [--out bench/results]
                              [--methods factors hard svt] [--shrink soft|reweighted]
+                             [--penalty nuclear|weighted] [--recovery-steps 40]
 """
 from __future__ import annotations
 
@@ -29,11 +30,11 @@ from rankwise.data import (CALIBRATION_TEXT, EVALUATION_TEXT, calibration_window
                            evaluation_windows, read_text, tokenize)
 from rankwise.evaluate import reference_log_probs
 from rankwise.models import load_model, target_linears
-from rankwise.train import METHODS, SHRINKS, FinetuneConfig, ImageTask, LanguageTask, finetune
+from rankwise.train import METHODS, PENALTIES, SHRINKS, FinetuneConfig, ImageTask, LanguageTask, finetune
 from rankwise.vision import accuracy, build_model, fit, load_images
 
 
-def llm(steps: int, out: Path, methods, shrink: str) -> None:
+def llm(steps: int, out: Path, methods, shrink: str, penalty: str, recovery: int | None) -> None:
     dense, tokenizer, _ = load_model()
     ids = tokenize(tokenizer, read_text(CALIBRATION_TEXT))
     split = int(ids.numel() * 0.8)
@@ -46,11 +47,13 @@ def llm(steps: int, out: Path, methods, shrink: str) -> None:
     for method in methods:
         model = copy.deepcopy(dense)
         config = FinetuneConfig(method=method, ratio=0.5, metric="kfac", steps=steps,
-                                prox_every=10, recovery_steps=steps // 5, lr=1e-4, shrink=shrink)
+                                prox_every=10, recovery_steps=recovery or steps // 5, lr=1e-4,
+                                shrink=shrink, penalty=penalty)
         task = LanguageTask(ids[:split], calib, batch_size=2, seqlen=256, steps=steps, seed=0)
         result = finetune(model, task, config, target_linears(model), progress=False)
         report = evaluate(model, test, ref, progress=False)
-        label = f"{method}-{shrink}" if method == "svt" else method
+        label = f"{method}-{shrink}" + ("-weighted" if penalty == "weighted" else "") \
+            if method == "svt" else method
         rows.append((label, report.perplexity, report.kl, report.top1_agreement,
                      result.final_params, result.seconds))
         plots.training_curves(result.history, result.shapes, out / f"finetune_llm_{label}.png",
@@ -119,6 +122,10 @@ def main():
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                    help="LLM methods to run")
     p.add_argument("--shrink", choices=SHRINKS, default="soft", help="svt's shrink rule")
+    p.add_argument("--penalty", choices=PENALTIES, default="nuclear",
+                   help="svt's penalty: nuclear or weighted (per-parameter thresholds)")
+    p.add_argument("--recovery-steps", type=int, default=None,
+                   help="LLM steps on the exact factors after the cut (default steps / 5)")
     p.add_argument("--out", default="bench/results", help="folder for the PNGs")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -127,7 +134,7 @@ def main():
         convergence(out)
         vision(out)
     if not args.skip_llm:
-        llm(args.steps, out, args.methods, args.shrink)
+        llm(args.steps, out, args.methods, args.shrink, args.penalty, args.recovery_steps)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,18 @@ their time is charged to every metric that uses them.
     python bench/quality.py [--metrics svd whiten fisher kfac] [--ratios 0.2 0.4]
                             [--spectrum-ratios 0.2 0.4 0.6] [--steps 4 --steps-ratios 0.2 0.4]
                             [--search-ratios 0.4 --search-seconds 1200]
+                            [--rows spectrum@0.2x4+seq search@0.2x4 ...]
+
+Every kfac row beyond the uniform grid is ALLOCATION@RATIO[xSTEPS][+seq]: allocation
+uniform, spectrum or search, STEPS cuts with re-measured statistics, +seq for the
+sequential (block-by-block) cut. --spectrum-ratios, --steps-ratios and --search-ratios
+are shorthands for spectrum@R, spectrum@RxSTEPS and search@R.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import re
 import time
 
 import torch
@@ -40,6 +47,8 @@ def main():
                         "last 4 calibration windows are its fitness data); none to skip")
     p.add_argument("--search-seconds", type=float, default=1200,
                    help="time limit of each search")
+    p.add_argument("--rows", nargs="*", default=[], type=_row,
+                   help="more kfac rows, each ALLOCATION@RATIO[xSTEPS][+seq]")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--seqlen", type=int, default=512)
@@ -54,42 +63,39 @@ def main():
     ref = reference_log_probs(dense, test)
     dense_report = evaluate(dense, test, ref)
 
+    runs = [(metric, "uniform", ratio, 1, False) for ratio in args.ratios
+            for metric in args.metrics]
+    runs += [("kfac", "spectrum", ratio, 1, False) for ratio in args.spectrum_ratios]
+    runs += [("kfac", "spectrum", ratio, args.steps, False) for ratio in args.steps_ratios]
+    runs += [("kfac", "search", ratio, 1, False) for ratio in args.search_ratios]
+    runs += [("kfac", *row) for row in args.rows]
+
+    # one-shot rows share one statistics pass per kind; the others measure their own
     layers = target_linears(dense)
     collected, stat_seconds = {}, {}
     for kind, gradients in (("forward", None), ("backward", "full")):
-        if not any(_kind(m) == kind for m in args.metrics if m != "svd"):
-            continue
-        t0 = time.perf_counter()
-        collected[kind] = stats.collect(dense, layers, calib.split(4), gradients=gradients)
-        stat_seconds[kind] = time.perf_counter() - t0
-
-    runs = [(metric, "uniform", ratio, 1) for ratio in args.ratios for metric in args.metrics]
-    runs += [("kfac", "spectrum", ratio, 1) for ratio in args.spectrum_ratios]
-    runs += [("kfac", "spectrum", ratio, args.steps) for ratio in args.steps_ratios]
-    runs += [("kfac", "search", ratio, 1) for ratio in args.search_ratios]
-    if args.spectrum_ratios and "backward" not in collected:
-        t0 = time.perf_counter()
-        collected["backward"] = stats.collect(dense, layers, calib.split(4), gradients="full")
-        stat_seconds["backward"] = time.perf_counter() - t0
+        if any(_shares_statistics(run) and _kind(run[0]) == kind for run in runs):
+            t0 = time.perf_counter()
+            collected[kind] = stats.collect(dense, layers, calib.split(4), gradients=gradients)
+            stat_seconds[kind] = time.perf_counter() - t0
     rows = [("dense", "-", "-", dense_report.perplexity, 0.0, 1.0, 0.0, 0.0)]
-    for metric, allocation, ratio, steps in runs:
+    for metric, allocation, ratio, steps, sequential in runs:
         model = copy.deepcopy(dense)
         kind = _kind(metric) if metric != "svd" else None
         config = CompressConfig(metric=metric, ratio=ratio, allocation=allocation, steps=steps,
-                                search_generations=10_000, search_seconds=args.search_seconds)
-        if allocation == "search":
-            summary = compress_(model, config, calib, progress=False)
-            seconds = summary.seconds["total"]
-            print(f"  search: fitness KL {summary.search.seed_fitness:.4f} -> "
-                  f"{summary.search.fitness:.4f} in {summary.search.generations} generations",
-                  flush=True)
-        elif steps == 1:
+                                sequential=sequential, search_generations=10_000,
+                                search_seconds=args.search_seconds)
+        if _shares_statistics((metric, allocation, ratio, steps, sequential)):
             summary = compress_(model, config, precomputed=collected.get(kind), progress=False)
             seconds = summary.seconds["projection"] + stat_seconds.get(kind, 0.0)
         else:
             summary = compress_(model, config, calib, progress=False)
             seconds = summary.seconds["total"]
-            allocation = f"{allocation}x{steps}"
+        if summary.search is not None:
+            print(f"  search: fitness KL {summary.search.seed_fitness:.4f} -> "
+                  f"{summary.search.fitness:.4f} in {summary.search.generations} generations",
+                  flush=True)
+        allocation += (f"x{steps}" if steps > 1 else "") + ("+seq" if sequential else "")
         report = evaluate(model, test, ref, progress=False)
         rows.append((metric, allocation, f"{summary.achieved_ratio:.3f}", report.perplexity,
                      report.kl, report.top1_agreement, seconds, summary.seconds["projection"]))
@@ -99,11 +105,25 @@ def main():
     print(f"\nSmolLM2-135M-Instruct, WikiText-2 test {test.shape[0]} x {test.shape[1]} tokens, "
           f"calibration {calib.shape[0]} x {calib.shape[1]} (seed 0), torch threads "
           f"{torch.get_num_threads()}")
-    print(f"{'metric':8s} {'allocation':12s} {'ratio':>6s} {'ppl':>12s} {'KL':>8s} {'top-1':>7s} "
+    print(f"{'metric':8s} {'allocation':16s} {'ratio':>6s} {'ppl':>12s} {'KL':>8s} {'top-1':>7s} "
           f"{'compress s':>11s} {'(project s)':>11s}")
     for metric, alloc, ratio, ppl, kl, top1, secs, proj in rows:
-        print(f"{metric:8s} {alloc:12s} {ratio:>6s} {ppl:12.2f} {kl:8.4f} {top1:7.4f} "
+        print(f"{metric:8s} {alloc:16s} {ratio:>6s} {ppl:12.2f} {kl:8.4f} {top1:7.4f} "
               f"{secs:11.1f} {proj:11.1f}")
+
+
+def _row(spec: str) -> tuple[str, float, int, bool]:
+    match = re.fullmatch(r"(uniform|spectrum|search)@([0-9.]+)(?:x(\d+))?(\+seq)?", spec)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"bad row {spec!r}; expected ALLOCATION@RATIO[xSTEPS][+seq], "
+                                         f"e.g. spectrum@0.2x4+seq")
+    allocation, ratio, steps, sequential = match.groups()
+    return allocation, float(ratio), int(steps or 1), sequential is not None
+
+
+def _shares_statistics(run) -> bool:
+    metric, allocation, _, steps, sequential = run
+    return metric != "svd" and allocation != "search" and steps == 1 and not sequential
 
 
 def _kind(metric: str) -> str:

@@ -11,7 +11,7 @@ from .config import ALLOCATIONS, CompressConfig, read_yaml
 from .dln import PROBLEMS
 from .errors import RankwiseError
 from .geometry import DEFAULT_DAMPING, METRICS
-from .train import METHODS, OPTIMIZERS, PROX_METRICS, SHRINKS
+from .train import METHODS, OPTIMIZERS, PENALTIES, PROX_METRICS, SHRINKS
 from .transfer import WIDE_LAYERS
 from .vision import DATASETS
 
@@ -51,6 +51,9 @@ def _compress_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="reach the ratio in this many stages, re-collecting statistics on the "
                         "partly compressed model before each (default 1: one cut)")
+    p.add_argument("--sequential", action="store_true", default=None,
+                   help="cut block by block, each block's input statistics re-measured on the "
+                        "outputs of the blocks already cut (whiten, kfac)")
     p.add_argument("--include", help="regex: only target linear layers whose name matches")
     p.add_argument("--exclude", help="regex: skip linear layers whose name matches")
     p.add_argument("--damping", type=float, default=None,
@@ -120,6 +123,10 @@ def _finetune_parser(sub) -> None:
                    help="svt: soft (every singular value loses tau; the nuclear norm's prox, "
                         "default) or reweighted (s - tau^2/s: the same directions vanish, "
                         "large ones barely move)")
+    p.add_argument("--penalty", choices=PENALTIES, default=None,
+                   help="svt: nuclear (one threshold for every layer, default) or weighted "
+                        "(layer thresholds scaled by sqrt(m+n): directions go in order of "
+                        "metric loss per parameter, as in the final cut)")
     p.add_argument("--min-rank", type=int, default=None, help="smallest rank of a layer (default 1)")
     p.add_argument("--include", help="regex: only target linear layers whose name matches")
     p.add_argument("--exclude", help="regex: skip linear layers whose name matches")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import allocate, geometry, stats
+from . import allocate, geometry, sequential, stats
 from .config import CompressConfig
 from .errors import RankwiseError
 from .layers import LowRankLinear
@@ -44,12 +44,14 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
     of calib (e.g. to try several ratios; one-step compression only). With
     `config.steps = k` the ratio is reached in k stages, the statistics re-collected on the
     partly compressed model before each, so every layer is projected with the inputs and
-    output gradients it will really see. Returns a Summary with the per-layer ranks and the
+    output gradients it will really see. With `config.sequential` each cut goes block by
+    block, every block's input statistics re-measured on the outputs of the blocks already
+    cut (see rankwise.sequential). Returns a Summary with the per-layer ranks and the
     achieved ratio.
     """
-    if precomputed is not None and config.steps > 1:
+    if precomputed is not None and (config.steps > 1 or config.sequential):
         raise ValueError("precomputed statistics describe the dense model; they cannot be "
-                         "reused across the stages of a multi-step compression")
+                         "reused across the stages of a multi-step or sequential compression")
     t0 = time.perf_counter()
     layers = target_linears(model, config.include, config.exclude)
     check_finite(model)
@@ -118,14 +120,13 @@ def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progre
 
     shared_roots = geometry.SharedRoots()
     decompositions = {}
-    for name in tqdm(list(layers), desc=f"decomposing ({config.metric})", unit="layer",
+    # a sequential uniform cut needs no whole-model projections, only its own
+    wanted = [] if config.sequential and config.allocation == "uniform" else list(layers)
+    for name in tqdm(wanted, desc=f"decomposing ({config.metric})", unit="layer",
                      disable=not progress):
         s = layer_stats.get(name)
-        metric_stats = geometry.metric_statistics(
-            config.metric, shapes[name], **(s.matrices() if s else {}))
-        decompositions[name] = geometry.decompose(layers[name].weight.detach(),
-                                                  damping=config.damping, root=shared_roots,
-                                                  **metric_stats)
+        decompositions[name] = _decompose(layers[name], shapes[name], config,
+                                          s.matrices() if s else {}, shared_roots)
     searched = None
     if config.allocation in ("spectrum", "search"):
         ranks = allocate.spectrum_ranks(
@@ -142,14 +143,37 @@ def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progre
                                 caps=caps, seed=seed, progress=progress)
         ranks = searched.ranks
 
-    predicted = 0.0
-    for name, rank in ranks.items():
-        layer = layers[name]
-        current = layer.rank if isinstance(layer, LowRankLinear) else None
-        if rank is None or (current is not None and rank >= current):
-            continue
-        B, A = decompositions[name].factors(rank)
-        dtype = layer.A.dtype if current is not None else layer.weight.dtype
-        set_module(model, name, LowRankLinear.from_linear(layer, A.to(dtype), B.to(dtype)))
-        predicted += decompositions[name].dropped_loss(rank)
+    if config.sequential:
+        def cut(name, matrices, roots):
+            if not _cuts(layers[name], ranks[name]):
+                return 0.0
+            return _swap(model, name, layers[name], ranks[name],
+                         _decompose(layers[name], shapes[name], config, matrices, roots))
+        t1 = time.perf_counter()
+        predicted = sequential.cut_blocks(model, layers, cut, layer_stats,
+                                          calib.split(batch_size), config.damping)
+        log.info("sequential cut: inputs re-measured block by block in %.1f s",
+                 time.perf_counter() - t1)
+    else:
+        predicted = sum(_swap(model, name, layers[name], rank, decompositions[name])
+                        for name, rank in ranks.items() if _cuts(layers[name], rank))
     return tokens, t_stats, predicted, searched
+
+
+def _decompose(layer, shape, config, matrices, roots) -> geometry.Decomposition:
+    metric_stats = geometry.metric_statistics(config.metric, shape, **matrices)
+    return geometry.decompose(layer.weight.detach(), damping=config.damping, root=roots,
+                              **metric_stats)
+
+
+def _cuts(layer, rank: int | None) -> bool:
+    """A layer is cut when given a rank, and only ever further."""
+    return rank is not None and not (isinstance(layer, LowRankLinear) and rank >= layer.rank)
+
+
+def _swap(model, name, layer, rank, decomposition) -> float:
+    """Put the rank-`rank` factors in place of `layer`; the predicted loss of the cut."""
+    B, A = decomposition.factors(rank)
+    dtype = layer.A.dtype if isinstance(layer, LowRankLinear) else layer.weight.dtype
+    set_module(model, name, LowRankLinear.from_linear(layer, A.to(dtype), B.to(dtype)))
+    return decomposition.dropped_loss(rank)

@@ -26,6 +26,8 @@ class CompressConfig:
     min_rank: smallest rank the spectrum allocation may give a layer.
     steps: reach the ratio in this many stages, re-measuring statistics on the partly
         compressed model before each (1 = one-shot).
+    sequential: cut block by block, each block's input statistics re-measured on the
+        outputs of the blocks already cut (whiten and kfac, which use the inputs).
     rank_pattern: explicit {regex: rank} overrides (peft-style), matched on layer names.
     damping: relative eigenvalue damping of the covariances (times their mean eigenvalue).
     """
@@ -36,6 +38,7 @@ class CompressConfig:
     allocation: str = "uniform"
     min_rank: int = 1
     steps: int = 1
+    sequential: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     damping: float = DEFAULT_DAMPING
     search_generations: int = 50
@@ -58,6 +61,11 @@ class CompressConfig:
                                 f"choose one of {', '.join(ALLOCATIONS)}")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise RankwiseError(f"steps must be a positive integer, got {self.steps!r}")
+        if not isinstance(self.sequential, bool):
+            raise RankwiseError(f"sequential must be true or false, got {self.sequential!r}")
+        if self.sequential and not self.needs_inputs:
+            raise RankwiseError(f"sequential mode re-measures the layers' inputs, which metric "
+                                f"{self.metric!r} does not use; use whiten or kfac")
         if not isinstance(self.min_rank, int) or self.min_rank < 1:
             raise RankwiseError(f"min_rank must be a positive integer, got {self.min_rank!r}")
         for name in ("search_generations", "search_windows", "search_offspring"):

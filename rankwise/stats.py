@@ -96,7 +96,7 @@ class _Accumulator:
         handles = [layer.register_forward_pre_hook(hook(n)) for n, layer in self.layers.items()]
         try:
             with torch.no_grad():
-                forward(model, batch[:1])
+                forward(model, batch[:1] if torch.is_tensor(batch) else batch)
         finally:
             for h in handles:
                 h.remove()

@@ -47,6 +47,7 @@ METHODS = ("factors", "hard", "svt")
 PROX_METRICS = ("svd", "whiten", "kfac")
 OPTIMIZERS = ("adamw", "sgd")
 SHRINKS = ("soft", "reweighted")
+PENALTIES = ("nuclear", "weighted")
 
 
 @dataclass
@@ -60,7 +61,11 @@ class FinetuneConfig:
     `momentum`). lam: fixed nuclear-norm weight for svt (None: the budget controller).
     shrink: soft (the nuclear norm's prox: every singular value loses tau) or reweighted
     (sigma -> sigma - tau^2 / sigma above tau: one step of the reweighted nuclear norm,
-    zeroing the same directions while barely moving the large ones). min_rank: smallest
+    zeroing the same directions while barely moving the large ones). penalty: nuclear
+    (lambda * sum of every layer's nuclear norm) or weighted (layer l's nuclear norm
+    weighted by sqrt(m_l + n_l), the parameters one of its directions costs, over the
+    mean: the prox then drops directions in order of metric loss per parameter, the
+    order of the final cut's global allocation). min_rank: smallest
     rank of a factorized layer. include / exclude: regexes narrowing the targeted layers.
     """
     method: str = "svt"
@@ -74,6 +79,7 @@ class FinetuneConfig:
     momentum: float = 0.0
     lam: float | None = None
     shrink: str = "soft"
+    penalty: str = "nuclear"
     min_rank: int = 1
     damping: float = geometry.DEFAULT_DAMPING
     include: str | None = None
@@ -99,6 +105,8 @@ class FinetuneConfig:
             raise RankwiseError(f"learning rate must be positive, got {self.lr}")
         if self.shrink not in SHRINKS:
             raise RankwiseError(f"unknown shrink {self.shrink!r}; choose one of {', '.join(SHRINKS)}")
+        if self.penalty not in PENALTIES:
+            raise RankwiseError(f"unknown penalty {self.penalty!r}; choose one of {', '.join(PENALTIES)}")
         if self.lam is not None and not self.lam >= 0:
             raise RankwiseError(f"lam must be non-negative, got {self.lam}")
 
@@ -229,6 +237,16 @@ def shrink(s: torch.Tensor, tau: float, rule: str = "soft") -> torch.Tensor:
     return (s - tau * tau / s.clamp_min(tau)).clamp_min(0)
 
 
+def penalty_weights(shapes: dict[str, tuple[int, int]], penalty: str) -> dict[str, float]:
+    """Per-layer weights of the nuclear norms: 1, or sqrt(m + n) over its mean (weighted).
+    A direction of singular value s costs about s^2 / 2 of metric loss and frees m + n
+    parameters, so thresholding s / sqrt(m + n) drops the least loss per parameter first."""
+    if penalty == "nuclear":
+        return {k: 1.0 for k in shapes}
+    mean = sum(m + n for m, n in shapes.values()) / len(shapes)
+    return {k: math.sqrt((m + n) / mean) for k, (m, n) in shapes.items()}
+
+
 def cubic_schedule(fraction: float) -> float:
     """Share of the total cut made by `fraction` of the proximal phase: fast early, when
     the model has most capacity to spare, slow near the budget (as in gradual pruning)."""
@@ -279,8 +297,10 @@ class _Run:
         self.roots, self.collected = metric_roots(model, layers, task, config, progress) \
             if measure else ({}, {})
         self.prox_steps = max(config.cut_step // config.prox_every, 1)
+        self.weights = penalty_weights(self.shapes, config.penalty)
         if measure and config.method == "svt" and config.lam is not None:
-            self.nuclear = sum(float(d.S.sum()) for d in self.decompositions().values())
+            self.nuclear = sum(self.weights[k] * float(d.S.sum())
+                               for k, d in self.decompositions().items())
 
     def layer(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
@@ -316,19 +336,21 @@ class _Run:
                 s[r:] = 0
                 new[k] = svds[k].weight(s)
         else:
+            # layer k's threshold is tau * weights[k]: threshold the scaled spectra by tau
+            scaled = {k: s / self.weights[k] for k, s in spectra.items()}
             if c.lam is None:
                 k = (step + 1) // c.prox_every
                 target = self.dense - (self.dense - self.budget) * cubic_schedule(k / self.prox_steps)
-                tau = budget_threshold(spectra, self.shapes, target, c.min_rank)
+                tau = budget_threshold(scaled, self.shapes, target, c.min_rank)
                 record.lam = tau / (c.lr * c.prox_every)
             else:
                 tau = c.lr * c.lam * c.prox_every
                 record.lam = c.lam
             record.tau = tau
-            shrunk = {k: shrink(s, tau, c.shrink) for k, s in spectra.items()}
+            shrunk = {k: shrink(s, tau, c.shrink) * self.weights[k] for k, s in scaled.items()}
             new = {k: svds[k].weight(s) for k, s in shrunk.items()}
             kept = {k: max(int((s > 0).sum()), c.min_rank) for k, s in shrunk.items()}
-            self.nuclear = sum(float(s.sum()) for s in shrunk.values())
+            self.nuclear = sum(self.weights[k] * float(s.sum()) for k, s in shrunk.items())
         with torch.no_grad():
             for name, W in new.items():
                 self.layer(name).weight.copy_(W)

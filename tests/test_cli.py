@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -28,6 +30,15 @@ def test_compress_then_eval_end_to_end(tiny_folder, tmp_path, capsys):
     assert "model.layers.0.self_attn.q_proj" in text
 
 
+def test_sequential_multi_step_compression_is_recorded(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, _ = run(capsys, *compress_args(tiny_folder, out, "--ratio", "0.4", "--allocation",
+                                            "spectrum", "--steps", "2", "--sequential"))
+    manifest = json.loads((out / "rankwise.json").read_text())
+    assert code == 0 and manifest["config"]["sequential"] and manifest["config"]["steps"] == 2
+    assert load(out) is not None
+
+
 def test_recipe_file_is_read_and_command_line_wins(tiny_folder, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("metric: whiten\nratio: 0.5\ncalib-samples: 4\nseqlen: 32\n")
@@ -43,6 +54,7 @@ def test_recipe_file_is_read_and_command_line_wins(tiny_folder, tmp_path, capsys
     (["--include", "no-such-layer"], "no linear layers match"),
     (["--calib-text", "/no/such/file.txt"], "text file not found"),
     (["--seqlen", "1000000000"], "shorter than one window"),
+    (["--metric", "svd", "--sequential"], "sequential mode re-measures the layers' inputs"),
 ])
 def test_bad_input_is_one_sentence_and_leaves_no_output(tiny_folder, tmp_path, capsys, extra, message):
     out = tmp_path / "out"

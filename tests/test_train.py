@@ -187,6 +187,7 @@ def test_metric_roots_cover_both_sides_of_every_layer(tiny, lm_task):
     ({"lr": 0.0}, "learning rate"),
     ({"lam": -1.0}, "lam"),
     ({"optimizer": "lbfgs"}, "optimizer"),
+    ({"penalty": "l1"}, "unknown penalty"),
 ])
 def test_bad_finetune_options_raise_clear_errors(kwargs, match):
     with pytest.raises(RankwiseError, match=match):
@@ -203,3 +204,26 @@ def test_shrink_rules_zero_the_same_directions_and_reweighted_keeps_large_ones()
     torch.testing.assert_close(shrink(s, 0.0, "reweighted"), s)
     with pytest.raises(RankwiseError, match="unknown shrink"):
         FinetuneConfig(shrink="hard")
+
+
+def test_weighted_penalty_thresholds_each_layer_by_its_parameter_cost():
+    from rankwise.train import StepRecord, _Run, penalty_weights
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.Linear(20, 6))
+    layers = {"0": model[0], "1": model[1]}
+    before = {k: torch.linalg.svdvals(l.weight.detach().double()) for k, l in layers.items()}
+    config = FinetuneConfig(method="svt", metric="svd", steps=10, prox_every=1, lr=0.01,
+                            lam=20.0, penalty="weighted", recovery_steps=0)
+    run = _Run(model, None, config, layers, progress=False)
+    run.prox(0, StepRecord(step=0, loss=0.0, params=0))
+    weights = penalty_weights(run.shapes, "weighted")
+    assert weights["0"] / weights["1"] == pytest.approx(((30 + 20) / (20 + 6)) ** 0.5)
+    tau = 0.01 * 20.0
+    nuclear = 0.0
+    for k, layer in layers.items():
+        expected = (before[k] - tau * weights[k]).clamp_min(0)
+        after = torch.linalg.svdvals(layer.weight.detach().double())
+        torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
+        nuclear += weights[k] * float(expected.sum())
+    assert run.nuclear == pytest.approx(nuclear, rel=1e-5)
+    assert penalty_weights(run.shapes, "nuclear") == {"0": 1.0, "1": 1.0}
