@@ -58,9 +58,14 @@ def llm(steps: int, out: Path, methods, shrink: str, penalty: str, recovery: int
                      result.final_params, result.seconds))
         plots.training_curves(result.history, result.shapes, out / f"finetune_llm_{label}.png",
                               f"SmolLM2-135M, {label}, kfac, ratio 0.5")
+        proxes = [r for r in result.history if r.prox_loss is not None]
+        removed = sum(r.prox_loss for r in proxes)
+        shrunk = sum(r.shrink_loss for r in proxes)
         print(f"  {label}: ppl {report.perplexity:.2f}, KL {report.kl:.3f}, params "
               f"{result.final_params} (ratio {result.achieved_ratio:.4f}), {result.seconds:.0f} s, "
-              f"last train loss {result.history[-1].loss:.3f}", flush=True)
+              f"last train loss {result.history[-1].loss:.3f}; {len(proxes)} proxes, their "
+              f"predicted loss {removed:.4g} ({100 * shrunk / max(removed, 1e-30):.0f}% from "
+              f"shrinking kept directions)", flush=True)
         del model
     print(f"\nSmolLM2-135M-Instruct, ratio 0.5 of the block linears, {steps} steps of 2 x 256 "
           f"tokens, WikiText-2 test {test.shape[0]} x {test.shape[1]}")

@@ -263,6 +263,10 @@ class StepRecord:
     lam: float | None = None
     tau: float | None = None
     objective: float | None = None    # loss + lam * nuclear norm (fixed-lambda svt)
+    # what a prox / truncation removed, 1/2 ||change||^2 in the metric (the predicted loss
+    # rise, in the statistics' units), and the part of it spent shrinking kept directions
+    prox_loss: float | None = None
+    shrink_loss: float | None = None
     ranks: dict[str, int] | None = None
 
 
@@ -330,11 +334,8 @@ class _Run:
             ranks = allocate.spectrum_ranks(self.shapes, {k: s.square() for k, s in spectra.items()},
                                             c.ratio, c.min_rank)
             kept = {k: r or len(spectra[k]) for k, r in ranks.items()}
-            new = {}
-            for k, r in kept.items():
-                s = spectra[k].clone()
-                s[r:] = 0
-                new[k] = svds[k].weight(s)
+            new = {k: torch.where(torch.arange(len(s)) < kept[k], s, torch.zeros_like(s))
+                   for k, s in spectra.items()}
         else:
             # layer k's threshold is tau * weights[k]: threshold the scaled spectra by tau
             scaled = {k: s / self.weights[k] for k, s in spectra.items()}
@@ -347,13 +348,15 @@ class _Run:
                 tau = c.lr * c.lam * c.prox_every
                 record.lam = c.lam
             record.tau = tau
-            shrunk = {k: shrink(s, tau, c.shrink) * self.weights[k] for k, s in scaled.items()}
-            new = {k: svds[k].weight(s) for k, s in shrunk.items()}
-            kept = {k: max(int((s > 0).sum()), c.min_rank) for k, s in shrunk.items()}
-            self.nuclear = sum(self.weights[k] * float(s.sum()) for k, s in shrunk.items())
+            new = {k: shrink(s, tau, c.shrink) * self.weights[k] for k, s in scaled.items()}
+            kept = {k: max(int((s > 0).sum()), c.min_rank) for k, s in new.items()}
+            self.nuclear = sum(self.weights[k] * float(s.sum()) for k, s in new.items())
         with torch.no_grad():
-            for name, W in new.items():
-                self.layer(name).weight.copy_(W)
+            for name, s in new.items():
+                self.layer(name).weight.copy_(svds[name].weight(s))
+        change = {k: (spectra[k] - s).double().square() for k, s in new.items()}
+        record.prox_loss = 0.5 * sum(float(d.sum()) for d in change.values())
+        record.shrink_loss = 0.5 * sum(float(d[new[k] > 0].sum()) for k, d in change.items())
         record.ranks = kept
         record.params = self.kept_params = sum(_layer_params(self.shapes[k], r) for k, r in kept.items())
 

@@ -89,6 +89,10 @@ def test_final_model_meets_the_budget_exactly(tiny, lm_task, method):
     assert actual == result.final_params
     assert any(isinstance(l, LowRankLinear) for l in layers.values())
     assert [r.step for r in result.history] == list(range(8))
+    proxes = [r for r in result.history if r.prox_loss is not None]
+    assert len(proxes) == (0 if method == "factors" else 3)
+    # a truncation only drops directions; a soft threshold also shrinks the kept ones
+    assert all((r.shrink_loss == 0) == (method == "hard") for r in proxes)
 
 
 def test_svt_with_zero_lambda_is_plain_training(tiny, lm_task):
@@ -215,15 +219,21 @@ def test_weighted_penalty_thresholds_each_layer_by_its_parameter_cost():
     config = FinetuneConfig(method="svt", metric="svd", steps=10, prox_every=1, lr=0.01,
                             lam=20.0, penalty="weighted", recovery_steps=0)
     run = _Run(model, None, config, layers, progress=False)
-    run.prox(0, StepRecord(step=0, loss=0.0, params=0))
+    record = StepRecord(step=0, loss=0.0, params=0)
+    run.prox(0, record)
     weights = penalty_weights(run.shapes, "weighted")
     assert weights["0"] / weights["1"] == pytest.approx(((30 + 20) / (20 + 6)) ** 0.5)
     tau = 0.01 * 20.0
-    nuclear = 0.0
+    nuclear = shrink_loss = prox_loss = 0.0
     for k, layer in layers.items():
         expected = (before[k] - tau * weights[k]).clamp_min(0)
         after = torch.linalg.svdvals(layer.weight.detach().double())
         torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
         nuclear += weights[k] * float(expected.sum())
+        shrink_loss += 0.5 * (tau * weights[k]) ** 2 * int((expected > 0).sum())
+        prox_loss += 0.5 * float((before[k] - expected).square().sum())
     assert run.nuclear == pytest.approx(nuclear, rel=1e-5)
+    # the prox's predicted loss: kept directions lose tau * weight each, the others vanish
+    assert record.shrink_loss == pytest.approx(shrink_loss, rel=1e-4)
+    assert record.prox_loss == pytest.approx(prox_loss, rel=1e-4) and prox_loss > shrink_loss > 0
     assert penalty_weights(run.shapes, "nuclear") == {"0": 1.0, "1": 1.0}
