@@ -29,6 +29,18 @@ def test_save_load_gives_identical_logits(saved, calib):
     assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
 
 
+def test_a_per_layer_rank_pattern_round_trips(tmp_path, calib):
+    model = structured_tiny("llama")
+    summary = compress_(model, CompressConfig(metric="kfac", ratio=0.5, allocation="spectrum"),
+                        calib, progress=False)
+    assert len({r for r in summary.ranks.values()}) > 2     # uneven, some layers dense
+    loaded = load(save(model, tmp_path / "out"))
+    assert {n: m.rank for n, m in loaded.named_modules() if isinstance(m, LowRankLinear)} == \
+        {n: r for n, r in summary.ranks.items() if r is not None}
+    with torch.no_grad():
+        assert torch.equal(model(calib).logits, loaded(calib).logits)
+
+
 def test_loaded_model_works_with_transformers_calls(saved, calib):
     loaded = load(saved[1])
     out = loaded(calib[:2], labels=calib[:2])
