@@ -43,10 +43,14 @@ def main():
     p.add_argument("--steps-ratios", nargs="*", type=float, default=[0.2, 0.4],
                    help="ratios for the multi-step rows; none to skip")
     p.add_argument("--search-ratios", nargs="*", type=float, default=[0.4],
-                   help="ratios for kfac with allocation=search (seeded from spectrum; the "
-                        "last 4 calibration windows are its fitness data); none to skip")
+                   help="ratios for kfac with allocation=search (seeded from spectrum; "
+                        "--search-windows more calibration windows are its fitness data); "
+                        "none to skip")
     p.add_argument("--search-seconds", type=float, default=1200,
                    help="time limit of each search")
+    p.add_argument("--search-windows", type=int, default=4,
+                   help="calibration windows, beyond --calib-samples, that the search scores "
+                        "candidates on")
     p.add_argument("--rows", nargs="*", default=[], type=_row,
                    help="more kfac rows, each ALLOCATION@RATIO[xSTEPS][+seq]")
     p.add_argument("--calib-samples", type=int, default=32)
@@ -56,8 +60,11 @@ def main():
     torch.manual_seed(0)
 
     dense, tokenizer, _ = load_model()
-    calib = calibration_windows(tokenize(tokenizer, read_text(CALIBRATION_TEXT)),
-                                args.calib_samples, args.seqlen, seed=0)
+    # search rows get --search-windows more windows as fitness data, so their statistics
+    # come from the very windows every other row uses (the first ones of one seeded draw)
+    with_fitness = calibration_windows(tokenize(tokenizer, read_text(CALIBRATION_TEXT)),
+                                       args.calib_samples + args.search_windows, args.seqlen, seed=0)
+    calib = with_fitness[:args.calib_samples]
     test = evaluation_windows(tokenize(tokenizer, read_text(EVALUATION_TEXT)), args.seqlen,
                               args.windows)
     ref = reference_log_probs(dense, test)
@@ -84,12 +91,14 @@ def main():
         kind = _kind(metric) if metric != "svd" else None
         config = CompressConfig(metric=metric, ratio=ratio, allocation=allocation, steps=steps,
                                 sequential=sequential, search_generations=10_000,
-                                search_seconds=args.search_seconds)
+                                search_seconds=args.search_seconds,
+                                search_windows=args.search_windows)
         if _shares_statistics((metric, allocation, ratio, steps, sequential)):
             summary = compress_(model, config, precomputed=collected.get(kind), progress=False)
             seconds = summary.seconds["projection"] + stat_seconds.get(kind, 0.0)
         else:
-            summary = compress_(model, config, calib, progress=False)
+            summary = compress_(model, config, with_fitness if allocation == "search" else calib,
+                                progress=False)
             seconds = summary.seconds["total"]
         if summary.search is not None:
             print(f"  search: fitness KL {summary.search.seed_fitness:.4f} -> "
