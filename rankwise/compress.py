@@ -151,7 +151,7 @@ def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progre
                          _decompose(layers[name], shapes[name], config, matrices, roots))
         t1 = time.perf_counter()
         predicted = sequential.cut_blocks(model, layers, cut, layer_stats,
-                                          calib.split(batch_size), config.damping)
+                                          calib.split(batch_size))
         log.info("sequential cut: inputs re-measured block by block in %.1f s",
                  time.perf_counter() - t1)
     else:

@@ -63,7 +63,7 @@ def advance(block: nn.Module, calls: list[tuple[tuple, dict]]) -> list[tuple[tup
 
 
 def cut_blocks(model: nn.Module, layers: dict[str, nn.Module], cut, layer_stats,
-               batches, damping: float) -> float:
+               batches) -> float:
     """Cut every block of `model` in order. `cut(name, matrices, roots)` projects one layer
     with the statistics `matrices` (roots: a geometry.SharedRoots for the block), swaps it
     in and returns the predicted loss of what it dropped. `layer_stats` holds the
