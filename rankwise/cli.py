@@ -121,8 +121,9 @@ def _finetune_parser(sub) -> None:
                         "the budget on a cubic schedule)")
     p.add_argument("--shrink", choices=SHRINKS, default=None,
                    help="svt: soft (every singular value loses tau; the nuclear norm's prox, "
-                        "default) or reweighted (s - tau^2/s: the same directions vanish, "
-                        "large ones barely move)")
+                        "default), reweighted (s - tau^2/s: the same directions vanish, "
+                        "large ones barely move) or firm (0 up to tau, 2(s - tau) up to 2 tau, "
+                        "s above: the minimax concave penalty's prox)")
     p.add_argument("--penalty", choices=PENALTIES, default=None,
                    help="svt: nuclear (one threshold for every layer, default) or weighted "
                         "(layer thresholds scaled by sqrt(m+n): directions go in order of "

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 METHODS = ("factors", "hard", "svt")
 PROX_METRICS = ("svd", "whiten", "kfac")
 OPTIMIZERS = ("adamw", "sgd")
-SHRINKS = ("soft", "reweighted")
+SHRINKS = ("soft", "reweighted", "firm")
 PENALTIES = ("nuclear", "weighted")
 
 
@@ -61,7 +61,9 @@ class FinetuneConfig:
     `momentum`). lam: fixed nuclear-norm weight for svt (None: the budget controller).
     shrink: soft (the nuclear norm's prox: every singular value loses tau) or reweighted
     (sigma -> sigma - tau^2 / sigma above tau: one step of the reweighted nuclear norm,
-    zeroing the same directions while barely moving the large ones). penalty: nuclear
+    zeroing the same directions while barely moving the large ones) or firm (the prox of
+    the minimax concave penalty: zero up to tau, 2 (sigma - tau) up to 2 tau, unchanged
+    above). penalty: nuclear
     (lambda * sum of every layer's nuclear norm) or weighted (layer l's nuclear norm
     weighted by sqrt(m_l + n_l), the parameters one of its directions costs, over the
     mean: the prox then drops directions in order of metric loss per parameter, the
@@ -231,9 +233,13 @@ def budget_threshold(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[i
 
 
 def shrink(s: torch.Tensor, tau: float, rule: str = "soft") -> torch.Tensor:
-    """New singular values: soft (s - tau)_+, or reweighted (s - tau^2 / s)_+."""
+    """New singular values: soft (s - tau)_+, reweighted (s - tau^2 / s)_+, or firm
+    (0 up to tau, 2 (s - tau) up to 2 tau, s above: the prox of the minimax concave
+    penalty with gamma = 2, which leaves every direction above 2 tau unbiased)."""
     if rule == "soft" or tau == 0:
         return (s - tau).clamp_min(0)
+    if rule == "firm":
+        return torch.where(s > 2 * tau, s, 2 * (s - tau).clamp_min(0))
     return (s - tau * tau / s.clamp_min(tau)).clamp_min(0)
 
 

@@ -206,6 +206,17 @@ def test_shrink_rules_zero_the_same_directions_and_reweighted_keeps_large_ones()
     torch.testing.assert_close(reweighted, torch.tensor([9.9, 3.75, 1.5, 0.0, 0.0]))
     assert torch.equal(soft > 0, reweighted > 0)
     torch.testing.assert_close(shrink(s, 0.0, "reweighted"), s)
+    s = torch.tensor([10.0, 2.0, 1.5, 1.0, 0.5])
+    firm = shrink(s, 1.0, "firm")                # continuous at tau and at 2 tau
+    torch.testing.assert_close(firm, torch.tensor([10.0, 2.0, 1.0, 0.0, 0.0]))
+    t = torch.linspace(0, 3, 301)                # the prox of the MCP penalty (gamma 2)
+
+    def mcp(x):
+        return torch.where(x <= 2, x - x * x / 4, torch.ones_like(x))
+    for x in (0.7, 1.2, 1.8, 2.5):
+        objective = 0.5 * (t - x) ** 2 + mcp(t)
+        assert float(shrink(torch.tensor([x]), 1.0, "firm")) == pytest.approx(
+            float(t[objective.argmin()]), abs=0.011)
     with pytest.raises(RankwiseError, match="unknown shrink"):
         FinetuneConfig(shrink="hard")
 
