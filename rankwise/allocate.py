@@ -85,7 +85,7 @@ class _options:
         self.m, self.n = m, n
         self.top = max_useful_rank(m, n)
         self.min_rank = min(max(min_rank, 1), self.top) if self.top >= 1 else None
-        s = spectrum.to(torch.float64).clamp_min(0)
+        s = spectrum.detach().to("cpu", torch.float64).clamp_min(0)   # cheap; no GPU syncs
         tail = s.flip(0).cumsum(0).flip(0)                     # tail[r] = sum_{i >= r} s_i
         self.loss = torch.cat([tail, torch.zeros(1, dtype=torch.float64)])   # loss[r]
         self.ranks = torch.arange(self.loss.numel(), dtype=torch.float64)

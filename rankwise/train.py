@@ -340,7 +340,7 @@ class _Run:
             ranks = allocate.spectrum_ranks(self.shapes, {k: s.square() for k, s in spectra.items()},
                                             c.ratio, c.min_rank)
             kept = {k: r or len(spectra[k]) for k, r in ranks.items()}
-            new = {k: torch.where(torch.arange(len(s)) < kept[k], s, torch.zeros_like(s))
+            new = {k: torch.where(torch.arange(len(s), device=s.device) < kept[k], s, torch.zeros_like(s))
                    for k, s in spectra.items()}
         else:
             # layer k's threshold is tau * weights[k]: threshold the scaled spectra by tau
