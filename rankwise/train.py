@@ -6,10 +6,11 @@
            ranks a global allocation gives at the final budget (Trained Rank Pruning);
   svt      proximal gradient with a nuclear-norm penalty: every `prox_every` steps
            soft-threshold every weight's singular values by tau = lr * lambda * prox_every
-           (iterative singular value thresholding). lambda is either fixed (the textbook
-           algorithm, which converges for a small enough step) or set at every proximal
-           step by a controller so that the kept parameters follow a cubic schedule from
-           dense to the budget.
+           (iterative singular value thresholding; `shrink` and `penalty` offer less
+           biased variants). lambda is either fixed (the textbook algorithm, which
+           converges for a small enough step) or set at every proximal step by a
+           controller so that the kept parameters follow a cubic schedule from dense to
+           the budget.
 
 The proximal step and the truncations work in a metric (svd: Euclidean; whiten: input
 covariance C; kfac: G on the output side and C on the input side), i.e. on the singular
@@ -63,12 +64,11 @@ class FinetuneConfig:
     (sigma -> sigma - tau^2 / sigma above tau: one step of the reweighted nuclear norm,
     zeroing the same directions while barely moving the large ones) or firm (the prox of
     the minimax concave penalty: zero up to tau, 2 (sigma - tau) up to 2 tau, unchanged
-    above). penalty: nuclear
-    (lambda * sum of every layer's nuclear norm) or weighted (layer l's nuclear norm
-    weighted by sqrt(m_l + n_l), the parameters one of its directions costs, over the
-    mean: the prox then drops directions in order of metric loss per parameter, the
-    order of the final cut's global allocation). min_rank: smallest
-    rank of a factorized layer. include / exclude: regexes narrowing the targeted layers.
+    above). penalty: nuclear (lambda * sum of every layer's nuclear norm) or weighted
+    (layer l's nuclear norm weighted by sqrt(m_l + n_l), the parameters one of its
+    directions costs, over the mean: the prox then drops directions in order of metric
+    loss per parameter, the order of the final cut's global allocation). min_rank:
+    smallest rank of a factorized layer. include / exclude: regexes narrowing the targeted layers.
     """
     method: str = "svt"
     ratio: float = 0.5
