@@ -46,6 +46,9 @@ def block_inputs(model: nn.Module, batches, forward=stats.lm_logits) -> list[tup
     if len(caught) != len(batches):
         raise RankwiseError("the model never called its first block; sequential mode needs "
                             "a model that runs its blocks in order")
+    if not all(args and torch.is_tensor(args[0]) for args, _ in caught):
+        raise RankwiseError("sequential mode needs blocks called with the hidden states as "
+                            "their first positional argument")
     return caught
 
 
@@ -69,11 +72,14 @@ def cut_blocks(model: nn.Module, layers: dict[str, nn.Module], cut, layer_stats,
     in and returns the predicted loss of what it dropped. `layer_stats` holds the
     whole-model statistics whose gradient side is kept. Returns the summed predicted loss."""
     prefix, blocks = find_blocks(model)
+    targets = {index: [name for name in layers
+                       if name.startswith(f"{prefix}.{index}." if prefix else f"{index}.")]
+               for index in range(len(blocks))}
+    last = max((index for index, names in targets.items() if names), default=-1)
     calls = block_inputs(model, list(batches))
     predicted = 0.0
-    for index, block in enumerate(blocks):
-        start = f"{prefix}.{index}." if prefix else f"{index}."
-        names = [name for name in layers if name.startswith(start)]
+    for index, block in enumerate(blocks[:last + 1]):
+        names = targets[index]
         if names:
             fresh = stats.collect(block, {n: layers[n] for n in names}, calls, inputs=True,
                                   gradients=None, progress=False, forward=run_block)

@@ -78,3 +78,10 @@ def test_sequential_needs_a_metric_that_uses_inputs_and_calibration(tiny, calib)
     with pytest.raises(ValueError, match="sequential"):
         compress_(tiny, CompressConfig(metric="kfac", sequential=True), progress=False,
                   precomputed={"x": None})
+
+
+def test_targets_in_the_first_block_only_are_cut_as_one_shot(tiny, calib):
+    kw = dict(metric="kfac", ratio=0.4, include=r"layers\.0\.")
+    one_shot, _ = compressed(tiny, calib, **kw)
+    seq, _ = compressed(tiny, calib, sequential=True, **kw)
+    assert torch.equal(logits(one_shot, calib), logits(seq, calib))
