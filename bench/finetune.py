@@ -49,8 +49,8 @@ def llm(steps: int, out: Path, methods, shrinks, penalty: str, recovery: int | N
     for method, shrink in runs:
         model = copy.deepcopy(dense).to(device)
         config = FinetuneConfig(method=method, ratio=0.5, metric="kfac", steps=steps,
-                                prox_every=10, recovery_steps=steps // 5 if recovery is None else recovery, lr=1e-4,
-                                shrink=shrink, penalty=penalty)
+                                prox_every=10, lr=1e-4, shrink=shrink, penalty=penalty,
+                                recovery_steps=steps // 5 if recovery is None else recovery)
         task = LanguageTask(ids[:split], calib, batch_size=2, seqlen=256, steps=steps, seed=0)
         result = finetune(model, task, config, target_linears(model), progress=False)
         report = evaluate(model.cpu(), test, ref, progress=False)
