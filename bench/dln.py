@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from rankwise import dln, plots
-from rankwise.transfer import run_transfer
-from rankwise.vision import load_images
+from rankwise.lab import dln, plots
+from rankwise.lab.transfer import run_transfer
+from rankwise.lab.vision import load_images
 
 DTYPE = torch.float32
 

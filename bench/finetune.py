@@ -30,8 +30,10 @@ from rankwise.data import (CALIBRATION_TEXT, EVALUATION_TEXT, calibration_window
                            evaluation_windows, read_text, tokenize)
 from rankwise.evaluate import reference_log_probs
 from rankwise.models import load_model, target_linears
-from rankwise.train import METHODS, PENALTIES, SHRINKS, FinetuneConfig, ImageTask, LanguageTask, finetune
-from rankwise.vision import accuracy, build_model, fit, load_images
+from rankwise.geometry import SHRINKS
+from rankwise.lab.image_finetune import ImageTask
+from rankwise.lab.vision import accuracy, build_model, fit, load_images
+from rankwise.train import METHODS, PENALTIES, FinetuneConfig, LanguageTask, finetune
 
 
 def llm(steps: int, out: Path, methods, shrinks, penalty: str, recovery: int | None,

@@ -25,6 +25,7 @@ import time
 import torch
 
 from rankwise import CompressConfig, compress_, evaluate, stats
+from rankwise.metrics import METRICS
 from rankwise.data import (CALIBRATION_TEXT, EVALUATION_TEXT, calibration_windows,
                            evaluation_windows, read_text, tokenize)
 from rankwise.evaluate import reference_log_probs
@@ -80,15 +81,14 @@ def main():
     # one-shot rows share one statistics pass per kind; the others measure their own
     layers = target_linears(dense)
     collected, stat_seconds = {}, {}
-    for kind, gradients in (("forward", None), ("backward", "full")):
-        if any(_shares_statistics(run) and _kind(run[0]) == kind for run in runs):
-            t0 = time.perf_counter()
-            collected[kind] = stats.collect(dense, layers, calib.split(4), gradients=gradients)
-            stat_seconds[kind] = time.perf_counter() - t0
+    for gradients in dict.fromkeys(_pass(run[0]) for run in runs if _shares_statistics(run)):
+        t0 = time.perf_counter()
+        collected[gradients] = stats.collect(dense, layers, calib.split(4), gradients=gradients)
+        stat_seconds[gradients] = time.perf_counter() - t0
     rows = [("dense", "-", "-", dense_report.perplexity, 0.0, 1.0, 0.0, 0.0)]
     for metric, allocation, ratio, steps, sequential in runs:
         model = copy.deepcopy(dense)
-        kind = _kind(metric) if metric != "svd" else None
+        kind = _pass(metric)
         config = CompressConfig(metric=metric, ratio=ratio, allocation=allocation, steps=steps,
                                 sequential=sequential, search_generations=10_000,
                                 search_seconds=args.search_seconds,
@@ -130,13 +130,16 @@ def _row(spec: str) -> tuple[str, float, int, bool]:
     return allocation, float(ratio), int(steps or 1), sequential is not None
 
 
+def _pass(metric: str) -> str | None:
+    """The statistics pass a metric's row shares: forward only, or forward + backward (one
+    full-gradient pass serves fisher's diagonal too)."""
+    return "full" if METRICS[metric].gradients else None
+
+
 def _shares_statistics(run) -> bool:
     metric, allocation, _, steps, sequential = run
-    return metric != "svd" and allocation != "search" and steps == 1 and not sequential
-
-
-def _kind(metric: str) -> str:
-    return "forward" if metric == "whiten" else "backward"
+    return METRICS[metric].needs_calibration and allocation != "search" and steps == 1 \
+        and not sequential
 
 
 if __name__ == "__main__":

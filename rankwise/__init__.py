@@ -2,11 +2,16 @@
 __version__ = "0.1.0"
 
 from .compress import Summary, compress_
-from .config import CompressConfig
+from .config import CalibrationConfig, CompressConfig
+from .entrypoints import (CompressJob, EvalConfig, compress_model, evaluate_model,
+                          finetune_model)
 from .errors import RankwiseError
 from .evaluate import evaluate, measure_speed
 from .io import load, save
 from .layers import LowRankLinear
+from .train import FinetuneConfig, FinetuneRun
 
-__all__ = ["CompressConfig", "LowRankLinear", "RankwiseError", "Summary", "compress_",
-           "evaluate", "load", "measure_speed", "save", "__version__"]
+__all__ = ["CalibrationConfig", "CompressConfig", "CompressJob", "EvalConfig", "FinetuneConfig",
+           "FinetuneRun", "LowRankLinear", "RankwiseError", "Summary", "compress_",
+           "compress_model", "evaluate", "evaluate_model", "finetune_model", "load",
+           "measure_speed", "save", "__version__"]

@@ -2,11 +2,40 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 
 from .errors import RankwiseError
-from .layers import dense_params, factored_params, max_useful_rank
+from .layers import dense_params, max_useful_rank, params_at
+
+
+@dataclass(frozen=True)
+class Allocation:
+    name: str
+    uses_spectra: bool     # needs every layer's decomposition before choosing
+    searched: bool         # refined by the evolutionary search against the dense model
+    help: str
+
+
+ALLOCATIONS = {a.name: a for a in (
+    Allocation("uniform", False, False, "every layer loses the same fraction of its parameters"),
+    Allocation("spectrum", True, False,
+               "one global budget spent where the metric's spectra predict the least loss "
+               "per parameter; some layers may stay dense"),
+    Allocation("search", True, True,
+               "evolutionary search seeded from spectrum, fitness = KL to the dense model on "
+               "held-out calibration windows"),
+)}
+
+
+def choose_ranks(allocation: str, shapes: dict[str, tuple[int, int]],
+                 spectra: dict[str, torch.Tensor], ratio: float,
+                 min_rank: int = 1) -> dict[str, int | None]:
+    """The ranks an allocation gives before any search (search starts from spectrum)."""
+    if ALLOCATIONS[allocation].uses_spectra:
+        return spectrum_ranks(shapes, spectra, ratio, min_rank)
+    return uniform_ranks(shapes, ratio)
 
 
 def uniform_ranks(shapes: dict[str, tuple[int, int]], ratio: float) -> dict[str, int | None]:
@@ -34,8 +63,7 @@ def apply_rank_pattern(ranks: dict[str, int | None], shapes: dict[str, tuple[int
 
 
 def kept_params(shapes: dict[str, tuple[int, int]], ranks: dict[str, int | None]) -> int:
-    return sum(dense_params(m, n) if ranks.get(k) is None else factored_params(m, n, ranks[k])
-               for k, (m, n) in shapes.items())
+    return sum(params_at(shape, ranks.get(k)) for k, shape in shapes.items())
 
 
 def achieved_ratio(shapes: dict[str, tuple[int, int]], ranks: dict[str, int | None]) -> float:
@@ -55,7 +83,7 @@ def spectrum_ranks(shapes: dict[str, tuple[int, int]], spectra: dict[str, torch.
     same units for every layer (unnormalised statistics over the same tokens).
     """
     budget = (1 - ratio) * sum(dense_params(m, n) for m, n in shapes.values())
-    options = {name: _options(shapes[name], spectra[name], min_rank) for name in shapes}
+    options = {name: _LayerOptions(shapes[name], spectra[name], min_rank) for name in shapes}
 
     def choose(lam: float) -> dict[str, int | None]:
         return {name: opt.best(lam) for name, opt in options.items()}
@@ -77,7 +105,7 @@ def spectrum_ranks(shapes: dict[str, tuple[int, int]], spectra: dict[str, torch.
     return _fill(ranks, options, budget - spend(ranks))
 
 
-class _options:
+class _LayerOptions:
     """Loss and parameters of every choice for one layer (index r = rank; None = dense)."""
 
     def __init__(self, shape: tuple[int, int], spectrum: torch.Tensor, min_rank: int):
@@ -91,7 +119,7 @@ class _options:
         self.ranks = torch.arange(self.loss.numel(), dtype=torch.float64)
 
     def params(self, r: int | None) -> int:
-        return dense_params(self.m, self.n) if r is None else factored_params(self.m, self.n, r)
+        return params_at((self.m, self.n), r)
 
     def best(self, lam: float) -> int | None:
         if self.min_rank is None:
@@ -102,7 +130,7 @@ class _options:
         return None if lam * self.m * self.n <= float(cost[i]) else lo + i
 
 
-def _fill(ranks: dict[str, int | None], options: dict[str, _options],
+def _fill(ranks: dict[str, int | None], options: dict[str, _LayerOptions],
           leftover: float) -> dict[str, int | None]:
     """Spend leftover parameters one rank at a time on the best loss drop per parameter."""
     ranks = dict(ranks)

@@ -4,16 +4,20 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import allocate, geometry, sequential, stats
+from . import allocate, geometry, metrics, stats
+from .allocate import ALLOCATIONS
 from .config import CompressConfig
 from .errors import RankwiseError
-from .layers import LowRankLinear
-from .models import check_finite, set_module, target_linears
+from .evaluate import reference_log_probs
+from .layers import LowRankLinear, ranks_of, set_module
+from .models import check_finite, target_linears
+from .pipeline import sequential
 from .search import SearchResult, search_ranks
 
 log = logging.getLogger(__name__)
@@ -36,28 +40,30 @@ class Summary:
 
 def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None = None,
               batch_size: int = 4, seed: int = 0, progress: bool = True,
-              precomputed: dict[str, stats.LayerStats] | None = None) -> Summary:
+              precomputed: dict[str, stats.LayerStats] | None = None,
+              filter_fn: Callable[[nn.Module, str], bool] | None = None) -> Summary:
     """Replace the targeted linear layers of `model` in place by low-rank factors.
 
     calib: LongTensor (num_windows, seqlen) of calibration token ids; needed by every metric
     but `svd`. precomputed: statistics from `stats.collect` on this model, reused instead
-    of calib (e.g. to try several ratios; one-step compression only). With
-    `config.steps = k` the ratio is reached in k stages, the statistics re-collected on the
-    partly compressed model before each, so every layer is projected with the inputs and
-    output gradients it will really see. With `config.sequential` each cut goes block by
-    block, every block's input statistics re-measured on the outputs of the blocks already
-    cut (see rankwise.sequential). Returns a Summary with the per-layer ranks and the
+    of calib (e.g. to try several ratios; one-step compression only). filter_fn(module,
+    name): narrows the targets beyond config.include / exclude. With `config.steps = k` the
+    ratio is reached in k stages, the statistics re-collected on the partly compressed
+    model before each, so every layer is projected with the inputs and output gradients it
+    will really see. With `config.sequential` each cut goes block by block, every block's
+    input statistics re-measured on the outputs of the blocks already cut
+    (rankwise.pipeline.sequential). Returns a Summary with the per-layer ranks and the
     achieved ratio.
     """
     if precomputed is not None and (config.steps > 1 or config.sequential):
         raise ValueError("precomputed statistics describe the dense model; they cannot be "
                          "reused across the stages of a multi-step or sequential compression")
     t0 = time.perf_counter()
-    layers = target_linears(model, config.include, config.exclude)
+    layers = target_linears(model, config.include, config.exclude, filter_fn)
     check_finite(model)
     shapes = {name: (l.out_features, l.in_features) for name, l in layers.items()}
     fitness = None
-    if config.allocation == "search":
+    if ALLOCATIONS[config.allocation].searched:
         calib, fitness = _hold_out(model, calib, config.search_windows, progress)
     tokens, t_stats, predicted, searched = 0, 0.0, 0.0, None
     for stage in range(1, config.steps + 1):
@@ -69,7 +75,7 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
         layers = {name: model.get_submodule(name) for name in layers}
     t_total = time.perf_counter() - t0
 
-    ranks = {name: l.rank if isinstance(l, LowRankLinear) else None for name, l in layers.items()}
+    ranks = ranks_of(model, layers)
     summary = Summary(metric=config.metric, requested_ratio=config.ratio,
                       achieved_ratio=allocate.achieved_ratio(shapes, ranks), ranks=ranks,
                       shapes=shapes, dense_params=sum(m * n for m, n in shapes.values()),
@@ -85,7 +91,6 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
 def _hold_out(model, calib, windows: int, progress: bool):
     """Split the last `windows` calibration windows off as the search's fitness data, with
     the dense model's log-probabilities on them (before anything is cut)."""
-    from .evaluate import reference_log_probs
     if calib is None or calib.shape[0] <= windows:
         raise RankwiseError(f"allocation 'search' holds out {windows} calibration windows for "
                             f"its fitness and needs more than that "
@@ -95,45 +100,49 @@ def _hold_out(model, calib, windows: int, progress: bool):
                                                         progress=progress))
 
 
+def _measure(model, layers, shapes, metric, calib, batch_size, seed, progress, precomputed):
+    """(statistics, tokens) of the model as it is now, or the precomputed ones."""
+    if precomputed or not metric.needs_calibration:
+        tokens = next(iter(precomputed.values())).tokens if precomputed else 0
+        return precomputed or {}, tokens
+    if calib is None or calib.numel() == 0:
+        raise RankwiseError(f"metric {metric.name!r} needs calibration data")
+    layer_stats = stats.collect(model, layers, calib.split(batch_size), inputs=metric.inputs,
+                                gradients=metric.gradients, seed=seed, progress=progress)
+    widest = max(max(shape) for shape in shapes.values())
+    if metric.inputs and calib.numel() < 2 * widest:
+        log.warning("only %d calibration tokens for layers up to %d wide: the covariances are "
+                    "rank-deficient and %s projections degrade badly; use more windows",
+                    calib.numel(), widest, metric.name)
+    return layer_stats, calib.numel()
+
+
 def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progress,
            precomputed, fitness=None) -> tuple[int, float, float, SearchResult | None]:
     """One cut to `ratio` (of the dense targeted parameters): statistics on the model as it
     is now, decompositions, allocation (searched when `fitness` data is given), module
     swap. Returns (tokens, statistics seconds, predicted loss, search result). A layer
     already factorized is only ever cut further."""
+    metric, allocation = metrics.get(config.metric), ALLOCATIONS[config.allocation]
     t0 = time.perf_counter()
-    layer_stats: dict[str, stats.LayerStats] = precomputed or {}
-    tokens = next(iter(layer_stats.values())).tokens if layer_stats else 0
-    if config.metric != "svd" and not layer_stats:
-        if calib is None or calib.numel() == 0:
-            raise RankwiseError(f"metric {config.metric!r} needs calibration data")
-        layer_stats = stats.collect(model, layers, calib.split(batch_size),
-                                    inputs=config.needs_inputs, gradients=config.gradients,
-                                    seed=seed, progress=progress)
-        tokens = calib.numel()
-    widest = max(max(shape) for shape in shapes.values())
-    if config.metric in ("whiten", "kfac") and tokens < 2 * widest:
-        log.warning("only %d calibration tokens for layers up to %d wide: the covariances are "
-                    "rank-deficient and %s projections degrade badly; use more windows",
-                    tokens, widest, config.metric)
+    layer_stats, tokens = _measure(model, layers, shapes, metric, calib, batch_size, seed,
+                                   progress, precomputed)
     t_stats = time.perf_counter() - t0
 
     shared_roots = geometry.SharedRoots()
-    decompositions = {}
-    # a sequential uniform cut needs no whole-model projections, only its own
-    wanted = [] if config.sequential and config.allocation == "uniform" else list(layers)
-    for name in tqdm(wanted, desc=f"decomposing ({config.metric})", unit="layer",
-                     disable=not progress):
-        s = layer_stats.get(name)
-        decompositions[name] = _decompose(layers[name], shapes[name], config,
-                                          s.matrices() if s else {}, shared_roots)
-    searched = None
-    if config.allocation in ("spectrum", "search"):
-        ranks = allocate.spectrum_ranks(
-            shapes, {k: d.spectrum for k, d in decompositions.items()}, ratio, config.min_rank)
-    else:
-        ranks = allocate.uniform_ranks(shapes, ratio)
+    # a sequential cut projects with its own statistics; whole-model projections are only
+    # needed when the allocation reads their spectra
+    wanted = list(layers) if allocation.uses_spectra or not config.sequential else []
+    decompositions = {
+        name: _decompose(layers[name], metric, config.damping,
+                         layer_stats[name].matrices() if name in layer_stats else {}, shared_roots)
+        for name in tqdm(wanted, desc=f"decomposing ({metric.name})", unit="layer",
+                         disable=not progress)}
+    ranks = allocate.choose_ranks(config.allocation, shapes,
+                                  {k: d.spectrum for k, d in decompositions.items()}, ratio,
+                                  config.min_rank)
     ranks = allocate.apply_rank_pattern(ranks, shapes, config.rank_pattern)
+    searched = None
     if fitness is not None:
         caps = {k: l.rank for k, l in layers.items() if isinstance(l, LowRankLinear)}
         searched = search_ranks(model, layers, decompositions, shapes, ranks, *fitness,
@@ -143,15 +152,17 @@ def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progre
                                 caps=caps, seed=seed, progress=progress)
         ranks = searched.ranks
 
+    predicted = 0.0
     if config.sequential:
-        def cut(name, matrices, roots):
-            if not _cuts(layers[name], ranks[name]):
-                return 0.0
-            return _swap(model, name, layers[name], ranks[name],
-                         _decompose(layers[name], shapes[name], config, matrices, roots))
         t1 = time.perf_counter()
-        predicted = sequential.cut_blocks(model, layers, cut, layer_stats,
-                                          calib.split(batch_size))
+        for names, fresh in sequential.measured_blocks(model, layers, calib.split(batch_size)):
+            block_roots = geometry.SharedRoots()
+            for name in (n for n in names if _cuts(layers[n], ranks[n])):
+                matrices = {**layer_stats[name].matrices(),
+                            **{k: getattr(fresh[name], k) for k in sequential.INPUT_SIDE}}
+                predicted += _swap(model, name, layers[name], ranks[name],
+                                   _decompose(layers[name], metric, config.damping, matrices,
+                                              block_roots))
         log.info("sequential cut: inputs re-measured block by block in %.1f s",
                  time.perf_counter() - t1)
     else:
@@ -160,10 +171,11 @@ def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progre
     return tokens, t_stats, predicted, searched
 
 
-def _decompose(layer, shape, config, matrices, roots) -> geometry.Decomposition:
-    metric_stats = geometry.metric_statistics(config.metric, shape, **matrices)
-    return geometry.decompose(layer.weight.detach(), damping=config.damping, root=roots,
-                              **metric_stats)
+def _decompose(layer, metric: metrics.Metric, damping: float, matrices: dict,
+               roots) -> geometry.Decomposition:
+    shape = (layer.out_features, layer.in_features)
+    return geometry.decompose(layer.weight.detach(), damping=damping, root=roots,
+                              **metric.statistics(shape, **matrices))
 
 
 def _cuts(layer, rank: int | None) -> bool:

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-METRICS = ("svd", "whiten", "fisher", "kfac")
 DEFAULT_DAMPING = 1e-6
 
 
@@ -191,43 +190,6 @@ def metric_error(W: torch.Tensor, W_approx: torch.Tensor, left: torch.Tensor | N
     return float((_weigh(left, D) * _weigh(right, D.T).T).sum())
 
 
-def metric_statistics(metric: str, shape: tuple[int, int], *,
-                      input_cov=None, output_cov=None, grad_cov=None, input_grad_cov=None,
-                      grad_diag=None) -> dict[str, torch.Tensor | None]:
-    """Keyword arguments of `project` for one of METRICS from a layer's statistics:
-    C = input_cov, W C W^T = output_cov, G = grad_cov, W^T G W = input_grad_cov,
-    diag(G) = grad_diag. Only what the layer's smaller side needs must be present."""
-    small_left = shape[0] <= shape[1]
-    if metric == "svd":
-        return {}
-    if metric == "whiten":
-        if input_cov is None and not (small_left and output_cov is not None):
-            raise ValueError("metric 'whiten' needs the layer's input covariance")
-        return {"right": input_cov, "right_image": output_cov}
-    if metric == "fisher":
-        diag = grad_diag if grad_diag is not None else \
-            (grad_cov.diagonal() if grad_cov is not None else None)
-        return {"left": _need(diag, metric, "diagonal Fisher")}
-    if metric == "kfac":
-        if small_left:
-            _need(grad_cov, metric, "output-gradient covariance")
-            if input_cov is None and output_cov is None:
-                raise ValueError("metric 'kfac' needs the layer's input or output covariance")
-        else:
-            _need(input_cov, metric, "input covariance")
-            if grad_cov is None and input_grad_cov is None:
-                raise ValueError("metric 'kfac' needs the layer's gradient covariance")
-        return {"left": grad_cov, "right": input_cov, "left_image": input_grad_cov,
-                "right_image": output_cov}
-    raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-
-
-def _need(t: torch.Tensor | None, metric: str, what: str) -> torch.Tensor:
-    if t is None:
-        raise ValueError(f"metric {metric!r} needs the layer's {what}")
-    return t
-
-
 @dataclass
 class MetricSVD:
     """The full SVD of M = L^{1/2} W R^{1/2}: W's singular directions in a two-sided
@@ -270,11 +232,38 @@ def metric_svd(W: torch.Tensor, left: Root | None = None, right: Root | None = N
     return MetricSVD(U, S, Vh, left, right)
 
 
+def _soft(s: torch.Tensor, tau: float) -> torch.Tensor:
+    """(s - tau)_+: the nuclear norm's prox; every kept direction loses tau."""
+    return (s - tau).clamp_min(0)
+
+
+def _reweighted(s: torch.Tensor, tau: float) -> torch.Tensor:
+    """(s - tau^2 / s)_+: one step of the reweighted nuclear norm; zeroes the same
+    directions as soft, leaves the large ones nearly untouched."""
+    return (s - tau * tau / s.clamp_min(tau)).clamp_min(0) if tau else s.clone()
+
+
+def _firm(s: torch.Tensor, tau: float) -> torch.Tensor:
+    """0 up to tau, 2 (s - tau) up to 2 tau, s above: the prox of the minimax concave
+    penalty with gamma = 2, unbiased for every direction above 2 tau."""
+    return torch.where(s > 2 * tau, s, 2 * (s - tau).clamp_min(0)) if tau else s.clone()
+
+
+SHRINKS = {"soft": _soft, "reweighted": _reweighted, "firm": _firm}
+
+
+def shrink(s: torch.Tensor, tau: float, rule: str = "soft") -> torch.Tensor:
+    """New singular values after thresholding `s` at `tau` by one of SHRINKS."""
+    return SHRINKS[rule](s, tau)
+
+
 def singular_value_threshold(W: torch.Tensor, tau: float, left: Root | None = None,
-                             right: Root | None = None,
-                             dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The proximal operator of tau * ||L^{1/2} X R^{1/2}||_* in the metric's own norm:
-    argmin_X 1/2 ||L^{1/2} (X - W) R^{1/2}||_F^2 + tau ||L^{1/2} X R^{1/2}||_*, i.e. soft-
-    thresholding of W's singular values in the metric (plain SVT when both are None)."""
+                             right: Root | None = None, dtype: torch.dtype = torch.float64,
+                             rule: str = "soft") -> torch.Tensor:
+    """The proximal step on W's singular values in the metric's own norm. With the soft
+    rule this is the prox of tau * ||L^{1/2} X R^{1/2}||_*:
+    argmin_X 1/2 ||L^{1/2} (X - W) R^{1/2}||_F^2 + tau ||L^{1/2} X R^{1/2}||_*
+    (plain SVT when both roots are None); the other rules are the proxes of less biased
+    penalties. Fine-tuning takes exactly this step (metric_svd, shrink, weight)."""
     d = metric_svd(W, left, right, dtype)
-    return d.weight((d.S - tau).clamp_min(0)).to(W.dtype)
+    return d.weight(shrink(d.S, tau, rule)).to(W.dtype)

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .errors import RankwiseError
-from .layers import LowRankLinear
-from .models import check_finite, set_module
+from .layers import LowRankLinear, ranks_of, set_module
+from .models import check_finite, load_model, model_path
 
 MANIFEST = "rankwise.json"
 WEIGHTS = "model.safetensors"
@@ -37,12 +37,9 @@ def save(model: nn.Module, folder: str | os.PathLike, manifest: dict | None = No
     An existing rankwise output (or empty folder) at `folder` is replaced."""
     from safetensors.torch import save_model
 
-    folder = Path(folder)
-    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir())
-                                                     or (folder / MANIFEST).exists())):
-        raise RankwiseError(f"refusing to overwrite {folder}: it exists and is not a rankwise output")
-    ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    record = {"format": FORMAT, **(manifest or {}), "ranks": ranks, "versions": _versions()}
+    folder = check_output_folder(folder)
+    record = {"format": FORMAT, **(manifest or {}), "ranks": ranks_of(model),
+              "versions": _versions()}
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -65,6 +62,42 @@ def save(model: nn.Module, folder: str | os.PathLike, manifest: dict | None = No
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def check_output_folder(folder: str | os.PathLike) -> Path:
+    """Refuse, before any slow work, an output path that cannot become a rankwise output:
+    an existing file or foreign folder, or a place that cannot be created or written."""
+    folder = Path(folder)
+    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir())
+                                                     or (folder / MANIFEST).exists())):
+        raise RankwiseError(f"refusing to overwrite {folder}: it exists and is not a rankwise output")
+    parent = folder.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RankwiseError(f"cannot create {folder}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RankwiseError(f"cannot create {folder}: {parent} is not writable")
+    return folder
+
+
+def is_output(path: str | os.PathLike | None) -> bool:
+    return path is not None and (Path(path) / MANIFEST).is_file()
+
+
+def open_model(spec: str | os.PathLike | None = None):
+    """(model, tokenizer, source, manifest) from a rankwise output folder (manifest: its
+    rankwise.json) or anything models.load_model takes (manifest None)."""
+    if not is_output(spec):
+        return (*load_model(spec), None)
+    from transformers import AutoTokenizer
+    folder = model_path(spec)
+    model, manifest = load(folder), read_manifest(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise RankwiseError(f"no usable tokenizer in {folder}") from e
+    return model, tokenizer, str(folder), manifest
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:

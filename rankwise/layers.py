@@ -1,4 +1,5 @@
-"""LowRankLinear: a linear map stored as two thin factors, y = B (A x) + bias."""
+"""LowRankLinear (a linear map stored as two thin factors, y = B (A x) + bias), the
+parameter count of a layer at any rank, and swapping modules in a model."""
 from __future__ import annotations
 
 import torch
@@ -17,6 +18,14 @@ def factored_params(out_features: int, in_features: int, rank: int) -> int:
 def max_useful_rank(out_features: int, in_features: int) -> int:
     """Largest rank whose factors are strictly smaller than the dense weight."""
     return (out_features * in_features - 1) // (out_features + in_features)
+
+
+def params_at(shape: tuple[int, int], rank: int | None) -> int:
+    """Parameters of an m x n layer at `rank`; None, or a rank that saves nothing, is dense."""
+    m, n = shape
+    if rank is None or rank > max_useful_rank(m, n):
+        return dense_params(m, n)
+    return factored_params(m, n, rank)
 
 
 class LowRankLinear(nn.Module):
@@ -76,38 +85,17 @@ class LowRankLinear(nn.Module):
                 f"rank={self.rank}, bias={self.bias is not None}")
 
 
-class DeepLowRankLinear(nn.Module):
-    """A linear map stored as a chain of thin factors, y = B M_k ... M_1 A x + bias: the
-    compressed deep linear block (C-DLN) that replaces a wide layer of a nonlinear net.
-    `first` (A, rank x in), `middle` (rank x rank each) and `last` (B, out x rank) are kept
-    apart so the outer factors can learn on their own timescale."""
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` in place of the submodule called `name`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
 
-    def __init__(self, A: torch.Tensor, middle: list[torch.Tensor], B: torch.Tensor,
-                 bias: torch.Tensor | None = None):
-        super().__init__()
-        rank = A.shape[0]
-        if B.shape[1] != rank or any(M.shape != (rank, rank) for M in middle):
-            raise ValueError(f"factor shapes do not chain: A {tuple(A.shape)}, middle "
-                             f"{[tuple(M.shape) for M in middle]}, B {tuple(B.shape)}")
-        self.in_features, self.out_features, self.rank = A.shape[1], B.shape[0], rank
-        self.first = nn.Parameter(A.clone())
-        self.middle = nn.ParameterList(nn.Parameter(M.clone()) for M in middle)
-        self.last = nn.Parameter(B.clone())
-        self.bias = nn.Parameter(bias.clone()) if bias is not None else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.linear(x, self.first)
-        for M in self.middle:
-            x = F.linear(x, M)
-        return F.linear(x, self.last, self.bias)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        W = self.first
-        for M in self.middle:
-            W = M @ W
-        return self.last @ W
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"rank={self.rank}, depth={len(self.middle) + 2}")
+def ranks_of(model: nn.Module, names=None) -> dict[str, int | None]:
+    """The rank of every LowRankLinear (names=None), or of the named layers with None for
+    those still dense."""
+    if names is None:
+        return {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    layers = {n: model.get_submodule(n) for n in names}
+    return {n: m.rank if isinstance(m, LowRankLinear) else None for n, m in layers.items()}

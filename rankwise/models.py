@@ -5,7 +5,9 @@ import importlib.util
 import logging
 import os
 import re
+import struct
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -30,47 +32,38 @@ def default_gguf() -> Path:
     return files[0]
 
 
-def load_model(spec: str | os.PathLike | None = None):
-    """Load (model, tokenizer, source) from None (embedded default), a .gguf file,
-    a Hugging Face model folder, or a rankwise output folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def model_path(spec: str | os.PathLike | None) -> Path:
+    """The file or folder a model spec names (None: the embedded default), checked to
+    exist and to be of a loadable kind, before anything slow happens."""
     path = default_gguf() if spec is None else Path(spec)
     if not path.exists():
         raise RankwiseError(f"model not found: {path} (give a Hugging Face model folder, "
                             "a .gguf file or a rankwise output folder)")
-    if path.is_dir() and (path / "rankwise.json").exists():
-        from .io import load
-        model = load(path)
-        return model, _tokenizer(path), str(path)
+    if path.is_file() and path.suffix != ".gguf":
+        raise RankwiseError(f"{path} is a file but not a .gguf model; "
+                            "give a .gguf file or a model folder")
+    return path
+
+
+def load_model(spec: str | os.PathLike | None = None):
+    """Load (model, tokenizer, source) from None (embedded default), a .gguf file or a
+    Hugging Face model folder (rankwise outputs: rankwise.io.open_model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_path(spec)
+    kw, folder = ({"gguf_file": path.name}, path.parent) if path.is_file() else ({}, path)
     try:
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise RankwiseError(f"{path} is a file but not a .gguf model; "
-                                    "give a .gguf file or a model folder")
-            kw = {"gguf_file": path.name}
-            folder = path.parent
-        else:
-            kw, folder = {}, path
         tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
-    except RankwiseError:
-        raise
-    except (OSError, ValueError, KeyError) as e:
-        raise RankwiseError(f"could not load a causal language model from {path}: "
-                            f"{str(e).splitlines()[0]}") from e
+    except (OSError, ValueError, KeyError, struct.error, EOFError) as e:
+        # a truncated GGUF fails inside its reader with struct.error or a reshape error
+        what = "a truncated or corrupted GGUF file" if path.is_file() else "not a model folder"
+        raise RankwiseError(f"could not load a causal language model from {path} ({what}?): "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     model.eval()
     check_finite(model, str(path))
     source = DEFAULT_MODEL_NAME if spec is None else str(path.resolve())
     return model, tokenizer, source
-
-
-def _tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as e:
-        raise RankwiseError(f"no usable tokenizer in {folder}") from e
 
 
 def check_finite(model: nn.Module, what: str = "the model") -> None:
@@ -95,11 +88,12 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def target_linears(model: nn.Module, include: str | None = None,
-                   exclude: str | None = None) -> dict[str, nn.Linear]:
+def target_linears(model: nn.Module, include: str | None = None, exclude: str | None = None,
+                   filter_fn: Callable[[nn.Module, str], bool] | None = None
+                   ) -> dict[str, nn.Linear]:
     """Every nn.Linear (or LowRankLinear, to cut further) inside the repeated blocks (never
-    embeddings or the LM head),
-    filtered by `include` / `exclude` regexes searched in the full module name."""
+    embeddings or the LM head), filtered by `include` / `exclude` regexes searched in the
+    full module name and by `filter_fn(module, name)` (as torchao's quantize_ takes it)."""
     prefix, blocks = find_blocks(model)
     found = {}
     for name, module in blocks.named_modules():
@@ -110,6 +104,8 @@ def target_linears(model: nn.Module, include: str | None = None,
             continue
         if exclude is not None and re.search(exclude, full):
             continue
+        if filter_fn is not None and not filter_fn(module, full):
+            continue
         found[full] = module
     if not found:
         raise RankwiseError("no linear layers match the targets"
@@ -118,28 +114,14 @@ def target_linears(model: nn.Module, include: str | None = None,
     return found
 
 
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> nn.Module:
-    """A small randomly initialised causal LM for tests (llama, qwen2 or gpt_neox)."""
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config
-
-    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=256)
-    configs = {
-        "llama": lambda: LlamaConfig(num_key_value_heads=2, **common),
-        "qwen2": lambda: Qwen2Config(num_key_value_heads=2, **common),
-        "gpt_neox": lambda: GPTNeoXConfig(**common),
-    }
-    if family not in configs:
-        raise ValueError(f"unknown tiny model family {family!r}; choose one of {list(configs)}")
-    config = configs[family]()
-    for k, v in overrides.items():
-        setattr(config, k, v)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    return model.eval()
+def resolve_device(spec: str) -> str:
+    """cpu, cuda, cuda:N or auto (cuda when present), checked against this machine."""
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return spec
+    if not re.fullmatch(r"cuda(:\d+)?", str(spec)):
+        raise RankwiseError(f"unknown device {spec!r}; use cpu, cuda, cuda:N or auto")
+    if not torch.cuda.is_available():
+        raise RankwiseError(f"device {spec} was asked for but no GPU is available")
+    return spec

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .layers import LowRankLinear, dense_params, factored_params, max_useful_rank
-from .models import set_module
+from .evaluate import evaluate
+from .layers import LowRankLinear, max_useful_rank, params_at, set_module
 
 log = logging.getLogger(__name__)
 
@@ -72,27 +72,21 @@ class _Candidates:
         for name, layer in self.original.items():
             set_module(self.model, name, layer)
 
-    @torch.no_grad()
     def kl(self, ranks: dict[str, int | None], windows: int | None = None) -> float:
         """Mean KL(dense || candidate) per predicted token on the first `windows` batches."""
         self.apply(ranks)
-        total, tokens = 0.0, 0
-        batches = self.windows.split(self.batch_size)
-        for ids, ref in list(zip(batches, self.reference))[:windows]:
-            logits = self.model(input_ids=ids, use_cache=False).logits[:, :-1]
-            logp = torch.log_softmax(logits.float(), -1).reshape(-1, logits.shape[-1])
-            ref = ref.float()
-            total += float((ref.exp() * (ref - logp)).sum())
-            tokens += logp.shape[0]
-        return total / tokens
+        batches = len(self.reference) if windows is None else windows
+        return evaluate(self.model, self.windows[:batches * self.batch_size],
+                        self.reference[:batches], self.batch_size, progress=False).kl
 
 
 def _dtype(layer: nn.Module) -> torch.dtype:
     return layer.A.dtype if isinstance(layer, LowRankLinear) else layer.weight.dtype
 
 
-class _Budget:
-    """Parameter accounting of rank assignments; None = dense."""
+class Budget:
+    """Parameter accounting of rank assignments (None = dense) and the mutation that moves
+    parameters between layers without exceeding the parent's spend."""
 
     def __init__(self, shapes: dict[str, tuple[int, int]], caps: dict[str, int | None],
                  min_rank: int):
@@ -102,8 +96,7 @@ class _Budget:
         self.can_be_dense = {k: caps.get(k) is None for k in shapes}
 
     def params(self, name: str, rank: int | None) -> int:
-        m, n = self.shapes[name]
-        return dense_params(m, n) if rank is None else factored_params(m, n, rank)
+        return params_at(self.shapes[name], rank)
 
     def total(self, ranks: dict[str, int | None]) -> int:
         return sum(self.params(k, r) for k, r in ranks.items())
@@ -138,7 +131,7 @@ class _Budget:
         child[name] += gain
         slack -= gain * (m + n)
         if child[name] == self.top[name] and self.can_be_dense[name]:
-            extra = dense_params(m, n) - factored_params(m, n, child[name])
+            extra = self.params(name, None) - self.params(name, child[name])
             if extra <= slack:
                 child[name], slack = None, slack - extra
         return slack
@@ -157,7 +150,7 @@ def search_ranks(model: nn.Module, layers: dict[str, nn.Module], decompositions,
     not grow back). Stops after `generations` or `seconds`. The model is left as it was."""
     t0 = time.perf_counter()
     rng = random.Random(seed)
-    budget = _Budget(shapes, caps or {}, min_rank)
+    budget = Budget(shapes, caps or {}, min_rank)
     candidates = _Candidates(model, layers, decompositions, windows, reference, batch_size)
     quantum = 8 * sorted(m + n for m, n in shapes.values())[len(shapes) // 2]
     try:

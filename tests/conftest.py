@@ -5,7 +5,43 @@ import pytest
 import torch
 
 from rankwise.data import CALIBRATION_TEXT
-from rankwise.models import tiny_model
+
+# the layouts users bring: separate q/k/v and gate/up (llama, gemma), biases on q/k/v
+# (qwen2), fused query_key_value (gpt_neox), fused qkv_proj and gate_up_proj (phi3),
+# a ReLU MLP with biases under model.decoder.layers (opt)
+FAMILIES = ("llama", "qwen2", "gpt_neox", "phi3", "opt", "gemma")
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same global random state."""
+    torch.manual_seed(0)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    """A small randomly initialised causal LM of one of FAMILIES."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256)
+    kv = dict(num_key_value_heads=2)
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(**kv, **common),
+        "qwen2": lambda: transformers.Qwen2Config(**kv, **common),
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(**common),
+        "phi3": lambda: transformers.Phi3Config(**kv, pad_token_id=0, eos_token_id=1,
+                                                bos_token_id=1, **common),
+        "opt": lambda: transformers.OPTConfig(
+            vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64),
+        "gemma": lambda: transformers.GemmaConfig(**kv, head_dim=16, **common),
+    }
+    config = configs[family]()
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def word_tokenizer(vocab_size: int = 256):

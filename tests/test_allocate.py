@@ -45,7 +45,7 @@ def test_spectrum_cuts_the_layer_that_is_exactly_low_rank(tiny):
                         progress=False)
     assert summary.ranks[target] is not None and summary.ranks[target] >= 2
     assert all(r is None for k, r in summary.ranks.items() if k != target)
-    assert summary.predicted_loss < 1e-8 * float(layer.weight.square().sum())
+    assert summary.predicted_loss < 1e-8 * float(layer.weight.detach().square().sum())
 
 
 def test_spectrum_allocation_on_a_model_and_infeasible_floor(tiny, calib):

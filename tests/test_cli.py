@@ -2,9 +2,13 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from rankwise import load
-from rankwise.cli import main
+from rankwise.cli import VERBS, build_parser, main, parse, verb_module
+from rankwise.cli.options import resolved_values
+from rankwise.layers import ranks_of
+from rankwise.options import default_of, fields_of
 
 
 def run(capsys, *argv):
@@ -22,7 +26,9 @@ def test_compress_then_eval_end_to_end(tiny_folder, tmp_path, capsys):
     out = tmp_path / "out"
     code, text, _ = run(capsys, *compress_args(tiny_folder, out, "--metric", "kfac", "--ratio", "0.3"))
     assert code == 0 and "removed 0.3" in text
-    assert load(out) is not None
+    manifest = json.loads((out / "rankwise.json").read_text())
+    assert ranks_of(load(out)) == manifest["ranks"] and len(manifest["ranks"]) == 14
+    assert manifest["calibration"]["windows"] == 4 and manifest["calibration"]["seqlen"] == 32
     assert (out / "ranks.png").read_bytes()[:4] == b"\x89PNG"
     code, text, _ = run(capsys, "eval", str(out), "--windows", "2", "--seqlen", "32", "--ranks")
     assert code == 0
@@ -36,7 +42,7 @@ def test_sequential_multi_step_compression_is_recorded(tiny_folder, tmp_path, ca
                                             "spectrum", "--steps", "2", "--sequential"))
     manifest = json.loads((out / "rankwise.json").read_text())
     assert code == 0 and manifest["config"]["sequential"] and manifest["config"]["steps"] == 2
-    assert load(out) is not None
+    assert ranks_of(load(out)) == manifest["ranks"] and 0.4 <= manifest["achieved_ratio"] < 0.5
 
 
 def test_recipe_file_is_read_and_command_line_wins(tiny_folder, tmp_path, capsys):
@@ -149,3 +155,144 @@ def test_finetune_images_and_bad_options(tmp_path, capsys):
     code, _, err = run(capsys, "finetune", "--task", "digits", "--resume", "--pretrain-epochs", "1",
                        "--steps", "3", "--recovery-steps", "1", "--out", str(tmp_path))
     assert code == 2 and "no checkpoint to resume from" in err
+
+
+def _values(f, hint):
+    """(recipe value, flag argv, flag value) for one option, each unlike the default and
+    unlike each other where the type allows."""
+    import types
+    import typing
+    default, choices = default_of(f), f.metadata.get("choices")
+    dashed = f.name.replace("_", "-")
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is bool:
+        return (not default), [f"--{'' if default else 'no-'}{dashed}"], default
+    if typing.get_origin(hint) is list:
+        recipe, flag, given = [choices[1]], choices[2], [choices[2]]
+    elif typing.get_origin(hint) is dict:
+        recipe, flag, given = {"q_proj": 3}, "{k_proj: 5}", {"k_proj": 5}
+    elif choices:
+        others = [c for c in choices if c != default]
+        recipe = others[0]
+        flag = given = others[1] if len(others) > 1 else default
+    elif hint is int:
+        recipe, flag, given = (default or 0) + 3, str((default or 0) + 5), (default or 0) + 5
+    elif hint is float:
+        recipe, flag, given = 0.37, "0.29", 0.29
+    else:
+        recipe, flag, given = "from-recipe", "from-flag", "from-flag"
+    return recipe, ([flag] if f.metadata.get("positional") else [f"--{dashed}", flag]), given
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_every_option_of_every_verb_reads_the_recipe_and_the_flag_wins(verb, tmp_path):
+    classes = verb_module(verb).option_classes()
+    for cls in classes:
+        for f, hint in fields_of(cls):
+            recipe_value, flag_argv, flag_value = _values(f, hint)
+            recipe = tmp_path / f"{f.name}.yaml"
+            recipe.write_text(yaml.safe_dump({f.name.replace("_", "-"): recipe_value}))
+            for argv, expected in (([verb, "--config", str(recipe)], recipe_value),
+                                   ([verb, *flag_argv, "--config", str(recipe)], flag_value)):
+                args = build_parser(argv).parse_args(argv)
+                assert resolved_values(args, classes)[f.name] == expected, (f.name, argv)
+            args = build_parser([verb]).parse_args([verb])
+            assert f.name not in resolved_values(args, classes)    # the field's own default
+
+
+def test_recipe_values_reach_the_configs_the_verbs_run_with(tmp_path):
+    """The values the old parser's defaults silently overrode."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("batch-size: 3\nseqlen: 64\nout: somewhere\n")
+    _, configs, _ = parse(["compress", "--config", str(recipe)])
+    calibration = next(c for t, c in configs.items() if t.__name__ == "CalibrationConfig")
+    assert (calibration.batch_size, calibration.seqlen) == (3, 64)
+    recipe.write_text("seqlen: 64\nholdout: 0.3\ndevice: auto\nseed: 5\ncalib-samples: 7\n"
+                      "out: somewhere\n")
+    _, configs, _ = parse(["finetune", "--config", str(recipe)])
+    run_options = next(c for t, c in configs.items() if t.__name__ == "FinetuneRun")
+    assert (run_options.seqlen, run_options.holdout, run_options.device, run_options.seed,
+            run_options.calib_samples) == (64, 0.3, "auto", 5, 7)
+
+
+@pytest.fixture
+def no_slow_load(monkeypatch):
+    """Any model load fails the test: what is checked must be checked before it."""
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was noticed")
+    import rankwise.entrypoints.compress as compress_entry
+    import rankwise.entrypoints.evaluate as eval_entry
+    import rankwise.entrypoints.finetune as finetune_entry
+    monkeypatch.setattr(compress_entry, "open_model", refuse)
+    monkeypatch.setattr(eval_entry, "open_model", refuse)
+    monkeypatch.setattr(finetune_entry, "load_model", refuse)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["compress", "--seqlen", "0", "--out", "{tmp}/o"], "seqlen must be"),
+    (["compress", "--calib-samples", "0", "--out", "{tmp}/o"], "calib_samples must be"),
+    (["compress", "--ratio", "2", "--out", "{tmp}/o"], "ratio must be in"),
+    (["compress", "--out", "{tmp}/file/o"], "is a file, not a folder"),
+    (["compress", "--out", "{tmp}/file"], "refusing to overwrite"),
+    (["compress", "--calib-text", "{tmp}/missing.txt", "--out", "{tmp}/o"], "text file not found"),
+    (["compress", "--model", "{tmp}/missing", "--out", "{tmp}/o"], "model not found"),
+    (["compress"], "--out is required"),
+    (["eval", "{tmp}/missing"], "model not found"),
+    (["eval", "--seqlen", "1"], "seqlen must be"),
+    (["eval", "--text", "{tmp}"], "expected a text file"),
+    (["finetune", "--holdout", "1.5", "--out", "{tmp}/o"], "holdout must be in"),
+    (["finetune", "--device", "tpu", "--out", "{tmp}/o"], "unknown device"),
+    (["finetune", "--resume", "--out", "{tmp}/o"], "no checkpoint to resume from"),
+    (["finetune", "--out", "{tmp}/file/o"], "is a file, not a folder"),
+    (["dln", "recover", "--tol", "0"], "tol must be in"),
+])
+def test_cheap_checks_come_before_the_slow_load(argv, message, tmp_path, capsys, no_slow_load):
+    (tmp_path / "file").write_text("not a folder")
+    code, _, err = run(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code == 2 and err.count("rankwise: error:") == 1 and message in err, err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tiny_folder, tmp_path, capsys, monkeypatch):
+    import rankwise.entrypoints.compress as compress_entry
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(compress_entry, "compress_", interrupted)
+    code, _, err = run(capsys, *compress_args(tiny_folder, tmp_path / "out"))
+    assert code == 130 and err.strip().splitlines()[-1] == "rankwise: interrupted"
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("keep", [60, 4000])
+def test_a_truncated_gguf_is_one_sentence(tmp_path, capsys, keep):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", torch.zeros(256, 64).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    path.write_bytes(path.read_bytes()[:keep])
+    code, _, err = run(capsys, "eval", str(path), "--windows", "1")
+    assert code == 2 and err.startswith("rankwise: error: could not load") and "GGUF" in err
+    assert "Traceback" not in err
+
+
+def test_the_core_and_the_product_verbs_never_import_the_lab():
+    import subprocess
+    import sys
+    code = ("import sys, rankwise, rankwise.train, rankwise.entrypoints\n"
+            "from rankwise.cli import parse\n"
+            "for argv in (['compress', '--out', 'x'], ['eval'], ['finetune', '--out', 'x']):\n"
+            "    parse(argv)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('rankwise.lab')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    out = subprocess.run([sys.executable, "-m", "rankwise", "dln", "--help"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "--warmup-steps" in out.stdout

@@ -5,12 +5,12 @@ import torch
 
 from rankwise import CompressConfig, compress_
 from rankwise.errors import RankwiseError
-from rankwise.search import _Budget
+from rankwise.search import Budget
 
 
 def test_mutations_never_exceed_the_parents_spend():
     shapes = {"q": (64, 64), "k": (32, 64), "up": (128, 64), "down": (64, 128)}
-    budget = _Budget(shapes, caps={}, min_rank=1)
+    budget = Budget(shapes, caps={}, min_rank=1)
     rng = random.Random(0)
     parent = {"q": 10, "k": None, "up": 20, "down": 5}
     spend = budget.total(parent)
@@ -24,7 +24,7 @@ def test_mutations_never_exceed_the_parents_spend():
 
 def test_capped_layers_never_grow_back():
     shapes = {"a": (64, 64), "b": (64, 64)}
-    budget = _Budget(shapes, caps={"a": 4}, min_rank=1)
+    budget = Budget(shapes, caps={"a": 4}, min_rank=1)
     rng = random.Random(1)
     ranks = {"a": 4, "b": 4}
     for _ in range(100):

@@ -5,9 +5,9 @@ import torch
 
 from rankwise import CompressConfig, RankwiseError, compress_, evaluate
 from rankwise.models import find_blocks
-from rankwise.sequential import advance, block_inputs, run_block
+from rankwise.pipeline.sequential import advance, block_inputs, run_block
 
-from conftest import structured_tiny
+from conftest import FAMILIES, structured_tiny
 
 
 def compressed(model, calib, **kw):
@@ -21,7 +21,7 @@ def logits(model, ids):
         return model(input_ids=ids, use_cache=False).logits
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_blocks_replayed_from_caught_inputs_match_the_model(family, calib):
     model = structured_tiny(family)
     _, blocks = find_blocks(model)
@@ -85,3 +85,13 @@ def test_targets_in_the_first_block_only_are_cut_as_one_shot(tiny, calib):
     one_shot, _ = compressed(tiny, calib, **kw)
     seq, _ = compressed(tiny, calib, sequential=True, **kw)
     assert torch.equal(logits(one_shot, calib), logits(seq, calib))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sequential_keeps_the_ranks_in_every_family(family, calib):
+    dense = structured_tiny(family)
+    kw = dict(metric="kfac", ratio=0.4, allocation="spectrum")
+    _, a = compressed(dense, calib, **kw)
+    model, b = compressed(dense, calib, sequential=True, **kw)
+    assert a.ranks == b.ranks
+    assert torch.isfinite(logits(model, calib)).all()

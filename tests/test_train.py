@@ -7,8 +7,9 @@ from rankwise import geometry
 from rankwise.errors import RankwiseError
 from rankwise.layers import LowRankLinear
 from rankwise.models import target_linears
-from rankwise.train import (FinetuneConfig, LanguageTask, budget_threshold, finetune,
-                            metric_roots)
+from rankwise.train import FinetuneConfig, LanguageTask, finetune
+from rankwise.train.prox import (budget_threshold, metric_roots, penalty_weights, removed_loss,
+                                 thresholded)
 
 
 def _random_psd(n, seed):
@@ -175,7 +176,7 @@ def test_resume_checks_its_inputs(tiny, lm_task, tmp_path):
 
 def test_metric_roots_cover_both_sides_of_every_layer(tiny, lm_task):
     layers = target_linears(tiny)
-    roots, _ = metric_roots(tiny, layers, lm_task(1), FinetuneConfig(metric="kfac"), progress=False)
+    roots, _ = metric_roots(tiny, layers, lm_task(1), "kfac", 1e-6, progress=False)
     for name, layer in layers.items():
         left, right = roots[name]
         assert left.half.shape == (layer.out_features,) * 2
@@ -184,7 +185,7 @@ def test_metric_roots_cover_both_sides_of_every_layer(tiny, lm_task):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"method": "prune"}, "unknown method"),
-    ({"metric": "fisher"}, "unknown metric"),
+    ({"metric": "pca"}, "unknown metric"),
     ({"ratio": 1.5}, "ratio must be in"),
     ({"steps": 10, "recovery_steps": 10}, "recovery_steps"),
     ({"prox_every": 0}, "prox_every"),
@@ -199,7 +200,7 @@ def test_bad_finetune_options_raise_clear_errors(kwargs, match):
 
 
 def test_shrink_rules_zero_the_same_directions_and_reweighted_keeps_large_ones():
-    from rankwise.train import shrink
+    from rankwise.geometry import shrink
     s = torch.tensor([10.0, 4.0, 2.0, 1.0, 0.5])
     soft, reweighted = shrink(s, 1.0, "soft"), shrink(s, 1.0, "reweighted")
     torch.testing.assert_close(soft, torch.tensor([9.0, 3.0, 1.0, 0.0, 0.0]))
@@ -222,29 +223,35 @@ def test_shrink_rules_zero_the_same_directions_and_reweighted_keeps_large_ones()
 
 
 def test_weighted_penalty_thresholds_each_layer_by_its_parameter_cost():
-    from rankwise.train import StepRecord, _Run, penalty_weights
-    torch.manual_seed(3)
-    model = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.Linear(20, 6))
-    layers = {"0": model[0], "1": model[1]}
-    before = {k: torch.linalg.svdvals(l.weight.detach().double()) for k, l in layers.items()}
-    config = FinetuneConfig(method="svt", metric="svd", steps=10, prox_every=1, lr=0.01,
-                            lam=20.0, penalty="weighted", recovery_steps=0)
-    run = _Run(model, None, config, layers, progress=False)
-    record = StepRecord(step=0, loss=0.0, params=0)
-    run.prox(0, record)
-    weights = penalty_weights(run.shapes, "weighted")
+    g = torch.Generator().manual_seed(3)
+    shapes = {"0": (20, 30), "1": (6, 20)}
+    spectra = {k: torch.rand(min(s), generator=g, dtype=torch.float64).sort(descending=True).values
+               for k, s in shapes.items()}
+    weights = penalty_weights(shapes, "weighted")
     assert weights["0"] / weights["1"] == pytest.approx(((30 + 20) / (20 + 6)) ** 0.5)
-    tau = 0.01 * 20.0
-    nuclear = shrink_loss = prox_loss = 0.0
-    for k, layer in layers.items():
-        expected = (before[k] - tau * weights[k]).clamp_min(0)
-        after = torch.linalg.svdvals(layer.weight.detach().double())
-        torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
-        nuclear += weights[k] * float(expected.sum())
+    assert penalty_weights(shapes, "nuclear") == {"0": 1.0, "1": 1.0}
+    tau = 0.2
+    new, kept = thresholded(spectra, weights, tau, "soft", min_rank=1)
+    shrink_loss = prox_loss = 0.0
+    for k, s in spectra.items():
+        expected = (s - tau * weights[k]).clamp_min(0)
+        torch.testing.assert_close(new[k], expected)
+        assert kept[k] == max(int((expected > 0).sum()), 1)
         shrink_loss += 0.5 * (tau * weights[k]) ** 2 * int((expected > 0).sum())
-        prox_loss += 0.5 * float((before[k] - expected).square().sum())
-    assert run.nuclear == pytest.approx(nuclear, rel=1e-5)
+        prox_loss += 0.5 * float((s - expected).square().sum())
     # the prox's predicted loss: kept directions lose tau * weight each, the others vanish
-    assert record.shrink_loss == pytest.approx(shrink_loss, rel=1e-4)
-    assert record.prox_loss == pytest.approx(prox_loss, rel=1e-4) and prox_loss > shrink_loss > 0
-    assert penalty_weights(run.shapes, "nuclear") == {"0": 1.0, "1": 1.0}
+    total, shrinking = removed_loss(spectra, new)
+    assert shrinking == pytest.approx(shrink_loss, rel=1e-9)
+    assert total == pytest.approx(prox_loss, rel=1e-9) and prox_loss > shrink_loss > 0
+
+
+def test_fisher_metric_trains_with_its_diagonal_root(tiny, lm_task):
+    layers = target_linears(tiny)
+    roots, _ = metric_roots(tiny, layers, lm_task(1), "fisher", 1e-6, progress=False)
+    for name, layer in layers.items():
+        left, right = roots[name]
+        assert right is None and left.half.shape == (layer.out_features,)
+    config = FinetuneConfig(method="svt", ratio=0.4, metric="fisher", steps=4, prox_every=2,
+                            recovery_steps=1, lr=1e-3)
+    result = finetune(tiny, lm_task(4), config, target_linears(tiny), progress=False)
+    assert result.achieved_ratio >= 0.4

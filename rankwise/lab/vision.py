@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import RankwiseError
+from ..errors import RankwiseError
 
 DATASETS = ("digits", "mnist")
 

@@ -1,20 +1,22 @@
-"""Sequential cuts: the blocks are cut in order, each projected with the inputs that the
-already-compressed blocks before it really produce.
+"""Sequential (block-by-block) statistics: each block is measured on the inputs that the
+blocks before it, as they are by then, really produce.
 
 The calibration windows are caught at the first block's input once, then carried through
-the blocks one at a time (the GPTQ way: one forward pass in all). Before a block is cut, the
-input side of its layers' statistics (C, or W C W^T) is re-measured on the carried inputs;
-the gradient side (G, or W^T G W) stays the one from the whole-model pass, because every
-block after the one being cut is still dense then.
+the blocks one at a time (the GPTQ way: one forward pass in all). `measured_blocks` is a
+generator: it yields a block's targeted layers with input-side statistics (C, or W C W^T)
+measured on the carried inputs; the caller cuts those layers, and only when the caller asks
+for the next block are the inputs carried through the block as cut.
 """
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 from torch import nn
 
-from . import geometry, stats
-from .errors import RankwiseError
-from .models import find_blocks
+from .. import stats
+from ..errors import RankwiseError
+from ..models import find_blocks
 
 INPUT_SIDE = ("input_cov", "output_cov")
 
@@ -65,28 +67,21 @@ def advance(block: nn.Module, calls: list[tuple[tuple, dict]]) -> list[tuple[tup
         return [((run_block(block, c), *c[0][1:]), c[1]) for c in calls]
 
 
-def cut_blocks(model: nn.Module, layers: dict[str, nn.Module], cut, layer_stats,
-               batches) -> float:
-    """Cut every block of `model` in order. `cut(name, matrices, roots)` projects one layer
-    with the statistics `matrices` (roots: a geometry.SharedRoots for the block), swaps it
-    in and returns the predicted loss of what it dropped. `layer_stats` holds the
-    whole-model statistics whose gradient side is kept. Returns the summed predicted loss."""
+def measured_blocks(model: nn.Module, layers: dict[str, nn.Module], batches
+                    ) -> Iterator[tuple[list[str], dict[str, stats.LayerStats]]]:
+    """For every block holding targeted `layers`, in order: (its layer names, their
+    input-side statistics on the inputs the blocks before it produce as they are then)."""
     prefix, blocks = find_blocks(model)
     targets = {index: [name for name in layers
                        if name.startswith(f"{prefix}.{index}." if prefix else f"{index}.")]
                for index in range(len(blocks))}
     last = max((index for index, names in targets.items() if names), default=-1)
     calls = block_inputs(model, list(batches))
-    predicted = 0.0
     for index, block in enumerate(blocks[:last + 1]):
         names = targets[index]
         if names:
-            fresh = stats.collect(block, {n: layers[n] for n in names}, calls, inputs=True,
-                                  gradients=None, progress=False, forward=run_block)
-            roots = geometry.SharedRoots()
-            for name in names:
-                matrices = layer_stats[name].matrices()
-                matrices.update({k: getattr(fresh[name], k) for k in INPUT_SIDE})
-                predicted += cut(name, matrices, roots)
-        calls = advance(block, calls)
-    return predicted
+            yield names, stats.collect(block, {n: layers[n] for n in names}, calls,
+                                       inputs=True, gradients=None, progress=False,
+                                       forward=run_block)
+        if index < last:
+            calls = advance(block, calls)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import RankwiseError
+from ..errors import RankwiseError
 
 PROBLEMS = ("full", "completion", "sensing")
 

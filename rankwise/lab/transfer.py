@@ -15,11 +15,49 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from .errors import RankwiseError
-from .layers import DeepLowRankLinear
-from .models import set_module
+from ..errors import RankwiseError
+from ..layers import set_module
 from .vision import History, ImageData, build_model, fit
+
+
+class DeepLowRankLinear(nn.Module):
+    """A linear map stored as a chain of thin factors, y = B M_k ... M_1 A x + bias: the
+    compressed deep linear block (C-DLN) that replaces a wide layer of a nonlinear net.
+    `first` (A, rank x in), `middle` (rank x rank each) and `last` (B, out x rank) are kept
+    apart so the outer factors can learn on their own timescale."""
+
+    def __init__(self, A: torch.Tensor, middle: list[torch.Tensor], B: torch.Tensor,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        rank = A.shape[0]
+        if B.shape[1] != rank or any(M.shape != (rank, rank) for M in middle):
+            raise ValueError(f"factor shapes do not chain: A {tuple(A.shape)}, middle "
+                             f"{[tuple(M.shape) for M in middle]}, B {tuple(B.shape)}")
+        self.in_features, self.out_features, self.rank = A.shape[1], B.shape[0], rank
+        self.first = nn.Parameter(A.clone())
+        self.middle = nn.ParameterList(nn.Parameter(M.clone()) for M in middle)
+        self.last = nn.Parameter(B.clone())
+        self.bias = nn.Parameter(bias.clone()) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.linear(x, self.first)
+        for M in self.middle:
+            x = F.linear(x, M)
+        return F.linear(x, self.last, self.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        W = self.first
+        for M in self.middle:
+            W = M @ W
+        return self.last @ W
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, depth={len(self.middle) + 2}")
+
 
 # the wide layers of each model: an MLP's hidden layers, a ViT's MLP layers
 WIDE_LAYERS = {"mlp": r"^hidden\.\d+$", "vit": r"\.fc[12]$"}

@@ -3,10 +3,9 @@ import torch
 from torch import nn
 
 from rankwise.errors import RankwiseError
-from rankwise.layers import DeepLowRankLinear
-from rankwise.transfer import (WIDE_LAYERS, compress_wide_, run_transfer, spectral_block,
-                               two_timescale_groups)
-from rankwise.vision import ViT, build_model, load_images
+from rankwise.lab.transfer import (WIDE_LAYERS, DeepLowRankLinear, compress_wide_, run_transfer,
+                                   spectral_block, two_timescale_groups)
+from rankwise.lab.vision import ViT, build_model, load_images
 
 
 @pytest.fixture(scope="module")

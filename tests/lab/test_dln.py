@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rankwise import dln
+from rankwise.lab import dln
 from rankwise.errors import RankwiseError
 
 

@@ -1,0 +1,67 @@
+"""compress_model: load, calibrate, compress, save with its manifest and rank chart."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..compress import Summary, compress_
+from ..config import CalibrationConfig, CompressConfig
+from ..data import CALIBRATION_TEXT, calibration_windows, read_text, tokenize
+from ..io import check_output_folder, open_model, save
+from ..models import model_path
+from ..options import option
+from ..plots import rank_chart
+
+
+@dataclass
+class CompressJob:
+    """Which model to compress and where the result goes."""
+    model: str | None = option(None, "Hugging Face model folder, .gguf file or rankwise output "
+                                     "(default: the embedded SmolLM2-135M-Instruct)")
+    out: str | None = option(None, "output folder (written atomically)", required=True)
+
+
+@dataclass
+class CompressOutcome:
+    folder: Path
+    summary: Summary
+    manifest: dict
+
+
+def compress_model(out: str | os.PathLike, model: str | os.PathLike | None = None,
+                   config: CompressConfig | None = None,
+                   calibration: CalibrationConfig | None = None,
+                   progress: bool = True) -> CompressOutcome:
+    """Compress the model at `model` (None: the embedded default; a rankwise output is cut
+    further) with `config`, calibrated on `calibration`, and save it to `out` (atomically)
+    with rankwise.json and ranks.png. Everything cheap to check is checked first."""
+    config = config or CompressConfig()
+    calibration = calibration or CalibrationConfig()
+    folder = check_output_folder(out)
+    model_path(model)
+    text = read_text(calibration.calib_text or CALIBRATION_TEXT)
+    net, tokenizer, source, _ = open_model(model)
+    windows = calibration_windows(tokenize(tokenizer, text), calibration.calib_samples,
+                                  calibration.seqlen, calibration.seed)
+    summary = compress_(net, config, windows, batch_size=calibration.batch_size,
+                        seed=calibration.seed, progress=progress)
+    manifest = {
+        "source_model": source,
+        "config": config.to_dict(),
+        "achieved_ratio": summary.achieved_ratio,
+        "targeted_params": {"dense": summary.dense_params, "compressed": summary.compressed_params},
+        "calibration": {"text": str(calibration.calib_text or "wikitext-2 validation (shipped)"),
+                        "windows": calibration.calib_samples, "seqlen": calibration.seqlen,
+                        "seed": calibration.seed, "batch_size": calibration.batch_size,
+                        "tokens": summary.calibration_tokens},
+        "seconds": summary.seconds,
+    }
+    if summary.search is not None:
+        manifest["search"] = {"seed_kl": summary.search.seed_fitness, "kl": summary.search.fitness,
+                              "generations": summary.search.generations,
+                              "evaluations": summary.search.evaluations}
+    folder = save(net, folder, manifest, tokenizer)
+    rank_chart(summary.ranks, summary.shapes, folder / "ranks.png",
+               f"{config.metric}, {config.allocation}, ratio {summary.achieved_ratio:.3f}")
+    return CompressOutcome(folder, summary, manifest)

@@ -1,0 +1,282 @@
+"""Fine-tuning under a rank constraint, three ways, to one final parameter budget.
+
+  factors  one-shot compression (compress_: the metric, spectrum allocation), then train
+           the factors A, B;
+  hard     train the dense weights and, every `prox_every` steps, truncate each to the
+           ranks a global allocation gives at the final budget (Trained Rank Pruning);
+  svt      proximal gradient with a nuclear-norm penalty: every `prox_every` steps
+           soft-threshold every weight's singular values by tau = lr * lambda * prox_every
+           (iterative singular value thresholding; `shrink` and `penalty` offer less
+           biased variants). lambda is either fixed (the textbook algorithm, which
+           converges for a small enough step) or set at every proximal step by a
+           controller so that the kept parameters follow a cubic schedule from dense to
+           the budget.
+
+The proximal step and the truncations work in a metric (svd: Euclidean; whiten: input
+covariance C; fisher: diag G on the output side; kfac: G on the output side and C on the
+input side), i.e. on the singular values of L^{1/2} W R^{1/2} (rankwise.train.prox): the
+prox is then taken in the norm that approximates the KL to the dense model, the
+variable-metric proximal step. hard and svt end with an exact
+cut to factors at the budget (global allocation over the metric's squared singular values)
+and a recovery phase that trains the factors, so all three methods take the same number
+of optimizer steps on the same batches and end at the same budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import allocate, geometry
+from ..compress import compress_
+from ..config import CompressConfig
+from ..errors import RankwiseError
+from ..layers import LowRankLinear, params_at, ranks_of, set_module
+from .config import FinetuneConfig, check_resume
+from .prox import (budget_threshold, cubic_schedule, metric_roots, penalty_weights,
+                   removed_loss, thresholded, truncated)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    params: int                       # targeted layers' parameters (kept ranks)
+    lam: float | None = None
+    tau: float | None = None
+    objective: float | None = None    # loss + lam * nuclear norm (fixed-lambda svt)
+    # what a prox / truncation removed, 1/2 ||change||^2 in the metric (the predicted loss
+    # rise, in the statistics' units), and the part of it spent shrinking kept directions
+    prox_loss: float | None = None
+    shrink_loss: float | None = None
+    ranks: dict[str, int] | None = None
+
+
+@dataclass
+class FinetuneResult:
+    config: FinetuneConfig
+    history: list[StepRecord] = field(default_factory=list)
+    ranks: dict[str, int | None] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    dense_params: int = 0
+    final_params: int = 0
+    seconds: float = 0.0
+
+    @property
+    def achieved_ratio(self) -> float:
+        return 1 - self.final_params / self.dense_params
+
+
+class _Run:
+    """The state of one fine-tuning run: model, optimizer, metric, schedule, history."""
+
+    def __init__(self, model, task, config: FinetuneConfig, layers, progress: bool,
+                 measure: bool = True):
+        self.model, self.task, self.config, self.progress = model, task, config, progress
+        self.names = list(layers)
+        self.shapes = {k: (l.out_features, l.in_features) for k, l in layers.items()}
+        self.dense = sum(m * n for m, n in self.shapes.values())
+        self.budget = (1 - config.ratio) * self.dense
+        self.history: list[StepRecord] = []
+        self.nuclear = 0.0              # after the last proximal step (fixed-lambda svt)
+        self.kept_params = self.dense
+        self.roots, self.collected = metric_roots(model, layers, task, config.metric,
+                                                  config.damping, progress) \
+            if measure else ({}, {})
+        self.prox_steps = max(config.cut_step // config.prox_every, 1)
+        self.weights = penalty_weights(self.shapes, config.penalty)
+        if measure and config.method == "svt" and config.lam is not None:
+            self.nuclear = sum(self.weights[k] * float(d.S.sum())
+                               for k, d in self.decompositions().items())
+
+    def layer(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for name in self.names for p in self.layer(name).parameters()]
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(self.trainable(), lr=c.lr, momentum=c.momentum)
+        return torch.optim.AdamW(self.trainable(), lr=c.lr, weight_decay=0.0)
+
+    def current_params(self) -> int:
+        return allocate.kept_params(self.shapes, self.ranks())
+
+    def decompositions(self) -> dict[str, geometry.MetricSVD]:
+        return {name: geometry.metric_svd(self.layer(name).weight.detach(), *self.roots[name],
+                                          dtype=torch.float32) for name in self.names}
+
+    def prox(self, step: int, record: StepRecord) -> None:
+        """One proximal step (svt) or truncation (hard) on every targeted weight."""
+        c = self.config
+        svds = self.decompositions()
+        spectra = {k: d.S for k, d in svds.items()}
+        if c.method == "hard":
+            new, kept = truncated(spectra, self.shapes, c.ratio, c.min_rank)
+        else:
+            if c.lam is None:
+                # layer k's threshold is tau * weights[k]: the budget is met on the scaled spectra
+                k = (step + 1) // c.prox_every
+                target = self.dense - (self.dense - self.budget) * cubic_schedule(k / self.prox_steps)
+                tau = budget_threshold({k: s / self.weights[k] for k, s in spectra.items()},
+                                       self.shapes, target, c.min_rank)
+                record.lam = tau / (c.lr * c.prox_every)
+            else:
+                tau = c.lr * c.lam * c.prox_every
+                record.lam = c.lam
+            record.tau = tau
+            new, kept = thresholded(spectra, self.weights, tau, c.shrink, c.min_rank)
+            self.nuclear = sum(self.weights[k] * float(s.sum()) for k, s in new.items())
+        with torch.no_grad():
+            for name, s in new.items():
+                self.layer(name).weight.copy_(svds[name].weight(s))
+        record.prox_loss, record.shrink_loss = removed_loss(spectra, new)
+        record.ranks = kept
+        record.params = self.kept_params = sum(params_at(self.shapes[k], r) for k, r in kept.items())
+
+    def cut(self) -> None:
+        """Exact factors at the budget: global allocation over the metric's spectra."""
+        c = self.config
+        if c.method == "factors":
+            names = set(self.names)
+            compress_(self.model, CompressConfig(metric=c.metric, ratio=c.ratio,
+                                                 allocation="spectrum", min_rank=c.min_rank,
+                                                 damping=c.damping),
+                      precomputed=self.collected or None, progress=False,
+                      filter_fn=lambda module, name: name in names)
+            return
+        svds = self.decompositions()
+        ranks = allocate.spectrum_ranks(self.shapes, {k: d.S.square() for k, d in svds.items()},
+                                        c.ratio, c.min_rank)
+        self.set_ranks(ranks, svds)
+
+    def set_ranks(self, ranks: dict[str, int | None], svds: dict | None = None) -> None:
+        """Swap layers for LowRankLinear of the given ranks (factors from `svds`, or left
+        uninitialised to be filled from a checkpoint)."""
+        for name, rank in ranks.items():
+            if rank is None:
+                continue
+            layer = self.layer(name)
+            if svds is None:
+                new = LowRankLinear(layer.in_features, layer.out_features, rank,
+                                    layer.bias is not None, dtype=layer.weight.dtype)
+            else:
+                B, A = svds[name].factors(rank)
+                new = LowRankLinear.from_linear(layer, A.to(layer.weight.dtype),
+                                                B.to(layer.weight.dtype))
+            set_module(self.model, name, new)
+
+    def ranks(self) -> dict[str, int | None]:
+        return ranks_of(self.model, self.names)
+
+
+def finetune(model: nn.Module, task, config: FinetuneConfig, layers: dict[str, nn.Module],
+             checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 50,
+             resume: bool = False, progress: bool = True) -> FinetuneResult:
+    """Fine-tune `model` in place under `config`, training only the targeted `layers`
+    (their weights, then factors); the rest stays frozen. With `checkpoint`, the state is
+    written there every `checkpoint_every` steps (atomically) and `resume` continues from
+    it. Returns the per-step history and the final ranks."""
+    t0 = time.perf_counter()
+    check_resume(checkpoint, resume)
+    if config.lr is None:
+        config = dataclasses.replace(config, lr=task.default_lr)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    run = _Run(model, task, config, layers, progress, measure=not resume)
+    start = 0
+    if resume:
+        start, optimizer_state = _load_checkpoint(run, checkpoint)
+        optimizer = run.make_optimizer()
+        optimizer.load_state_dict(optimizer_state)
+    else:
+        if config.cut_step == 0:
+            run.cut()
+        optimizer = run.make_optimizer()
+    for p in run.trainable():
+        p.requires_grad_(True)
+    model.train()
+    for step in tqdm(range(start, config.steps), desc=f"fine-tuning ({config.method})",
+                     unit="step", disable=not progress, initial=start, total=config.steps):
+        if step == config.cut_step and step > 0:
+            run.cut()
+            for p in run.trainable():
+                p.requires_grad_(True)
+            optimizer = run.make_optimizer()
+        loss = run.task.loss(model, run.task.batch(step))
+        if not torch.isfinite(loss):
+            raise RankwiseError(f"the loss became {float(loss)} at step {step}; lower the "
+                                f"learning rate (now {config.lr})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        # until the cut, the weights are dense but their kept ranks are the last prox's
+        params = run.current_params() if step >= config.cut_step else run.kept_params
+        record = StepRecord(step=step, loss=float(loss.detach()), params=params)
+        if config.method == "svt" and config.lam is not None:
+            record.objective = record.loss + config.lam * run.nuclear
+        if config.method != "factors" and step < config.cut_step and (step + 1) % config.prox_every == 0:
+            with torch.no_grad():
+                run.prox(step, record)
+        run.history.append(record)
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == config.steps):
+            _save_checkpoint(run, optimizer, step + 1, checkpoint)
+    if config.cut_step == config.steps:       # no recovery phase: cut at the very end
+        run.cut()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ranks = run.ranks()
+    result = FinetuneResult(config=config, history=run.history, ranks=ranks, shapes=run.shapes,
+                            dense_params=run.dense,
+                            final_params=allocate.kept_params(run.shapes, ranks),
+                            seconds=time.perf_counter() - t0)
+    log.info("%s fine-tuning: %d steps, ratio %.4f achieved (%.4f requested) in %.1f s",
+             config.method, config.steps, result.achieved_ratio, config.ratio, result.seconds)
+    return result
+
+
+def _save_checkpoint(run: _Run, optimizer, step: int, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "config": asdict(run.config), "ranks": run.ranks(),
+             "model": run.model.state_dict(), "optimizer": optimizer.state_dict(),
+             "history": [asdict(r) for r in run.history], "nuclear": run.nuclear, "kept_params": run.kept_params,
+             "roots": {k: [None if r is None else (r.half, r.inv_half) for r in v]
+                       for k, v in run.roots.items()}}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(run: _Run, path) -> tuple[int, dict]:
+    """Restore the run from a checkpoint; returns (next step, optimizer state)."""
+    state = torch.load(path, weights_only=False)
+    saved = {k: v for k, v in state["config"].items() if k in {f.name for f in fields(FinetuneConfig)}}
+    if saved != asdict(run.config):
+        raise RankwiseError(f"checkpoint {path} was written with another configuration; "
+                            "resume with the same options")
+    run.set_ranks(state["ranks"])
+    run.model.load_state_dict(state["model"])
+    run.history = [StepRecord(**r) for r in state["history"]]
+    run.nuclear = state["nuclear"]
+    run.kept_params = state["kept_params"]
+    run.roots = {k: tuple(None if r is None else geometry.Root(*r) for r in v)
+                 for k, v in state["roots"].items()}
+    return state["step"], state["optimizer"]
+
+
+def history_json(result: FinetuneResult) -> str:
+    return json.dumps([asdict(r) for r in result.history])
