@@ -1,9 +1,11 @@
-"""WikiText-2 test perplexity and KL to dense for each metric x ratio (uniform ratio).
+"""Perplexity on every shipped domain (and its ratio to dense), with KL to dense and top-1
+agreement on WikiText-2 test, for each metric x ratio (uniform ratio) and more kfac rows.
 
-Bench settings (issue 3): SmolLM2-135M-Instruct, calibration 32 x 512 tokens of the shipped
-validation split (seed 0), evaluation 40 x 512 tokens of the test split. Statistics are
-collected once per kind (forward-only for whiten; forward + backward for fisher/kfac) and
-their time is charged to every metric that uses them.
+Bench settings: SmolLM2-135M-Instruct, calibration 32 x 512 tokens (default: the shipped
+WikiText-2 validation split, seed 0; --calib for other sources or a mixture), evaluation
+40 x 512 tokens of each domain's evaluation part. Statistics are collected once per kind
+(forward-only for whiten; forward + backward for fisher/kfac) and their time is charged to
+every metric that uses them.
 
     python bench/quality.py [--metrics svd whiten fisher kfac] [--ratios 0.2 0.4]
                             [--spectrum-ratios 0.2 0.4 0.6] [--steps 4 --steps-ratios 0.2 0.4]
@@ -24,12 +26,13 @@ import time
 
 import torch
 
-from rankwise import CompressConfig, compress_, evaluate, stats
+from rankwise import CompressConfig, compress_, stats
+from rankwise.data import mixture_windows, parse_sources
+from rankwise.geometry import DEFAULT_DAMPING
 from rankwise.metrics import METRICS
-from rankwise.data import (CALIBRATION_TEXT, EVALUATION_TEXT, calibration_windows,
-                           evaluation_windows, read_text, tokenize)
-from rankwise.evaluate import reference_log_probs
 from rankwise.models import load_model, target_linears
+
+from common import Domains, header
 
 
 def main():
@@ -54,6 +57,9 @@ def main():
                         "candidates on")
     p.add_argument("--rows", nargs="*", default=[], type=_row,
                    help="more kfac rows, each ALLOCATION@RATIO[xSTEPS][+seq]")
+    p.add_argument("--calib", nargs="+", default=["wikitext"],
+                   help="calibration sources NAME[:WEIGHT] (domains, files, self)")
+    p.add_argument("--damping", type=float, default=DEFAULT_DAMPING)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--seqlen", type=int, default=512)
@@ -63,13 +69,11 @@ def main():
     dense, tokenizer, _ = load_model()
     # search rows get --search-windows more windows as fitness data, so their statistics
     # come from the very windows every other row uses (the first ones of one seeded draw)
-    with_fitness = calibration_windows(tokenize(tokenizer, read_text(CALIBRATION_TEXT)),
-                                       args.calib_samples + args.search_windows, args.seqlen, seed=0)
+    with_fitness, drawn = mixture_windows(parse_sources(args.calib), tokenizer, dense,
+                                          args.calib_samples + args.search_windows,
+                                          args.seqlen, seed=0)
     calib = with_fitness[:args.calib_samples]
-    test = evaluation_windows(tokenize(tokenizer, read_text(EVALUATION_TEXT)), args.seqlen,
-                              args.windows)
-    ref = reference_log_probs(dense, test)
-    dense_report = evaluate(dense, test, ref)
+    domains = Domains(dense, tokenizer, args.windows, args.seqlen)
 
     runs = [(metric, "uniform", ratio, 1, False) for ratio in args.ratios
             for metric in args.metrics]
@@ -85,12 +89,13 @@ def main():
         t0 = time.perf_counter()
         collected[gradients] = stats.collect(dense, layers, calib.split(4), gradients=gradients)
         stat_seconds[gradients] = time.perf_counter() - t0
-    rows = [("dense", "-", "-", dense_report.perplexity, 0.0, 1.0, 0.0, 0.0)]
+    rows = [("dense", "-", "-", domains.dense, 0.0, 0.0)]
     for metric, allocation, ratio, steps, sequential in runs:
         model = copy.deepcopy(dense)
         kind = _pass(metric)
         config = CompressConfig(metric=metric, ratio=ratio, allocation=allocation, steps=steps,
-                                sequential=sequential, search_generations=10_000,
+                                sequential=sequential, damping=args.damping,
+                                search_generations=10_000,
                                 search_seconds=args.search_seconds,
                                 search_windows=args.search_windows)
         if _shares_statistics((metric, allocation, ratio, steps, sequential)):
@@ -105,20 +110,19 @@ def main():
                   f"{summary.search.fitness:.4f} in {summary.search.generations} generations",
                   flush=True)
         allocation += (f"x{steps}" if steps > 1 else "") + ("+seq" if sequential else "")
-        report = evaluate(model, test, ref, progress=False)
-        rows.append((metric, allocation, f"{summary.achieved_ratio:.3f}", report.perplexity,
-                     report.kl, report.top1_agreement, seconds, summary.seconds["projection"]))
-        print(f"  {metric} {allocation} @ {ratio}: ppl {report.perplexity:.2f}", flush=True)
+        scores = domains.score(model)
+        rows.append((metric, allocation, f"{summary.achieved_ratio:.3f}", scores, seconds,
+                     summary.seconds["projection"]))
+        print(f"  {metric} {allocation} @ {ratio}: {scores.cells()}", flush=True)
         del model
 
-    print(f"\nSmolLM2-135M-Instruct, WikiText-2 test {test.shape[0]} x {test.shape[1]} tokens, "
-          f"calibration {calib.shape[0]} x {calib.shape[1]} (seed 0), torch threads "
-          f"{torch.get_num_threads()}")
-    print(f"{'metric':8s} {'allocation':16s} {'ratio':>6s} {'ppl':>12s} {'KL':>8s} {'top-1':>7s} "
-          f"{'compress s':>11s} {'(project s)':>11s}")
-    for metric, alloc, ratio, ppl, kl, top1, secs, proj in rows:
-        print(f"{metric:8s} {alloc:16s} {ratio:>6s} {ppl:12.2f} {kl:8.4f} {top1:7.4f} "
-              f"{secs:11.1f} {proj:11.1f}")
+    print(f"\nSmolLM2-135M-Instruct; evaluation {domains.describe()} tokens; calibration "
+          f"{calib.shape[0]} x {calib.shape[1]} from {drawn}; damping {args.damping}; torch "
+          f"threads {torch.get_num_threads()}")
+    print(f"{'metric':8s} {'allocation':16s} {'ratio':>6s} {header()} {'compress s':>11s} "
+          f"{'(project s)':>11s}")
+    for metric, alloc, ratio, scores, secs, proj in rows:
+        print(f"{metric:8s} {alloc:16s} {ratio:>6s} {scores.cells()} {secs:11.1f} {proj:11.1f}")
 
 
 def _row(spec: str) -> tuple[str, float, int, bool]:

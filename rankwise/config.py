@@ -10,6 +10,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from .allocate import ALLOCATIONS
+from .data import DOMAINS, SELF
 from .errors import RankwiseError
 from .geometry import DEFAULT_DAMPING
 from .metrics import METRICS
@@ -81,14 +82,25 @@ class CompressConfig:
 @dataclass
 class CalibrationConfig:
     """Where the calibration windows come from."""
-    calib_text: str | None = option(None, "calibration text file (default: the shipped "
-                                          "WikiText-2 validation split)")
+    calib: list[str] = option(
+        help="calibration sources, each NAME[:WEIGHT]: a shipped domain's calibration part "
+             f"({', '.join(DOMAINS)}), a text file, or {SELF} (text sampled from the dense "
+             "model: data-free); the windows are split by weight",
+        factory=lambda: ["wikitext"], aliases=("calib_text",), metavar="SOURCE")
     calib_samples: int = option(32, "number of calibration windows")
     seqlen: int = option(512, "tokens per calibration window")
-    seed: int = option(0, "seed of the windows and of the sampled labels")
+    seed: int = option(0, "seed of the windows, of self-sampling and of the sampled labels")
     batch_size: int = option(4, "windows per forward pass")
+    self_temperature: float = option(1.0, f"{SELF} calibration: sampling temperature")
+    self_top_p: float = option(0.95, f"{SELF} calibration: nucleus (top-p) mass, in (0, 1]")
 
     def __post_init__(self):
+        if isinstance(self.calib, str):
+            self.calib = [self.calib]
+        if not isinstance(self.calib, list) or not self.calib:
+            raise RankwiseError(f"calib must be a list of sources, got {self.calib!r}")
+        self.self_temperature = check_number("self_temperature", self.self_temperature, 0)
+        self.self_top_p = check_number("self_top_p", self.self_top_p, 0, 1, high_open=False)
         check_int("calib_samples", self.calib_samples)
         check_int("seqlen", self.seqlen, 2)
         check_int("seed", self.seed, 0)

@@ -1,6 +1,15 @@
-"""Text corpora -> token windows. WikiText-2 ships inside the package so runs work offline."""
+"""Text sources -> token windows: shipped domains, files, weighted mixtures, and text
+sampled from the model itself.
+
+Three domains ship inside the package, each split into a calibration part and an
+evaluation part that share no document: WikiText-2 (validation / test), the Python
+standard library's documentation topics (pydoc) and standard library source (code); see
+scripts/make_domain_texts.py. A calibration source is a shipped domain's calibration part,
+any text file, or `self`: windows sampled from the dense model (data-free calibration).
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -8,8 +17,13 @@ import torch
 from .errors import RankwiseError
 
 DATA_DIR = Path(__file__).parent / "data"
-CALIBRATION_TEXT = DATA_DIR / "valid.tokens.txt"   # WikiText-2 validation split
-EVALUATION_TEXT = DATA_DIR / "wiki.test.raw"       # WikiText-2 raw test split
+DOMAINS = {   # name: (calibration part, evaluation part)
+    "wikitext": (DATA_DIR / "valid.tokens.txt", DATA_DIR / "wiki.test.raw"),
+    "pydoc": (DATA_DIR / "pydoc.calib.txt", DATA_DIR / "pydoc.eval.txt"),
+    "code": (DATA_DIR / "code.calib.txt", DATA_DIR / "code.eval.txt"),
+}
+CALIBRATION_TEXT, EVALUATION_TEXT = DOMAINS["wikitext"]
+SELF = "self"
 
 
 def read_text(path: str | Path) -> str:
@@ -25,6 +39,72 @@ def read_text(path: str | Path) -> str:
     if not text.strip():
         raise RankwiseError(f"text file {path} is empty")
     return text
+
+
+@dataclass
+class Source:
+    """One part of a calibration mixture: a text (shipped domain or file) or `self`."""
+    name: str
+    weight: float
+    text: str | None = None      # None for self
+
+    @property
+    def is_self(self) -> bool:
+        return self.text is None
+
+
+def parse_sources(specs: list[str]) -> list[Source]:
+    """Calibration sources from specs NAME[:WEIGHT] (a shipped domain, a text file or
+    `self`; weight 1 by default), texts read now so that a bad one fails before any model
+    is loaded; weights normalised to sum 1."""
+    if not specs:
+        raise RankwiseError("give at least one calibration source")
+    sources = []
+    for spec in specs:
+        name, sep, weight = str(spec).rpartition(":")
+        if not sep or not _is_number(weight):
+            name, weight = str(spec), "1"
+        if float(weight) <= 0:
+            raise RankwiseError(f"calibration weight must be positive, got {spec!r}")
+        if name != SELF and name not in DOMAINS and not Path(name).exists():
+            raise RankwiseError(f"text file not found: {name} (a calibration source is a text "
+                                f"file, a shipped domain ({', '.join(DOMAINS)}) or {SELF})")
+        text = None if name == SELF else \
+            read_text(DOMAINS[name][0] if name in DOMAINS else name)
+        sources.append(Source(name, float(weight), text))
+    total = sum(s.weight for s in sources)
+    for s in sources:
+        s.weight /= total
+    return sources
+
+
+def evaluation_texts(specs: list[str] | None) -> dict[str, str]:
+    """{name: text} of the evaluation parts of shipped domains or of text files (None:
+    every shipped domain)."""
+    specs = list(DOMAINS) if not specs else specs
+    return {name: read_text(DOMAINS[name][1] if name in DOMAINS else name) for name in specs}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def split_counts(weights: list[float], total: int) -> list[int]:
+    """`total` windows split by weight (largest remainders), every source at least one."""
+    if total < len(weights):
+        raise RankwiseError(f"{total} calibration windows cannot cover {len(weights)} sources")
+    exact = [w * total for w in weights]
+    counts = [max(1, int(e)) for e in exact]
+    order = sorted(range(len(weights)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
+    for i in order[:max(total - sum(counts), 0)]:
+        counts[i] += 1
+    while sum(counts) > total:        # the minimum of one overshot: take from the largest
+        counts[counts.index(max(counts))] -= 1
+    return counts
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -64,3 +144,52 @@ def evaluation_windows(ids: torch.Tensor, seqlen: int, count: int | None = None,
             raise RankwiseError(f"the number of evaluation windows must be at least 1, got {count}")
         available = min(available, count)
     return ids[:available * seqlen].view(available, seqlen)
+
+
+def mixture_windows(sources: list[Source], tokenizer, model, count: int, seqlen: int,
+                    seed: int = 0, temperature: float = 1.0, top_p: float = 0.95,
+                    progress: bool = True) -> tuple[torch.Tensor, list[dict]]:
+    """`count` calibration windows split over the sources by weight (source i drawn with
+    seed + i), and a record of what each source gave, for the manifest."""
+    parts, record = [], []
+    for i, (source, n) in enumerate(zip(sources, split_counts([s.weight for s in sources], count))):
+        if source.is_self:
+            windows = sampled_windows(model, n, seqlen, seed + i, temperature, top_p,
+                                      progress=progress)
+            record.append({"source": SELF, "windows": n, "temperature": temperature,
+                           "top_p": top_p, "seed": seed + i})
+        else:
+            windows = calibration_windows(tokenize(tokenizer, source.text), n, seqlen, seed + i,
+                                          what=f"calibration source {source.name}")
+            record.append({"source": source.name, "windows": n, "seed": seed + i})
+        parts.append(windows)
+    return torch.cat(parts), record
+
+
+@torch.no_grad()
+def sampled_windows(model, count: int, seqlen: int, seed: int = 0, temperature: float = 1.0,
+                    top_p: float = 0.95, batch_size: int = 8, start_token: int | None = None,
+                    progress: bool = True) -> torch.Tensor:
+    """`count` windows of `seqlen` tokens sampled from the model itself (`generate` with
+    nucleus sampling at `temperature` and `top_p`, seeded; end-of-sequence suppressed so
+    every window is full), each started from `start_token` (default the model's BOS
+    token), which is not part of the window."""
+    from tqdm.auto import tqdm
+
+    start = start_token if start_token is not None else getattr(model.config, "bos_token_id", None)
+    if start is None:
+        raise RankwiseError("self calibration needs a start token and the model has no BOS "
+                            "token; calibrate on a text instead")
+    device = next(model.parameters()).device
+    out = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for n in tqdm(range(0, count, batch_size), desc="sampling calibration", unit="batch",
+                      disable=not progress):
+            prompt = torch.full((min(batch_size, count - n), 1), int(start), device=device)
+            ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                 temperature=temperature, top_p=top_p, top_k=0,
+                                 max_new_tokens=seqlen, min_new_tokens=seqlen,
+                                 pad_token_id=int(start))
+            out.append(ids[:, 1:].cpu())
+    return torch.cat(out)

@@ -64,6 +64,16 @@ def save(model: nn.Module, folder: str | os.PathLike, manifest: dict | None = No
     return folder
 
 
+def save_state(state: dict, path: str | os.PathLike) -> None:
+    """torch.save to a temporary sibling renamed into place: a checkpoint is either the
+    old one or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def check_output_folder(folder: str | os.PathLike) -> Path:
     """Refuse, before any slow work, an output path that cannot become a rankwise output:
     an existing file or foreign folder, or a place that cannot be created or written."""

@@ -17,12 +17,15 @@ _REQUIRED = object()
 
 
 def option(default=None, help: str = "", *, choices=None, required: bool = False,
-           positional: bool = False, factory=None, metavar: str | None = None):
+           positional: bool = False, factory=None, metavar: str | None = None,
+           aliases: tuple[str, ...] = ()):
     """A dataclass field carrying its command-line help. `choices` limits the values;
     `required` options have no default (the command line insists on them);
-    `positional` ones are given without a flag."""
+    `positional` ones are given without a flag; `aliases` are older names still accepted
+    as flags and recipe keys."""
     metadata = {"help": help, "choices": tuple(choices) if choices is not None else None,
-                "required": required, "positional": positional, "metavar": metavar}
+                "required": required, "positional": positional, "metavar": metavar,
+                "aliases": tuple(aliases)}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -45,12 +48,22 @@ def default_of(f: dataclasses.Field):
 def build(cls, values: dict, what: str):
     """An instance of `cls` from a mapping of option names (dashes or underscores) to
     values; unknown names are one clear error."""
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    values = canonical_names(cls, values)
     known = {f.name for f, _ in fields_of(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise RankwiseError(f"unknown {what} option(s) {unknown}; accepted: {sorted(known)}")
     return cls(**values)
+
+
+def canonical_names(cls, values: dict) -> dict:
+    """Option names with underscores, aliases replaced by the field they stand for."""
+    alias = {a: f.name for f, _ in fields_of(cls) for a in f.metadata.get("aliases", ())}
+    out = {}
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        out[alias.get(key, key)] = value
+    return out
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -31,8 +31,9 @@ def test_compress_then_eval_end_to_end(tiny_folder, tmp_path, capsys):
     assert manifest["calibration"]["windows"] == 4 and manifest["calibration"]["seqlen"] == 32
     assert (out / "ranks.png").read_bytes()[:4] == b"\x89PNG"
     code, text, _ = run(capsys, "eval", str(out), "--windows", "2", "--seqlen", "32", "--ranks")
-    assert code == 0
-    assert "dense perplexity" in text and "KL(dense || model)" in text
+    assert code == 0 and "x dense" in text and "KL(dense || model)" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[2:5]}
+    assert set(rows) == {"wikitext", "pydoc", "code"} and all(r[1] == "62" for r in rows.values())
     assert "model.layers.0.self_attn.q_proj" in text
 
 
@@ -168,8 +169,10 @@ def _values(f, hint):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if hint is bool:
         return (not default), [f"--{'' if default else 'no-'}{dashed}"], default
-    if typing.get_origin(hint) is list:
+    if typing.get_origin(hint) is list and choices:
         recipe, flag, given = [choices[1]], choices[2], [choices[2]]
+    elif typing.get_origin(hint) is list:
+        recipe, flag, given = ["recipe-a", "recipe-b"], "flag-c", ["flag-c"]
     elif typing.get_origin(hint) is dict:
         recipe, flag, given = {"q_proj": 3}, "{k_proj: 5}", {"k_proj": 5}
     elif choices:

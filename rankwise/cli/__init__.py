@@ -21,6 +21,7 @@ VERBS = {   # verb: (module, one-line help)
     "compress": ("compress", "factorize a model's linear layers and save it"),
     "eval": ("evaluate", "perplexity and divergence from the dense model"),
     "finetune": ("finetune", "fine-tune under a rank constraint (factors, hard, svt)"),
+    "heal": ("heal", "distil a compressed model back toward its dense teacher"),
     "dln": ("dln", "deep linear networks vs their compressed form (C-DLN; research lab)"),
 }
 

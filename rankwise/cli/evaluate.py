@@ -14,16 +14,19 @@ def run(configs) -> None:
 
     config = configs[EvalConfig]
     o = evaluate_model(config)
-    r = o.report
-    print(f"evaluated {o.source} on {r.tokens} predicted tokens "
-          f"({o.windows[0]} windows x {o.windows[1]})")
-    if r.kl is not None:
-        print(f"  dense perplexity       {r.reference_perplexity:10.3f}  "
-              f"({o.reference_params:,} parameters)")
-    print(f"  perplexity             {r.perplexity:10.3f}  ({o.params:,} parameters)")
-    if r.kl is not None:
-        print(f"  KL(dense || model)     {r.kl:10.4f}  nats/token")
-        print(f"  top-1 agreement        {r.top1_agreement:10.4f}")
+    print(f"evaluated {o.source} ({o.params:,} parameters"
+          + (f"; dense {o.reference_params:,}" if o.reference_params else "") + ")")
+    compared = o.reference_params is not None
+    print(f"  {'text':12s} {'tokens':>8s} {'ppl':>10s}" + (
+        f" {'dense ppl':>10s} {'x dense':>8s} {'KL':>8s} {'top-1':>7s}" if compared else ""))
+    for name, r in o.reports.items():
+        line = f"  {name:12s} {r.tokens:8d} {r.perplexity:10.3f}"
+        if compared:
+            line += (f" {r.reference_perplexity:10.3f} {r.perplexity / r.reference_perplexity:8.3f}"
+                     f" {r.kl:8.4f} {r.top1_agreement:7.4f}")
+        print(line)
+    if compared:
+        print("  (KL: KL(dense || model) in nats per token; top-1: agreement of next-token argmax)")
     if config.ranks and o.manifest is not None:
         print("  per-layer ranks:")
         for name, rank in o.manifest["ranks"].items():

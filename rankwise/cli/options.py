@@ -12,7 +12,7 @@ import types
 import typing
 
 from ..errors import RankwiseError
-from ..options import default_of, fields_of, read_yaml
+from ..options import canonical_names, default_of, fields_of, read_yaml
 
 
 def _base(hint) -> tuple[type, bool]:
@@ -65,7 +65,8 @@ def add_options(parser: argparse.ArgumentParser, classes) -> None:
             if f.metadata.get("positional"):
                 parser.add_argument(f.name, nargs="?", **kw)
             else:
-                parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+                flags = [f.name, *f.metadata.get("aliases", ())]
+                parser.add_argument(*("--" + n.replace("_", "-") for n in flags), dest=f.name, **kw)
     parser.add_argument("--config", metavar="YAML",
                         help="recipe file holding any of these options by name; options "
                              "given on the command line win")
@@ -74,6 +75,8 @@ def add_options(parser: argparse.ArgumentParser, classes) -> None:
 def resolved_values(args: argparse.Namespace, classes) -> dict:
     """Each field's value: flag if given, else recipe, else (absent) the field default."""
     values = read_yaml(args.config) if getattr(args, "config", None) else {}
+    for cls in classes:
+        values = canonical_names(cls, values)
     known = {f.name for cls in classes for f, _ in fields_of(cls)}
     unknown = sorted(set(values) - known)
     if unknown:

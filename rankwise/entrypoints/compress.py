@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..compress import Summary, compress_
 from ..config import CalibrationConfig, CompressConfig
-from ..data import CALIBRATION_TEXT, calibration_windows, read_text, tokenize
+from ..data import mixture_windows, parse_sources
 from ..io import check_output_folder, open_model, save
 from ..models import model_path
 from ..options import option
@@ -40,10 +40,12 @@ def compress_model(out: str | os.PathLike, model: str | os.PathLike | None = Non
     calibration = calibration or CalibrationConfig()
     folder = check_output_folder(out)
     model_path(model)
-    text = read_text(calibration.calib_text or CALIBRATION_TEXT)
+    sources = parse_sources(calibration.calib)
     net, tokenizer, source, _ = open_model(model)
-    windows = calibration_windows(tokenize(tokenizer, text), calibration.calib_samples,
-                                  calibration.seqlen, calibration.seed)
+    windows, drawn = mixture_windows(sources, tokenizer, net, calibration.calib_samples,
+                                     calibration.seqlen, calibration.seed,
+                                     calibration.self_temperature, calibration.self_top_p,
+                                     progress)
     summary = compress_(net, config, windows, batch_size=calibration.batch_size,
                         seed=calibration.seed, progress=progress)
     manifest = {
@@ -51,7 +53,7 @@ def compress_model(out: str | os.PathLike, model: str | os.PathLike | None = Non
         "config": config.to_dict(),
         "achieved_ratio": summary.achieved_ratio,
         "targeted_params": {"dense": summary.dense_params, "compressed": summary.compressed_params},
-        "calibration": {"text": str(calibration.calib_text or "wikitext-2 validation (shipped)"),
+        "calibration": {"sources": drawn,
                         "windows": calibration.calib_samples, "seqlen": calibration.seqlen,
                         "seed": calibration.seed, "batch_size": calibration.batch_size,
                         "tokens": summary.calibration_tokens},

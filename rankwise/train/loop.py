@@ -29,7 +29,6 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,6 +38,7 @@ from .. import allocate, geometry
 from ..compress import compress_
 from ..config import CompressConfig
 from ..errors import RankwiseError
+from ..io import save_state
 from ..layers import LowRankLinear, params_at, ranks_of, set_module
 from .config import FinetuneConfig, check_resume
 from .prox import (budget_threshold, cubic_schedule, metric_roots, penalty_weights,
@@ -249,16 +249,12 @@ def finetune(model: nn.Module, task, config: FinetuneConfig, layers: dict[str, n
 
 
 def _save_checkpoint(run: _Run, optimizer, step: int, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "config": asdict(run.config), "ranks": run.ranks(),
              "model": run.model.state_dict(), "optimizer": optimizer.state_dict(),
              "history": [asdict(r) for r in run.history], "nuclear": run.nuclear, "kept_params": run.kept_params,
              "roots": {k: [None if r is None else (r.half, r.inv_half) for r in v]
                        for k, v in run.roots.items()}}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_state(state, path)
 
 
 def _load_checkpoint(run: _Run, path) -> tuple[int, dict]:

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from rankwise import RankwiseError
+from rankwise.data import (DOMAINS, evaluation_texts, mixture_windows, parse_sources,
+                           sampled_windows, split_counts, tokenize)
+
+from conftest import word_tokenizer
+
+
+def test_every_shipped_domain_has_disjoint_calibration_and_evaluation_parts():
+    for name, (calib, evaluation) in DOMAINS.items():
+        a, b = calib.read_text(), evaluation.read_text()
+        assert len(a) > 100_000 and len(b) > 60_000, name
+        # no paragraph of the evaluation part appears in the calibration part
+        paragraphs = [p for p in b.split("\n\n") if len(p) > 400][:50]
+        assert paragraphs and not any(p in a for p in paragraphs), name
+
+
+def test_sources_parse_weights_and_fail_before_any_model(tmp_path):
+    text = tmp_path / "mine.txt"
+    text.write_text("some words " * 100)
+    sources = parse_sources(["wikitext:3", str(text), "self:0.5"])
+    assert [s.name for s in sources] == ["wikitext", str(text), "self"]
+    assert [s.weight for s in sources] == pytest.approx([3 / 4.5, 1 / 4.5, 0.5 / 4.5])
+    assert sources[2].is_self and sources[0].text == DOMAINS["wikitext"][0].read_text()
+    with pytest.raises(RankwiseError, match="text file not found: nowhere.txt"):
+        parse_sources(["nowhere.txt"])
+    with pytest.raises(RankwiseError, match="weight must be positive"):
+        parse_sources(["pydoc:0"])
+    assert set(evaluation_texts(None)) == set(DOMAINS)
+
+
+@pytest.mark.parametrize("weights,total", [([0.5, 0.5], 32), ([0.7, 0.2, 0.1], 10),
+                                           ([0.98, 0.01, 0.01], 5), ([1 / 3] * 3, 32)])
+def test_split_counts_add_up_and_give_every_source_a_window(weights, total):
+    counts = split_counts(weights, total)
+    assert sum(counts) == total and min(counts) >= 1
+    if min(weights) * total >= 1:       # then largest remainders are within one window
+        assert all(abs(c - w * total) < 1 for c, w in zip(counts, weights))
+
+
+def test_a_mixture_draws_each_source_by_weight(tmp_path):
+    tok = word_tokenizer()
+    sources = parse_sources(["wikitext:3", "pydoc:1"])
+    windows, record = mixture_windows(sources, tok, None, 8, 16, seed=2)
+    assert windows.shape == (8, 16)
+    assert [(r["source"], r["windows"]) for r in record] == [("wikitext", 6), ("pydoc", 2)]
+    again, _ = mixture_windows(sources, tok, None, 8, 16, seed=2)
+    assert torch.equal(windows, again)
+    wiki = tokenize(tok, sources[0].text)
+    starts = [any(torch.equal(w, wiki[s:s + 16]) for s in range(0, wiki.numel() - 15))
+              for w in windows[:1]]
+    assert all(starts)
+
+
+def test_self_windows_are_the_models_own_samples(tiny):
+    a = sampled_windows(tiny, 3, 12, seed=1, batch_size=2, start_token=5, progress=False)
+    b = sampled_windows(tiny, 3, 12, seed=1, batch_size=2, start_token=5, progress=False)
+    assert a.shape == (3, 12) and torch.equal(a, b)
+    # a tiny nucleus is greedy decoding
+    greedy = sampled_windows(tiny, 1, 6, seed=3, top_p=1e-6, start_token=5, progress=False)
+    ids = torch.tensor([[5]])
+    with torch.no_grad():
+        for t in range(6):
+            nxt = tiny(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+    assert torch.equal(greedy, ids[:, 1:])
