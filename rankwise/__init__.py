@@ -6,12 +6,13 @@ from .config import CalibrationConfig, CompressConfig
 from .entrypoints import (CompressJob, EvalConfig, compress_model, evaluate_model,
                           finetune_model)
 from .errors import RankwiseError
-from .evaluate import evaluate, measure_speed
+from .evaluate import evaluate
 from .io import load, save
 from .layers import LowRankLinear
+from .speed import accelerate, measure_speed
 from .train import FinetuneConfig, FinetuneRun
 
-__all__ = ["CalibrationConfig", "CompressConfig", "CompressJob", "EvalConfig", "FinetuneConfig",
+__all__ = ["accelerate", "CalibrationConfig", "CompressConfig", "CompressJob", "EvalConfig", "FinetuneConfig",
            "FinetuneRun", "LowRankLinear", "RankwiseError", "Summary", "compress_",
            "compress_model", "evaluate", "evaluate_model", "finetune_model", "load",
            "measure_speed", "save", "__version__"]

@@ -30,21 +30,32 @@ ALLOCATIONS = {a.name: a for a in (
 
 
 def choose_ranks(allocation: str, shapes: dict[str, tuple[int, int]],
-                 spectra: dict[str, torch.Tensor], ratio: float,
-                 min_rank: int = 1) -> dict[str, int | None]:
+                 spectra: dict[str, torch.Tensor], ratio: float, min_rank: int = 1,
+                 multiple: int = 1) -> dict[str, int | None]:
     """The ranks an allocation gives before any search (search starts from spectrum)."""
     if ALLOCATIONS[allocation].uses_spectra:
-        return spectrum_ranks(shapes, spectra, ratio, min_rank)
-    return uniform_ranks(shapes, ratio)
+        return spectrum_ranks(shapes, spectra, ratio, min_rank, multiple)
+    return uniform_ranks(shapes, ratio, multiple)
 
 
-def uniform_ranks(shapes: dict[str, tuple[int, int]], ratio: float) -> dict[str, int | None]:
+def uniform_ranks(shapes: dict[str, tuple[int, int]], ratio: float,
+                  multiple: int = 1) -> dict[str, int | None]:
     """Every layer loses the same fraction `ratio` of its parameters (rounded down to a
-    whole rank, so the achieved ratio is at least the requested one). None = keep dense."""
+    whole rank, or a whole multiple of `multiple`, so the achieved ratio is at least the
+    requested one). None = keep dense."""
     ranks = {}
     for name, (m, n) in shapes.items():
-        r = int((1 - ratio) * m * n // (m + n))
-        ranks[name] = min(r, max_useful_rank(m, n)) if r >= 1 else 1
+        top = max_useful_rank(m, n)
+        r = min(int((1 - ratio) * m * n // (m + n)), top) // multiple * multiple
+        ranks[name] = r or (multiple if multiple <= max(top, 1) else None)
+    budget = (1 - ratio) * sum(dense_params(m, n) for m, n in shapes.values())
+    while kept_params(shapes, ranks) > budget:     # layers rounded up to one multiple
+        name = max((k for k, r in ranks.items() if r and r > multiple),
+                   key=lambda k: ranks[k] * sum(shapes[k]), default=None)
+        if name is None:
+            raise RankwiseError(f"ratio {ratio} cannot be reached with ranks that are "
+                                f"multiples of {multiple}")
+        ranks[name] -= multiple
     return ranks
 
 
@@ -71,7 +82,7 @@ def achieved_ratio(shapes: dict[str, tuple[int, int]], ranks: dict[str, int | No
 
 
 def spectrum_ranks(shapes: dict[str, tuple[int, int]], spectra: dict[str, torch.Tensor],
-                   ratio: float, min_rank: int = 1) -> dict[str, int | None]:
+                   ratio: float, min_rank: int = 1, multiple: int = 1) -> dict[str, int | None]:
     """Global allocation from the per-direction loss spectra (descending, per layer).
 
     Each layer picks, for a price `lam` per parameter, the option minimising
@@ -80,10 +91,13 @@ def spectrum_ranks(shapes: dict[str, tuple[int, int]], spectra: dict[str, torch.
     layer that saves nothing until its rank falls below mn/(m+n) is handled exactly. `lam` is
     bisected to the largest spend within the budget; the leftover is then spent greedily on
     the directions with the most predicted loss per parameter. The spectra must be in the
-    same units for every layer (unnormalised statistics over the same tokens).
+    same units for every layer (unnormalised statistics over the same tokens). With
+    `multiple` > 1 a layer chooses among ranks that are multiples of it (kernel-friendly
+    shapes) and the leftover is spent `multiple` ranks at a time.
     """
     budget = (1 - ratio) * sum(dense_params(m, n) for m, n in shapes.values())
-    options = {name: _LayerOptions(shapes[name], spectra[name], min_rank) for name in shapes}
+    options = {name: _LayerOptions(shapes[name], spectra[name], min_rank, multiple)
+               for name in shapes}
 
     def choose(lam: float) -> dict[str, int | None]:
         return {name: opt.best(lam) for name, opt in options.items()}
@@ -108,11 +122,13 @@ def spectrum_ranks(shapes: dict[str, tuple[int, int]], spectra: dict[str, torch.
 class _LayerOptions:
     """Loss and parameters of every choice for one layer (index r = rank; None = dense)."""
 
-    def __init__(self, shape: tuple[int, int], spectrum: torch.Tensor, min_rank: int):
+    def __init__(self, shape: tuple[int, int], spectrum: torch.Tensor, min_rank: int,
+                 multiple: int = 1):
         m, n = shape
-        self.m, self.n = m, n
-        self.top = max_useful_rank(m, n)
-        self.min_rank = min(max(min_rank, 1), self.top) if self.top >= 1 else None
+        self.m, self.n, self.step = m, n, multiple
+        low = -(-max(min_rank, 1) // multiple) * multiple    # the first multiple >= min_rank
+        self.top = max_useful_rank(m, n) // multiple * multiple
+        self.min_rank = min(low, self.top) if self.top >= multiple else None
         s = spectrum.detach().to("cpu", torch.float64).clamp_min(0)   # cheap; no GPU syncs
         tail = s.flip(0).cumsum(0).flip(0)                     # tail[r] = sum_{i >= r} s_i
         self.loss = torch.cat([tail, torch.zeros(1, dtype=torch.float64)])   # loss[r]
@@ -124,27 +140,28 @@ class _LayerOptions:
     def best(self, lam: float) -> int | None:
         if self.min_rank is None:
             return None
-        lo, hi = self.min_rank, self.top
-        cost = self.loss[lo:hi + 1] + lam * self.ranks[lo:hi + 1] * (self.m + self.n)
+        lo, hi, step = self.min_rank, self.top, self.step
+        cost = self.loss[lo:hi + 1:step] + lam * self.ranks[lo:hi + 1:step] * (self.m + self.n)
         i = int(cost.argmin())
-        return None if lam * self.m * self.n <= float(cost[i]) else lo + i
+        return None if lam * self.m * self.n <= float(cost[i]) else lo + i * step
 
 
 def _fill(ranks: dict[str, int | None], options: dict[str, _LayerOptions],
           leftover: float) -> dict[str, int | None]:
-    """Spend leftover parameters one rank at a time on the best loss drop per parameter."""
+    """Spend leftover parameters one rank step at a time on the best loss drop per
+    parameter."""
     ranks = dict(ranks)
     while True:
         best, best_gain = None, 0.0
         for name, r in ranks.items():
             opt = options[name]
-            if r is None or r >= opt.top:
+            if r is None or r + opt.step > opt.top:
                 continue
-            cost = opt.m + opt.n
-            gain = float(opt.loss[r] - opt.loss[r + 1]) / cost
+            cost = opt.step * (opt.m + opt.n)
+            gain = float(opt.loss[r] - opt.loss[r + opt.step]) / cost
             if cost <= leftover and gain > best_gain:
                 best, best_gain = name, gain
         if best is None:
             return ranks
-        ranks[best] += 1
-        leftover -= options[best].m + options[best].n
+        ranks[best] += options[best].step
+        leftover -= options[best].step * (options[best].m + options[best].n)

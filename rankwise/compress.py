@@ -140,7 +140,7 @@ def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progre
                          disable=not progress)}
     ranks = allocate.choose_ranks(config.allocation, shapes,
                                   {k: d.spectrum for k, d in decompositions.items()}, ratio,
-                                  config.min_rank)
+                                  config.min_rank, config.rank_multiple)
     ranks = allocate.apply_rank_pattern(ranks, shapes, config.rank_pattern)
     searched = None
     if fitness is not None:

@@ -1,9 +1,7 @@
-"""Perplexity, divergence from the dense model, size and measured speed."""
+"""Perplexity, divergence from the dense model, and size (speed: rankwise.speed)."""
 from __future__ import annotations
 
 import math
-import time
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +21,7 @@ class Report:
     top1_agreement: float | None = None
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: nn.Module, windows: torch.Tensor,
              reference: nn.Module | list[torch.Tensor] | None = None,
              batch_size: int = 4, progress: bool = True) -> Report:
@@ -52,7 +50,7 @@ def evaluate(model: nn.Module, windows: torch.Tensor,
     return report
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def reference_log_probs(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
                         progress: bool = True) -> list[torch.Tensor]:
     """The dense model's next-token log-probabilities per batch (float16 to halve memory),
@@ -81,33 +79,3 @@ def linear_macs(model: nn.Module) -> int:
 def parameter_count(model: nn.Module) -> int:
     """Distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-@dataclass
-class Speed:
-    prefill_tokens_per_s: float
-    decode_tokens_per_s: float
-
-
-@torch.no_grad()
-def measure_speed(model: nn.Module, prompt_len: int = 512, decode_tokens: int = 64,
-                  repeats: int = 3, vocab_size: int | None = None, seed: int = 0) -> Speed:
-    """Best-of-`repeats` prefill (one prompt, batch 1) and greedy decode with a KV cache."""
-    vocab = vocab_size or model.config.vocab_size
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
-    best_prefill = best_decode = math.inf
-    model(input_ids=prompt[:, :16])   # warm-up: first calls allocate and pick kernels
-    with warnings.catch_warnings():   # newer transformers rename past_key_values; both work
-        warnings.simplefilter("ignore", FutureWarning)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = model(input_ids=prompt, use_cache=True)
-            t1 = time.perf_counter()
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            for _ in range(decode_tokens):
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
-                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            t2 = time.perf_counter()
-            best_prefill, best_decode = min(best_prefill, t1 - t0), min(best_decode, t2 - t1)
-    return Speed(prompt_len / best_prefill, decode_tokens / best_decode)

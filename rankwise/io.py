@@ -15,10 +15,12 @@ import torch
 from torch import nn
 
 from .errors import RankwiseError
+from .export import MODELING_FILE, base_config, hf_config, modeling_source
 from .layers import LowRankLinear, ranks_of, set_module
 from .models import check_finite, load_model, model_path
 
 MANIFEST = "rankwise.json"
+EVAL_FILE = "eval.json"        # rankwise eval's results, which rankwise report reads
 WEIGHTS = "model.safetensors"
 FORMAT = "rankwise/1"
 
@@ -43,9 +45,9 @@ def save(model: nn.Module, folder: str | os.PathLike, manifest: dict | None = No
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)   # weights are plain floats once saved
+        config = hf_config(model, record["ranks"])
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / MODELING_FILE).write_text(modeling_source(config["rankwise_base_model_type"]))
         save_model(model, str(tmp / WEIGHTS))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -95,18 +97,24 @@ def is_output(path: str | os.PathLike | None) -> bool:
     return path is not None and (Path(path) / MANIFEST).is_file()
 
 
-def open_model(spec: str | os.PathLike | None = None):
+def open_model(spec: str | os.PathLike | None = None, need_tokenizer: bool = True):
     """(model, tokenizer, source, manifest) from a rankwise output folder (manifest: its
-    rankwise.json) or anything models.load_model takes (manifest None)."""
+    rankwise.json; tokenizer None when the folder has none and none is needed) or anything
+    models.load_model takes (manifest None)."""
     if not is_output(spec):
         return (*load_model(spec), None)
     from transformers import AutoTokenizer
     folder = model_path(spec)
     model, manifest = load(folder), read_manifest(folder)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as e:
-        raise RankwiseError(f"no usable tokenizer in {folder}") from e
+    tokenizer = None
+    if (folder / "tokenizer_config.json").exists():
+        try:     # the base config, so that loading a tokenizer never runs the folder's code
+            tokenizer = AutoTokenizer.from_pretrained(folder, config=base_config(folder))
+        except (OSError, ValueError) as e:
+            raise RankwiseError(f"no usable tokenizer in {folder}") from e
+    elif need_tokenizer:
+        raise RankwiseError(f"{folder} holds no tokenizer, which this needs; it was saved "
+                            "without one")
     return model, tokenizer, str(folder), manifest
 
 
@@ -130,15 +138,11 @@ def load(folder: str | os.PathLike) -> nn.Module:
     """Rebuild a saved compressed model (a transformers model with LowRankLinear layers)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
     record = read_manifest(folder)
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as e:
-        raise RankwiseError(f"{folder / 'config.json'} is missing or invalid") from e
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(base_config(folder))
     try:
         for name, rank in record["ranks"].items():
             linear = model.get_submodule(name)

@@ -55,7 +55,7 @@ def word_tokenizer(vocab_size: int = 256):
         vocab[w] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]")
 
 
 def structured_tiny(family: str = "llama", seed: int = 0, **overrides):

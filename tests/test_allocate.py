@@ -82,3 +82,14 @@ def test_multi_step_reduction_meets_the_budget(tiny, calib, allocation):
         p.numel() for n, p in tiny.named_parameters() if any(n.startswith(k) for k in summary.ranks))
     with torch.no_grad():
         assert torch.isfinite(tiny(calib).logits).all()
+
+
+@pytest.mark.parametrize("multiple", [4, 16])
+@pytest.mark.parametrize("allocation", ["uniform", "spectrum"])
+def test_rank_multiples_meet_the_budget(multiple, allocation):
+    from rankwise.allocate import choose_ranks
+    ranks = choose_ranks(allocation, SHAPES, random_spectra(SHAPES, seed=5), 0.4, multiple=multiple)
+    assert all(r is None or r % multiple == 0 for r in ranks.values())
+    assert achieved_ratio(SHAPES, ranks) >= 0.4
+    step = multiple * max(m + n for m, n in SHAPES.values()) / sum(m * n for m, n in SHAPES.values())
+    assert achieved_ratio(SHAPES, ranks) - 0.4 <= (len(SHAPES) if allocation == "uniform" else 1) * step

@@ -299,3 +299,69 @@ def test_the_core_and_the_product_verbs_never_import_the_lab():
     out = subprocess.run([sys.executable, "-m", "rankwise", "dln", "--help"], capture_output=True,
                          text=True)
     assert out.returncode == 0 and "--warmup-steps" in out.stdout
+
+
+def test_eval_runs_a_local_lm_eval_task_on_model_and_reference(tiny_folder, tmp_path, capsys,
+                                                               monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = [{"question": "The capital of France is", "choices": [" Paris", " the"], "label": 0},
+            {"question": "In 1990 the team", "choices": [" won", " of"], "label": 0},
+            {"question": "The river flows into the", "choices": [" sea", " ,"], "label": 0}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_choice.yaml").write_text(
+        "task: tiny_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'data.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n    higher_is_better: true\n")
+    out = tmp_path / "out"
+    assert run(capsys, *compress_args(tiny_folder, out))[0] == 0
+    code, text, err = run(capsys, "eval", str(out), "--text", "none", "--tasks", "tiny_choice",
+                          "--task-path", str(tasks))
+    assert code == 0, err
+    line = next(line for line in text.splitlines() if "tiny_choice" in line)
+    value, dense = float(line.split()[2]), float(line.split("dense ")[1].split(",")[0])
+    assert 0 <= value <= 1 and 0 <= dense <= 1 and "(dense" in line
+    code, _, err = run(capsys, "eval", str(out), "--tasks", "no_such_task", "--task-path", str(tasks))
+    assert code == 2 and "unknown lm-eval task" in err
+
+
+def test_report_compares_runs_in_a_page_chromium_loads(tiny_folder, tmp_path, capsys):
+    import shutil
+    import subprocess
+    runs = []
+    for ratio, allocation in (("0.3", "uniform"), ("0.5", "spectrum")):
+        out = tmp_path / f"run-{allocation}"
+        assert run(capsys, *compress_args(tiny_folder, out, "--ratio", ratio,
+                                          "--allocation", allocation))[0] == 0
+        runs.append(out)
+    assert run(capsys, "eval", str(runs[0]), "--windows", "2", "--seqlen", "32")[0] == 0
+    assert json.loads((runs[0] / "eval.json").read_text())["texts"]["wikitext"]["kl"] >= 0
+    page = tmp_path / "report.html"
+    code, text, err = run(capsys, "report", *map(str, runs), "--out", str(page))
+    assert code == 0, err
+    source = page.read_text()
+    assert all(f"<td data-value=\"{r.name}\">" in source for r in runs)
+    assert source.count("data:image/png;base64,") == 3       # the Pareto plot, two rank charts
+    assert "Not evaluated yet: run-spectrum" in source
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium here (.ci/run installs Debian's)")
+    shot = tmp_path / "report.png"
+    result = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--enable-logging=stderr", "--v=0", "--window-size=1280,1600", "--virtual-time-budget=3000",
+         "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = result.stdout
+    # the page's script ran (it counts the rows) and every run is in the rendered table
+    assert '<span id="count">2</span>' in dom and all(r.name in dom for r in runs)
+    console = [line for line in result.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1400",
+                    f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    assert shot.read_bytes()[:4] == b"\x89PNG"

@@ -3,28 +3,31 @@ import time
 
 import pytest
 import torch
-from torch import nn
-
 from rankwise import evaluate, measure_speed
 
 
-class Slow(nn.Module):
-    """A model that takes a known extra time per forward call."""
+def test_speed_is_tokens_over_the_time_generate_takes(tiny):
+    """A model slowed by a known delay per forward call: one call per generated token."""
+    delay, forward = 0.05, tiny.forward
 
-    def __init__(self, model, seconds):
-        super().__init__()
-        self.model, self.seconds, self.config = model, seconds, model.config
+    def slow(*args, **kwargs):
+        time.sleep(delay)
+        return forward(*args, **kwargs)
+    tiny.forward = slow
+    speed = measure_speed(tiny, prompt_len=16, decode_tokens=4, repeats=2, batch_size=2)
+    assert 2 * 16 / delay / 1.5 < speed.prefill_tokens_per_s < 2 * 16 / delay
+    assert 2 / delay / 1.5 < speed.decode_tokens_per_s < 2 / delay * 1.1
 
-    def forward(self, **kw):
-        time.sleep(self.seconds)
-        return self.model(**kw)
 
+def test_the_fast_path_generates_what_eager_generates(tiny):
+    import copy
 
-def test_speed_is_tokens_over_the_measured_time(tiny):
-    delay = 0.05
-    speed = measure_speed(Slow(tiny, delay), prompt_len=16, decode_tokens=4, repeats=2)
-    assert 16 / delay / 1.5 < speed.prefill_tokens_per_s < 16 / delay
-    assert 1 / delay / 1.5 < speed.decode_tokens_per_s < 1 / delay
+    from rankwise import accelerate
+    ids = torch.randint(0, 256, (1, 12))
+    eager = tiny.generate(ids, max_new_tokens=6, do_sample=False)
+    fast = accelerate(copy.deepcopy(tiny), compile=False)
+    assert fast.generation_config.cache_implementation == "static"
+    assert torch.equal(fast.generate(ids, max_new_tokens=6, do_sample=False), eager)
 
 
 def test_perplexity_kl_and_agreement_by_hand(tiny, heldout):

@@ -20,7 +20,8 @@ def saved(tmp_path, calib):
 
 def test_save_load_gives_identical_logits(saved, calib):
     model, folder = saved
-    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "rankwise.json"}
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "rankwise.json",
+                                                  "modeling_rankwise.py"}
     loaded = load(folder)
     with torch.no_grad():
         assert torch.equal(model(calib).logits, loaded(calib).logits)
@@ -103,3 +104,48 @@ def test_corrupted_manifest_is_a_clear_error(saved):
     (saved[1] / "rankwise.json").write_text("{not json")
     with pytest.raises(RankwiseError, match="corrupted"):
         load(saved[1])
+
+
+def test_plain_transformers_loads_the_folder_without_rankwise(tmp_path, calib):
+    """trust_remote_code with rankwise made unimportable gives rankwise.load's logits,
+    for separate, fused and biased projection layouts."""
+    import subprocess
+    import sys
+    from conftest import structured_tiny
+    folders = []
+    for family in ("llama", "phi3", "qwen2", "gpt_neox"):
+        model = structured_tiny(family, tie_word_embeddings=family == "llama")
+        compress_(model, CompressConfig(metric="kfac", ratio=0.5, allocation="spectrum"), calib,
+                  progress=False)
+        folders.append(str(save(model, tmp_path / family)))
+    torch.save(calib, tmp_path / "ids.pt")
+    code = (
+        "import sys, torch\n"
+        "sys.modules['rankwise'] = None\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+        f"for folder in {folders!r}:\n"
+        "    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)\n"
+        "    assert type(model).__name__ == 'RankwiseForCausalLM'\n"
+        "    with torch.no_grad():\n"
+        "        torch.save(model(input_ids=ids).logits, folder + '/hf_logits.pt')\n")
+    env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules"),
+           "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
+    for folder in folders:
+        with torch.no_grad():
+            mine = load(folder)(input_ids=calib).logits
+        assert torch.equal(torch.load(f"{folder}/hf_logits.pt"), mine), folder
+
+
+def test_dense_export_is_a_plain_checkpoint_with_the_same_function(saved, tmp_path, calib):
+    from transformers import AutoModelForCausalLM
+
+    from rankwise.export import export_dense
+    model, folder = saved
+    out = export_dense(folder, tmp_path / "dense")
+    dense = AutoModelForCausalLM.from_pretrained(out)
+    assert type(dense).__name__ == "LlamaForCausalLM" and not (out / "modeling_rankwise.py").exists()
+    assert not any(isinstance(m, LowRankLinear) for m in dense.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(dense(calib).logits, model(calib).logits, rtol=1e-4, atol=1e-4)

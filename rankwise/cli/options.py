@@ -63,7 +63,8 @@ def add_options(parser: argparse.ArgumentParser, classes) -> None:
             if f.metadata.get("choices") and base is not bool:
                 kw["choices"] = f.metadata["choices"]
             if f.metadata.get("positional"):
-                parser.add_argument(f.name, nargs="?", **kw)
+                kw["nargs"] = "*" if kw.get("nargs") == "+" else "?"
+                parser.add_argument(f.name, **kw)
             else:
                 flags = [f.name, *f.metadata.get("aliases", ())]
                 parser.add_argument(*("--" + n.replace("_", "-") for n in flags), dest=f.name, **kw)
@@ -83,8 +84,9 @@ def resolved_values(args: argparse.Namespace, classes) -> dict:
         raise RankwiseError(f"unknown option(s) {unknown} in {args.config}; accepted: "
                             f"{sorted(known)}")
     for name in known:
-        if getattr(args, name, None) is not None:
-            values[name] = getattr(args, name)
+        given = getattr(args, name, None)
+        if given is not None and given != []:     # an empty positional list: not given
+            values[name] = given
     return values
 
 

@@ -1,13 +1,17 @@
 """evaluate_model: a model (or rankwise output) against its dense reference on a text."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from ..data import DOMAINS, evaluation_texts, evaluation_windows, tokenize
 from ..evaluate import Report, evaluate, parameter_count
-from ..io import is_output, open_model, read_manifest
+from ..io import EVAL_FILE, is_output, open_model, read_manifest
+from ..lm_tasks import STANDARD_ZERO_SHOT, check_tasks, run_tasks
 from ..models import DEFAULT_MODEL_NAME, load_model, model_path
 from ..options import check_bool, check_int, option
+from ..speed import measure_speed
 
 
 @dataclass
@@ -18,22 +22,39 @@ class EvalConfig:
     reference: str | None = option(None, "dense model to compare with (default: the model a "
                                          "rankwise output was compressed from; 'none' to skip)")
     text: list[str] = option(help="evaluation texts: shipped domains' evaluation parts "
-                                  f"({', '.join(DOMAINS)}) or text files", factory=lambda: list(DOMAINS),
-                             metavar="TEXT")
+                                  f"({', '.join(DOMAINS)}) or text files; none to skip "
+                                  "perplexity", factory=lambda: list(DOMAINS), metavar="TEXT")
     windows: int = option(40, "number of windows")
     seqlen: int = option(512, "tokens per window")
     full: bool = option(False, "evaluate on the whole text")
     batch_size: int = option(4, "windows per forward pass")
     ranks: bool = option(False, "also print the per-layer ranks")
+    tasks: list[str] = option(help="lm-evaluation-harness tasks to run on the model and its "
+                                   "reference (pip install 'rankwise[lmeval]'), e.g. "
+                                   + ",".join(STANDARD_ZERO_SHOT), factory=list, metavar="TASK")
+    task_path: str | None = option(None, "folder of local lm-eval task YAML files")
+    task_limit: int | None = option(None, "lm-eval: at most this many examples per task")
+    num_fewshot: int | None = option(None, "lm-eval: few-shot examples (default: the task's)")
+    speed: bool = option(False, "also measure generate speed (prefill and decode tokens/s, "
+                                "eager) of the model and its reference")
+    save: bool = option(True, "write the results to eval.json in a rankwise output folder "
+                              "(rankwise report reads them)")
 
     def __post_init__(self):
         if isinstance(self.text, str):
             self.text = [self.text]
+        self.text = [] if [t.lower() for t in self.text] == ["none"] else self.text
+        self.tasks = [t for item in ([self.tasks] if isinstance(self.tasks, str) else self.tasks)
+                      for t in item.split(",") if t]
+        if self.task_limit is not None:
+            check_int("task_limit", self.task_limit)
+        if self.num_fewshot is not None:
+            check_int("num_fewshot", self.num_fewshot, 0)
         check_int("windows", self.windows)
         check_int("seqlen", self.seqlen, 2)
         check_int("batch_size", self.batch_size)
-        check_bool("full", self.full)
-        check_bool("ranks", self.ranks)
+        for name in ("full", "ranks", "speed", "save"):
+            check_bool(name, getattr(self, name))
 
 
 @dataclass
@@ -44,12 +65,24 @@ class EvalOutcome:
     params: int
     reference_params: int | None
     manifest: dict | None
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)            # lm-eval
+    reference_tasks: dict[str, dict[str, float]] = field(default_factory=dict)
+    speed: dict[str, float] = field(default_factory=dict)     # tokens/s; dense_* for the reference
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "params": self.params,
+                "reference_params": self.reference_params,
+                "texts": {name: {**asdict(r), "windows": list(self.windows[name])}
+                          for name, r in self.reports.items()},
+                "tasks": self.tasks, "reference_tasks": self.reference_tasks, "speed": self.speed}
 
 
 def evaluate_model(config: EvalConfig, progress: bool = True) -> EvalOutcome:
     """Perplexity of config.model on each text and, against the reference, the KL of
     next-token distributions and top-1 agreement. Paths are checked before any load."""
-    texts = evaluation_texts(config.text)
+    texts = evaluation_texts(config.text) if config.text else {}
+    if config.tasks:
+        check_tasks(config.tasks, config.task_path)
     model_path(config.model)
     manifest = read_manifest(config.model) if is_output(config.model) else None
     reference_spec, use_reference = config.reference, True
@@ -69,5 +102,20 @@ def evaluate_model(config: EvalConfig, progress: bool = True) -> EvalOutcome:
         reports[name] = evaluate(model, windows, reference, batch_size=config.batch_size,
                                  progress=progress)
         shapes[name] = tuple(windows.shape)
-    return EvalOutcome(reports, shapes, source, parameter_count(model),
-                       parameter_count(reference) if reference is not None else None, manifest)
+    outcome = EvalOutcome(reports, shapes, source, parameter_count(model),
+                          parameter_count(reference) if reference is not None else None, manifest)
+    if config.tasks:
+        run = dict(tasks=config.tasks, include_path=config.task_path, limit=config.task_limit,
+                   num_fewshot=config.num_fewshot, batch_size=config.batch_size)
+        outcome.tasks = run_tasks(model, tokenizer, **run)
+        if reference is not None:
+            outcome.reference_tasks = run_tasks(reference, tokenizer, **run)
+    if config.speed:
+        for prefix, net in (("", model), ("dense_", reference)):
+            if net is not None:
+                s = measure_speed(net)
+                outcome.speed.update({f"{prefix}prefill": s.prefill_tokens_per_s,
+                                      f"{prefix}decode": s.decode_tokens_per_s})
+    if config.save and manifest is not None:
+        (Path(config.model) / EVAL_FILE).write_text(json.dumps(outcome.to_dict(), indent=2))
+    return outcome
