@@ -15,7 +15,7 @@ from .allocate import ALLOCATIONS
 from .config import CompressConfig
 from .errors import RankwiseError
 from .evaluate import reference_log_probs
-from .layers import LowRankLinear, ranks_of, set_module
+from .layers import LowRankLinear, linear_shape, linear_weight, ranks_of, set_module
 from .models import check_finite, target_linears
 from .pipeline import sequential
 from .search import SearchResult, search_ranks
@@ -61,7 +61,7 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
     t0 = time.perf_counter()
     layers = target_linears(model, config.include, config.exclude, filter_fn)
     check_finite(model)
-    shapes = {name: (l.out_features, l.in_features) for name, l in layers.items()}
+    shapes = {name: linear_shape(l) for name, l in layers.items()}
     fitness = None
     if ALLOCATIONS[config.allocation].searched:
         calib, fitness = _hold_out(model, calib, config.search_windows, progress)
@@ -173,9 +173,8 @@ def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progre
 
 def _decompose(layer, metric: metrics.Metric, damping: float, matrices: dict,
                roots) -> geometry.Decomposition:
-    shape = (layer.out_features, layer.in_features)
-    return geometry.decompose(layer.weight.detach(), damping=damping, root=roots,
-                              **metric.statistics(shape, **matrices))
+    return geometry.decompose(linear_weight(layer).detach(), damping=damping, root=roots,
+                              **metric.statistics(linear_shape(layer), **matrices))
 
 
 def _cuts(layer, rank: int | None) -> bool:

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .layers import LowRankLinear
+from .layers import LowRankLinear, is_conv1d, linear_shape
 
 
 @dataclass
@@ -71,8 +71,9 @@ def linear_macs(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, LowRankLinear):
             total += module.rank * (module.in_features + module.out_features)
-        elif isinstance(module, nn.Linear):
-            total += module.in_features * module.out_features
+        elif isinstance(module, nn.Linear) or is_conv1d(module):
+            m, n = linear_shape(module)
+            total += m * n
     return total
 
 

@@ -61,7 +61,9 @@ class RankwiseForCausalLM(_BaseModel):
         for name, rank in config.rankwise_ranks.items():
             owner_name, _, child = name.rpartition(".")
             owner = self.get_submodule(owner_name) if owner_name else self
-            dense = getattr(owner, child)
-            setattr(owner, child, LowRankLinear(dense.in_features, dense.out_features, int(rank),
+            dense = getattr(owner, child)        # nn.Linear, or GPT-2's Conv1D (nf out, nx in)
+            out_features, in_features = (dense.nf, dense.nx) if hasattr(dense, "nf") else \
+                (dense.out_features, dense.in_features)
+            setattr(owner, child, LowRankLinear(in_features, out_features, int(rank),
                                                 dense.bias is not None, dense.weight.device,
                                                 dense.weight.dtype))

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import RankwiseError
 from .export import MODELING_FILE, base_config, hf_config, modeling_source
-from .layers import LowRankLinear, ranks_of, set_module
+from .layers import LowRankLinear, linear_shape, ranks_of, set_module
 from .models import check_finite, load_model, model_path
 
 MANIFEST = "rankwise.json"
@@ -146,8 +146,8 @@ def load(folder: str | os.PathLike) -> nn.Module:
     try:
         for name, rank in record["ranks"].items():
             linear = model.get_submodule(name)
-            set_module(model, name, LowRankLinear(linear.in_features, linear.out_features,
-                                                  int(rank), linear.bias is not None))
+            m, n = linear_shape(linear)
+            set_module(model, name, LowRankLinear(n, m, int(rank), linear.bias is not None))
     except (AttributeError, ValueError) as e:
         raise RankwiseError(f"{folder / MANIFEST} does not match the model in config.json: {e}") from None
     try:

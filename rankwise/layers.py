@@ -20,6 +20,28 @@ def max_useful_rank(out_features: int, in_features: int) -> int:
     return (out_features * in_features - 1) // (out_features + in_features)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D (transformers.pytorch_utils): a linear map stored transposed."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def is_factorable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, LowRankLinear)) or is_conv1d(module)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of an nn.Linear, a Conv1D or a LowRankLinear."""
+    if is_conv1d(module):
+        return module.nf, module.nx
+    return module.out_features, module.in_features
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's m x n weight, y = W x + b; for a Conv1D a transposed view of its
+    parameter (writing into it writes the parameter)."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
 def params_at(shape: tuple[int, int], rank: int | None) -> int:
     """Parameters of an m x n layer at `rank`; None, or a rank that saves nothing, is dense."""
     m, n = shape
@@ -47,15 +69,14 @@ class LowRankLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: "nn.Linear | LowRankLinear", A: torch.Tensor,
-                    B: torch.Tensor) -> "LowRankLinear":
-        rank = A.shape[0]
-        if A.shape != (rank, linear.in_features) or B.shape != (linear.out_features, rank):
+    def from_linear(cls, linear: nn.Module, A: torch.Tensor, B: torch.Tensor) -> "LowRankLinear":
+        """Factors in place of an nn.Linear, a Conv1D or a LowRankLinear (bias kept)."""
+        rank, (m, n) = A.shape[0], linear_shape(linear)
+        if A.shape != (rank, n) or B.shape != (m, rank):
             raise ValueError(f"factors {tuple(B.shape)} @ {tuple(A.shape)} do not match "
-                             f"a linear map {linear.out_features} x {linear.in_features}")
+                             f"a linear map {m} x {n}")
         like = linear.A if isinstance(linear, LowRankLinear) else linear.weight
-        layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None,
-                    device=like.device, dtype=like.dtype)
+        layer = cls(n, m, rank, linear.bias is not None, device=like.device, dtype=like.dtype)
         with torch.no_grad():
             layer.A.copy_(A)
             layer.B.copy_(B)

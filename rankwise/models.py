@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import RankwiseError
-from .layers import LowRankLinear
+from .layers import LowRankLinear, is_factorable
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +90,19 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def target_linears(model: nn.Module, include: str | None = None, exclude: str | None = None,
                    filter_fn: Callable[[nn.Module, str], bool] | None = None
-                   ) -> dict[str, nn.Linear]:
-    """Every nn.Linear (or LowRankLinear, to cut further) inside the repeated blocks (never
-    embeddings or the LM head), filtered by `include` / `exclude` regexes searched in the
-    full module name and by `filter_fn(module, name)` (as torchao's quantize_ takes it)."""
+                   ) -> dict[str, nn.Module]:
+    """Every linear map inside the repeated blocks (nn.Linear, GPT-2's Conv1D, or a
+    LowRankLinear to cut further; never embeddings or the LM head), filtered by `include`
+    / `exclude` regexes searched in the full module name and by `filter_fn(module, name)`
+    (as torchao's quantize_ takes it). Matrix-weighted layers of other kinds (convolutions,
+    quantized linears) are named in the error when nothing else matches."""
     prefix, blocks = find_blocks(model)
-    found = {}
+    found, foreign = {}, {}
     for name, module in blocks.named_modules():
         full = f"{prefix}.{name}" if prefix else name
-        if not isinstance(module, (nn.Linear, LowRankLinear)):
+        if not is_factorable(module) or not _float_weight(module):
+            if _holds_a_matrix(module):
+                foreign.setdefault(type(module).__name__, full)
             continue
         if include is not None and not re.search(include, full):
             continue
@@ -107,11 +111,31 @@ def target_linears(model: nn.Module, include: str | None = None, exclude: str | 
         if filter_fn is not None and not filter_fn(module, full):
             continue
         found[full] = module
+    if foreign:
+        kinds = ", ".join(f"{kind} (e.g. {name})" for kind, name in foreign.items())
+        if not found:
+            raise RankwiseError(f"the blocks hold no layer rankwise can factor (nn.Linear or "
+                                f"GPT-2's Conv1D with float weights) that matches the targets; "
+                                f"they hold {kinds}, which it cannot factor")
+        log.warning("left as they are (rankwise cannot factor them): %s", kinds)
     if not found:
         raise RankwiseError("no linear layers match the targets"
                             + (f" (include={include!r}, exclude={exclude!r})"
                                if include or exclude else ""))
     return found
+
+
+def _float_weight(module: nn.Module) -> bool:
+    weight = module.A if isinstance(module, LowRankLinear) else module.weight
+    return weight.is_floating_point()
+
+
+def _holds_a_matrix(module: nn.Module) -> bool:
+    """A leaf that multiplies by a parameter matrix: what a user would expect factored."""
+    if next(module.children(), None) is not None or isinstance(module, nn.Embedding):
+        return False
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() >= 2
 
 
 def resolve_device(spec: str) -> str:

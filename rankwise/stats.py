@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .layers import linear_shape
+
 GRADIENT_MODES = (None, "diag", "full")
 
 
@@ -74,16 +76,16 @@ class _Accumulator:
             self.sums[key] = value
 
     def wide(self, name: str) -> bool:
-        layer = self.layers[name]
-        return layer.out_features > layer.in_features
+        m, n = linear_shape(self.layers[name])
+        return m > n
 
     def uses_input_cov(self, name: str) -> bool:
         """Accumulate the shared input covariance for this layer's group, or output
         covariances per layer, whichever is smaller (a wide layer always needs C)."""
         group = [k for k, v in self.leader.items() if v == self.leader[name]]
-        n = self.layers[name].in_features
+        n = linear_shape(self.layers[name])[1]
         return self.both_sides or any(self.wide(k) for k in group) or \
-            n * n <= sum(self.layers[k].out_features ** 2 for k in group)
+            n * n <= sum(linear_shape(self.layers[k])[0] ** 2 for k in group)
 
     def discover(self, batch: torch.Tensor, model: nn.Module, forward) -> None:
         """One forward pass (no statistics) to find which layers share an input tensor."""

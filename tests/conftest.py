@@ -8,8 +8,8 @@ from rankwise.data import CALIBRATION_TEXT
 
 # the layouts users bring: separate q/k/v and gate/up (llama, gemma), biases on q/k/v
 # (qwen2), fused query_key_value (gpt_neox), fused qkv_proj and gate_up_proj (phi3),
-# a ReLU MLP with biases under model.decoder.layers (opt)
-FAMILIES = ("llama", "qwen2", "gpt_neox", "phi3", "opt", "gemma")
+# a ReLU MLP with biases under model.decoder.layers (opt), transposed Conv1D layers (gpt2)
+FAMILIES = ("llama", "qwen2", "gpt_neox", "phi3", "opt", "gemma", "gpt2")
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +36,8 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
             vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64),
         "gemma": lambda: transformers.GemmaConfig(**kv, head_dim=16, **common),
+        "gpt2": lambda: transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4,
+                                                n_positions=256, bos_token_id=0, eos_token_id=0),
     }
     config = configs[family]()
     for k, v in overrides.items():

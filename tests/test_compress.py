@@ -42,7 +42,7 @@ def test_achieved_ratio_matches_request_within_one_rank_step_per_layer(tiny, rat
     assert summary.compressed_params == round((1 - summary.achieved_ratio) * summary.dense_params)
 
 
-TARGETS = {"llama": 14, "qwen2": 14, "gpt_neox": 8, "phi3": 8, "opt": 12, "gemma": 14}
+TARGETS = {"llama": 14, "qwen2": 14, "gpt_neox": 8, "phi3": 8, "opt": 12, "gemma": 14, "gpt2": 8}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -146,3 +146,23 @@ def test_filter_fn_narrows_the_targets(tiny, calib):
                         filter_fn=lambda module, name: name.endswith("o_proj"))
     assert set(summary.ranks) == {"model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"}
     assert set(ranks_of(tiny)) == set(summary.ranks)
+
+
+def test_layers_it_cannot_factor_are_named():
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(8, 8, 3)
+            self.norm = nn.LayerNorm(8)
+
+    model = nn.Module()
+    model.layers = nn.ModuleList(Block() for _ in range(2))
+    with pytest.raises(RankwiseError, match=r"they hold Conv1d \(e.g. layers.0.conv\)"):
+        target_linears(model)
+    quantized = nn.Linear(8, 8)
+    quantized.weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
+    model.layers[0].q = quantized
+    with pytest.raises(RankwiseError, match="Linear"):
+        target_linears(model)

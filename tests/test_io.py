@@ -108,12 +108,12 @@ def test_corrupted_manifest_is_a_clear_error(saved):
 
 def test_plain_transformers_loads_the_folder_without_rankwise(tmp_path, calib):
     """trust_remote_code with rankwise made unimportable gives rankwise.load's logits,
-    for separate, fused and biased projection layouts."""
+    for separate, fused, biased and transposed (Conv1D) projection layouts."""
     import subprocess
     import sys
     from conftest import structured_tiny
     folders = []
-    for family in ("llama", "phi3", "qwen2", "gpt_neox"):
+    for family in ("llama", "phi3", "qwen2", "gpt_neox", "gpt2"):
         model = structured_tiny(family, tie_word_embeddings=family == "llama")
         compress_(model, CompressConfig(metric="kfac", ratio=0.5, allocation="spectrum"), calib,
                   progress=False)

@@ -39,7 +39,8 @@ from ..compress import compress_
 from ..config import CompressConfig
 from ..errors import RankwiseError
 from ..io import save_state
-from ..layers import LowRankLinear, params_at, ranks_of, set_module
+from ..layers import (LowRankLinear, linear_shape, linear_weight, params_at, ranks_of,
+                      set_module)
 from .config import FinetuneConfig, check_resume
 from .prox import (budget_threshold, cubic_schedule, metric_roots, penalty_weights,
                    removed_loss, thresholded, truncated)
@@ -84,7 +85,7 @@ class _Run:
                  measure: bool = True):
         self.model, self.task, self.config, self.progress = model, task, config, progress
         self.names = list(layers)
-        self.shapes = {k: (l.out_features, l.in_features) for k, l in layers.items()}
+        self.shapes = {k: linear_shape(l) for k, l in layers.items()}
         self.dense = sum(m * n for m, n in self.shapes.values())
         self.budget = (1 - config.ratio) * self.dense
         self.history: list[StepRecord] = []
@@ -115,7 +116,7 @@ class _Run:
         return allocate.kept_params(self.shapes, self.ranks())
 
     def decompositions(self) -> dict[str, geometry.MetricSVD]:
-        return {name: geometry.metric_svd(self.layer(name).weight.detach(), *self.roots[name],
+        return {name: geometry.metric_svd(linear_weight(self.layer(name)).detach(), *self.roots[name],
                                           dtype=torch.float32) for name in self.names}
 
     def prox(self, step: int, record: StepRecord) -> None:
@@ -141,7 +142,7 @@ class _Run:
             self.nuclear = sum(self.weights[k] * float(s.sum()) for k, s in new.items())
         with torch.no_grad():
             for name, s in new.items():
-                self.layer(name).weight.copy_(svds[name].weight(s))
+                linear_weight(self.layer(name)).copy_(svds[name].weight(s))
         record.prox_loss, record.shrink_loss = removed_loss(spectra, new)
         record.ranks = kept
         record.params = self.kept_params = sum(params_at(self.shapes[k], r) for k, r in kept.items())
@@ -170,8 +171,8 @@ class _Run:
                 continue
             layer = self.layer(name)
             if svds is None:
-                new = LowRankLinear(layer.in_features, layer.out_features, rank,
-                                    layer.bias is not None, dtype=layer.weight.dtype)
+                m, n = linear_shape(layer)
+                new = LowRankLinear(n, m, rank, layer.bias is not None, dtype=layer.weight.dtype)
             else:
                 B, A = svds[name].factors(rank)
                 new = LowRankLinear.from_linear(layer, A.to(layer.weight.dtype),
