@@ -17,7 +17,7 @@ from .errors import RankwiseError
 from .evaluate import reference_log_probs
 from .layers import LowRankLinear, linear_shape, linear_weight, ranks_of, set_module
 from .models import check_finite, target_linears
-from .pipeline import sequential
+from .pipeline import distributed, sequential
 from .search import SearchResult, search_ranks
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,8 @@ def _measure(model, layers, shapes, metric, calib, batch_size, seed, progress, p
     if calib is None or calib.numel() == 0:
         raise RankwiseError(f"metric {metric.name!r} needs calibration data")
     layer_stats = stats.collect(model, layers, calib.split(batch_size), inputs=metric.inputs,
-                                gradients=metric.gradients, seed=seed, progress=progress)
+                                gradients=metric.gradients, seed=seed, progress=progress,
+                                sharded=True)
     widest = max(max(shape) for shape in shapes.values())
     if metric.inputs and calib.numel() < 2 * widest:
         log.warning("only %d calibration tokens for layers up to %d wide: the covariances are "
@@ -133,11 +134,15 @@ def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progre
     # a sequential cut projects with its own statistics; whole-model projections are only
     # needed when the allocation reads their spectra
     wanted = list(layers) if allocation.uses_spectra or not config.sequential else []
-    decompositions = {
-        name: _decompose(layers[name], metric, config.damping,
-                         layer_stats[name].matrices() if name in layer_stats else {}, shared_roots)
-        for name in tqdm(wanted, desc=f"decomposing ({metric.name})", unit="layer",
-                         disable=not progress)}
+    bar = tqdm(total=len(wanted), desc=f"decomposing ({metric.name})", unit="layer",
+               disable=not progress or not distributed.is_leader())
+
+    def decompose(name):
+        bar.update()
+        matrices = layer_stats[name].matrices() if name in layer_stats else {}
+        return _decompose(layers[name], metric, config.damping, matrices, shared_roots)
+    decompositions = distributed.shared_decompositions(wanted, shapes, decompose)
+    bar.close()
     ranks = allocate.choose_ranks(config.allocation, shapes,
                                   {k: d.spectrum for k, d in decompositions.items()}, ratio,
                                   config.min_rank, config.rank_multiple)

@@ -25,7 +25,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import RankwiseError
 from .layers import linear_shape
+from .pipeline import distributed
 
 GRADIENT_MODES = (None, "diag", "full")
 
@@ -198,7 +200,7 @@ def _activation_gradients_only(model: nn.Module):
 def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[torch.Tensor],
             inputs: bool = True, gradients: str | None = None, seed: int = 0,
             progress: bool = True, both_sides: bool = False,
-            forward=lm_logits) -> dict[str, LayerStats]:
+            forward=lm_logits, sharded: bool = False) -> dict[str, LayerStats]:
     """Run the calibration batches through `model` and return per-layer statistics.
 
     inputs: accumulate input-side covariances (C or W C W^T). gradients: None, "diag"
@@ -206,7 +208,9 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[to
     both_sides: accumulate C (and G, with full gradients) for every layer, whichever side
     is smaller, as a weight that changes during training needs. forward(model, batch)
     returns the logits (default: a causal LM on token windows); the loss is summed over
-    every position's sampled label.
+    every position's sampled label. sharded: under torch.distributed, this rank measures
+    batches rank, rank + world, ... and the sums are all-reduced (token-window batches: a
+    skipped batch still draws its labels, so the result equals one process's).
     """
     if gradients not in GRADIENT_MODES:
         raise ValueError(f"gradients must be one of {GRADIENT_MODES}, got {gradients!r}")
@@ -214,13 +218,22 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[to
     acc = _Accumulator(layers, inputs, gradients, both_sides)
     generator = torch.Generator().manual_seed(seed)
     tokens = 0
+    rank, size = distributed.world() if sharded else (0, 1)
+    if len(batches) < size:
+        raise RankwiseError(f"{len(batches)} calibration batches cannot be shared by {size} "
+                            "processes; use more windows or fewer processes")
     was_training = model.training
     model.eval()
     try:
         acc.discover(batches[0], model, forward)
         grad_ctx = _activation_gradients_only(model) if gradients else torch.no_grad()
         with grad_ctx, acc.attached():
-            for ids in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
+            for i, ids in enumerate(tqdm(batches, desc="calibration", unit="batch",
+                                         disable=not progress or rank > 0)):
+                if i % size != rank:
+                    if gradients:     # the labels this batch gets in one process
+                        torch.rand(ids.numel(), 1, generator=generator)
+                    continue
                 logits = forward(model, ids)
                 tokens += logits[..., 0].numel()
                 if gradients:
@@ -228,4 +241,4 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[to
                 del logits
     finally:
         model.train(was_training)
-    return acc.result(tokens)
+    return acc.result(distributed.all_reduce_sums(acc.sums, tokens) if size > 1 else tokens)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from ..errors import RankwiseError
@@ -63,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(levelname)s %(name)s: %(message)s")
         import torch
+
+        from ..pipeline.distributed import init_from_env
         torch.manual_seed(0)
+        if init_from_env()[0] > 0:         # under torchrun only rank 0 speaks
+            logging.getLogger().setLevel(logging.WARNING)
+            sys.stdout = open(os.devnull, "w")
         verb_module(verb).run(configs)
     except RankwiseError as e:
         print(f"rankwise: error: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ from ..data import mixture_windows, parse_sources
 from ..io import check_output_folder, open_model, save
 from ..models import model_path
 from ..options import option
+from ..pipeline import distributed
 from ..plots import rank_chart
 
 
@@ -63,7 +64,9 @@ def compress_model(out: str | os.PathLike, model: str | os.PathLike | None = Non
         manifest["search"] = {"seed_kl": summary.search.seed_fitness, "kl": summary.search.fitness,
                               "generations": summary.search.generations,
                               "evaluations": summary.search.evaluations}
-    folder = save(net, folder, manifest, tokenizer)
-    rank_chart(summary.ranks, summary.shapes, folder / "ranks.png",
-               f"{config.metric}, {config.allocation}, ratio {summary.achieved_ratio:.3f}")
+    if distributed.is_leader():      # under torchrun every rank holds the result; one writes
+        folder = save(net, folder, manifest, tokenizer)
+        rank_chart(summary.ranks, summary.shapes, folder / "ranks.png",
+                   f"{config.metric}, {config.allocation}, ratio {summary.achieved_ratio:.3f}")
+    distributed.barrier()
     return CompressOutcome(folder, summary, manifest)
