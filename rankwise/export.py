@@ -69,7 +69,7 @@ class ExportConfig:
 def export_dense(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Merge every factor pair of the rankwise output `folder` back into a dense weight
     and save a plain transformers checkpoint (the base architecture) to `out`."""
-    from .io import check_output_folder, load, open_model
+    from .io import check_output_folder, open_model
     from .layers import LowRankLinear, set_module
     out = check_output_folder(out)
     model, tokenizer, _, _ = open_model(folder, need_tokenizer=False)
