@@ -18,6 +18,7 @@ from .evaluate import reference_log_probs
 from .layers import LowRankLinear, linear_shape, linear_weight, ranks_of, set_module
 from .models import check_finite, target_linears
 from .pipeline import distributed, sequential
+from .pipeline import onload as onloading
 from .search import SearchResult, search_ranks
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ class Summary:
 def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None = None,
               batch_size: int = 4, seed: int = 0, progress: bool = True,
               precomputed: dict[str, stats.LayerStats] | None = None,
-              filter_fn: Callable[[nn.Module, str], bool] | None = None) -> Summary:
+              filter_fn: Callable[[nn.Module, str], bool] | None = None,
+              onload: str | torch.device | None = None) -> Summary:
     """Replace the targeted linear layers of `model` in place by low-rank factors.
 
     calib: LongTensor (num_windows, seqlen) of calibration token ids; needed by every metric
@@ -52,12 +54,16 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
     model before each, so every layer is projected with the inputs and output gradients it
     will really see. With `config.sequential` each cut goes block by block, every block's
     input statistics re-measured on the outputs of the blocks already cut
-    (rankwise.pipeline.sequential). Returns a Summary with the per-layer ranks and the
-    achieved ratio.
+    (rankwise.pipeline.sequential). onload: a device (e.g. "cuda") that the blocks visit one
+    at a time while the model stays on the CPU (rankwise.pipeline.onload): statistics and
+    decompositions run there with memory bounded by one block. Returns a Summary with the
+    per-layer ranks and the achieved ratio.
     """
     if precomputed is not None and (config.steps > 1 or config.sequential):
         raise ValueError("precomputed statistics describe the dense model; they cannot be "
                          "reused across the stages of a multi-step or sequential compression")
+    if onload is not None and distributed.world()[1] > 1:
+        raise RankwiseError("onloading and several processes do not combine yet; use one")
     t0 = time.perf_counter()
     layers = target_linears(model, config.include, config.exclude, filter_fn)
     check_finite(model)
@@ -70,7 +76,7 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
         stage_ratio = config.ratio * stage / config.steps
         tokens, seconds, predicted, searched = _stage(
             model, layers, shapes, config, stage_ratio, calib, batch_size, seed, progress,
-            precomputed, fitness if stage == config.steps else None)
+            precomputed, fitness if stage == config.steps else None, onload)
         t_stats += seconds
         layers = {name: model.get_submodule(name) for name in layers}
     t_total = time.perf_counter() - t0
@@ -100,16 +106,22 @@ def _hold_out(model, calib, windows: int, progress: bool):
                                                         progress=progress))
 
 
-def _measure(model, layers, shapes, metric, calib, batch_size, seed, progress, precomputed):
+def _measure(model, layers, shapes, metric, calib, batch_size, seed, progress, precomputed,
+             onload_device=None):
     """(statistics, tokens) of the model as it is now, or the precomputed ones."""
     if precomputed or not metric.needs_calibration:
         tokens = next(iter(precomputed.values())).tokens if precomputed else 0
         return precomputed or {}, tokens
     if calib is None or calib.numel() == 0:
         raise RankwiseError(f"metric {metric.name!r} needs calibration data")
-    layer_stats = stats.collect(model, layers, calib.split(batch_size), inputs=metric.inputs,
-                                gradients=metric.gradients, seed=seed, progress=progress,
-                                sharded=True)
+    if onload_device is not None:
+        layer_stats = onloading.collect(model, layers, list(calib.split(batch_size)), onload_device,
+                                     inputs=metric.inputs, gradients=metric.gradients, seed=seed,
+                                     progress=progress)
+    else:
+        layer_stats = stats.collect(model, layers, calib.split(batch_size), inputs=metric.inputs,
+                                    gradients=metric.gradients, seed=seed, progress=progress,
+                                    sharded=True)
     widest = max(max(shape) for shape in shapes.values())
     if metric.inputs and calib.numel() < 2 * widest:
         log.warning("only %d calibration tokens for layers up to %d wide: the covariances are "
@@ -119,7 +131,8 @@ def _measure(model, layers, shapes, metric, calib, batch_size, seed, progress, p
 
 
 def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progress,
-           precomputed, fitness=None) -> tuple[int, float, float, SearchResult | None]:
+           precomputed, fitness=None, onload_device=None
+           ) -> tuple[int, float, float, SearchResult | None]:
     """One cut to `ratio` (of the dense targeted parameters): statistics on the model as it
     is now, decompositions, allocation (searched when `fitness` data is given), module
     swap. Returns (tokens, statistics seconds, predicted loss, search result). A layer
@@ -127,10 +140,11 @@ def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progre
     metric, allocation = metrics.get(config.metric), ALLOCATIONS[config.allocation]
     t0 = time.perf_counter()
     layer_stats, tokens = _measure(model, layers, shapes, metric, calib, batch_size, seed,
-                                   progress, precomputed)
+                                   progress, precomputed, onload_device)
     t_stats = time.perf_counter() - t0
 
     shared_roots = geometry.SharedRoots()
+    on_device = _OnDevice(onload_device)
     # a sequential cut projects with its own statistics; whole-model projections are only
     # needed when the allocation reads their spectra
     wanted = list(layers) if allocation.uses_spectra or not config.sequential else []
@@ -140,7 +154,7 @@ def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progre
     def decompose(name):
         bar.update()
         matrices = layer_stats[name].matrices() if name in layer_stats else {}
-        return _decompose(layers[name], metric, config.damping, matrices, shared_roots)
+        return on_device(layers[name], metric, config.damping, matrices, shared_roots)
     decompositions = distributed.shared_decompositions(wanted, shapes, decompose)
     bar.close()
     ranks = allocate.choose_ranks(config.allocation, shapes,
@@ -166,8 +180,8 @@ def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progre
                 matrices = {**layer_stats[name].matrices(),
                             **{k: getattr(fresh[name], k) for k in sequential.INPUT_SIDE}}
                 predicted += _swap(model, name, layers[name], ranks[name],
-                                   _decompose(layers[name], metric, config.damping, matrices,
-                                              block_roots))
+                                   on_device(layers[name], metric, config.damping, matrices,
+                                             block_roots))
         log.info("sequential cut: inputs re-measured block by block in %.1f s",
                  time.perf_counter() - t1)
     else:
@@ -176,10 +190,25 @@ def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progre
     return tokens, t_stats, predicted, searched
 
 
-def _decompose(layer, metric: metrics.Metric, damping: float, matrices: dict,
-               roots) -> geometry.Decomposition:
-    return geometry.decompose(linear_weight(layer).detach(), damping=damping, root=roots,
-                              **metric.statistics(linear_shape(layer), **matrices))
+class _OnDevice:
+    """Decompositions where the weights are, or on the onloading device: there the weight
+    and each statistic are moved once (layers sharing an input still share one root) and
+    the result waits on the CPU."""
+
+    def __init__(self, device=None):
+        self.device = None if device is None or torch.device(device).type == "cpu" else device
+        self.moved: dict[int, torch.Tensor] = {}
+
+    def __call__(self, layer, metric: metrics.Metric, damping: float, matrices: dict,
+                 roots) -> geometry.Decomposition:
+        weight = linear_weight(layer).detach()
+        if self.device is not None:
+            matrices = {k: None if t is None else self.moved.setdefault(id(t), t.to(self.device))
+                        for k, t in matrices.items()}
+            weight = weight.to(self.device)
+        d = geometry.decompose(weight, damping=damping, root=roots,
+                               **metric.statistics(linear_shape(layer), **matrices))
+        return d if self.device is None else d.to("cpu")
 
 
 def _cuts(layer, rank: int | None) -> bool:

@@ -32,13 +32,13 @@ def evaluate(model: nn.Module, windows: torch.Tensor,
     tokens = 0
     for i, ids in enumerate(tqdm(windows.split(batch_size), desc="evaluating", unit="batch",
                                  disable=not progress)):
-        targets = ids[:, 1:].reshape(-1)
         logp = _log_probs(model, ids)
+        targets = ids[:, 1:].reshape(-1).to(logp.device)
         nll += F.nll_loss(logp, targets, reduction="sum").item()
         tokens += targets.numel()
         if reference is not None:
-            ref_logp = reference[i].float() if isinstance(reference, list) \
-                else _log_probs(reference, ids)
+            ref_logp = reference[i].to(logp.device).float() if isinstance(reference, list) \
+                else _log_probs(reference, ids).to(logp.device)
             ref_nll += F.nll_loss(ref_logp, targets, reduction="sum").item()
             kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
             agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
@@ -55,12 +55,13 @@ def reference_log_probs(model: nn.Module, windows: torch.Tensor, batch_size: int
                         progress: bool = True) -> list[torch.Tensor]:
     """The dense model's next-token log-probabilities per batch (float16 to halve memory),
     so several compressed models can be compared with one dense pass."""
-    return [_log_probs(model, ids).half()
+    return [_log_probs(model, ids).half().cpu()
             for ids in tqdm(windows.split(batch_size), desc="dense reference", unit="batch",
                             disable=not progress)]
 
 
 def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    ids = ids.to(next(model.parameters()).device)
     logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
     return torch.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
 

@@ -129,6 +129,12 @@ class Decomposition:
         """The metric error of the rank-`rank` approximation: the dropped spectrum's sum."""
         return float(self.spectrum[rank:].sum())
 
+    def to(self, device) -> "Decomposition":
+        root = None if self.root is None else \
+            Root(self.root.half.to(device), self.root.inv_half.to(device))
+        return Decomposition(self.W.to(device), self.basis.to(device), self.spectrum.to(device),
+                             root, self.left_form)
+
 
 def decompose(W: torch.Tensor, left: torch.Tensor | None = None,
               right: torch.Tensor | None = None, damping: float = DEFAULT_DAMPING,

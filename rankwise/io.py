@@ -97,15 +97,16 @@ def is_output(path: str | os.PathLike | None) -> bool:
     return path is not None and (Path(path) / MANIFEST).is_file()
 
 
-def open_model(spec: str | os.PathLike | None = None, need_tokenizer: bool = True):
+def open_model(spec: str | os.PathLike | None = None, need_tokenizer: bool = True,
+               dtype: str = "float32"):
     """(model, tokenizer, source, manifest) from a rankwise output folder (manifest: its
     rankwise.json; tokenizer None when the folder has none and none is needed) or anything
-    models.load_model takes (manifest None)."""
+    models.load_model takes (manifest None); weights in `dtype`, on the CPU."""
     if not is_output(spec):
-        return (*load_model(spec), None)
+        return (*load_model(spec, dtype), None)
     from transformers import AutoTokenizer
     folder = model_path(spec)
-    model, manifest = load(folder), read_manifest(folder)
+    model, manifest = load(folder).to(getattr(torch, dtype)), read_manifest(folder)
     tokenizer = None
     if (folder / "tokenizer_config.json").exists():
         try:     # the base config, so that loading a tokenizer never runs the folder's code

@@ -45,16 +45,21 @@ def model_path(spec: str | os.PathLike | None) -> Path:
     return path
 
 
-def load_model(spec: str | os.PathLike | None = None):
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32"):
     """Load (model, tokenizer, source) from None (embedded default), a .gguf file or a
-    Hugging Face model folder (rankwise outputs: rankwise.io.open_model)."""
+    Hugging Face model folder, sharded or not (rankwise outputs: rankwise.io.open_model),
+    on the CPU with its weights in `dtype`, without a second copy in memory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = model_path(spec)
     kw, folder = ({"gguf_file": path.name}, path.parent) if path.is_file() else ({}, path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
+                                                     low_cpu_mem_usage=True, **kw)
     except (OSError, ValueError, KeyError, struct.error, EOFError) as e:
         # a truncated GGUF fails inside its reader with struct.error or a reshape error
         what = "a truncated or corrupted GGUF file" if path.is_file() else "not a model folder"
@@ -136,6 +141,9 @@ def _holds_a_matrix(module: nn.Module) -> bool:
         return False
     weight = getattr(module, "weight", None)
     return isinstance(weight, torch.Tensor) and weight.dim() >= 2
+
+
+DEVICES = "cpu, cuda, cuda:N or auto (cuda when present)"
 
 
 def resolve_device(spec: str) -> str:

@@ -59,7 +59,10 @@ def lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids.to(model.device), use_cache=False).logits
 
 
-class _Accumulator:
+class Accumulator:
+    """Sums of one set of layers' statistics, fed by hooks; float64 on the CPU, float32 on
+    a GPU (the eigendecompositions work in float64 either way)."""
+
     def __init__(self, layers: dict[str, nn.Linear], inputs: bool, gradients: str | None,
                  both_sides: bool = False):
         self.layers, self.inputs, self.gradients = layers, inputs, gradients
@@ -70,7 +73,7 @@ class _Accumulator:
         self._group_needs_input: dict[str, bool] = {}
 
     def add(self, kind: str, name: str, value: torch.Tensor) -> None:
-        value = value.to(torch.float64)
+        value = value.to(torch.float32 if value.is_cuda else torch.float64)
         key = (kind, name)
         if key in self.sums:
             self.sums[key] += value
@@ -215,7 +218,7 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[to
     if gradients not in GRADIENT_MODES:
         raise ValueError(f"gradients must be one of {GRADIENT_MODES}, got {gradients!r}")
     batches = list(batches)
-    acc = _Accumulator(layers, inputs, gradients, both_sides)
+    acc = Accumulator(layers, inputs, gradients, both_sides)
     generator = torch.Generator().manual_seed(seed)
     tokens = 0
     rank, size = distributed.world() if sharded else (0, 1)

@@ -166,3 +166,34 @@ def test_layers_it_cannot_factor_are_named():
     model.layers[0].q = quantized
     with pytest.raises(RankwiseError, match="Linear"):
         target_linears(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_onloaded_statistics_equal_the_whole_models(family, calib):
+    """One block at a time (here onto the CPU itself) gives the very same statistics."""
+    from rankwise import stats
+    from rankwise.pipeline import onload
+    model = structured_tiny(family)
+    layers = target_linears(model)
+    batches = list(calib.split(4))
+    for gradients in (None, "full"):
+        whole = stats.collect(model, layers, batches, gradients=gradients, seed=3, progress=False)
+        blockwise = onload.collect(model, layers, batches, "cpu", gradients=gradients, seed=3,
+                                   progress=False)
+        for name, s in whole.items():
+            for kind, value in s.matrices().items():
+                other = getattr(blockwise[name], kind)
+                assert (value is None) == (other is None), (name, kind)
+                if value is not None:
+                    torch.testing.assert_close(other, value, rtol=1e-6, atol=1e-8)
+
+
+def test_onloaded_compression_equals_the_whole_models(calib):
+    dense = structured_tiny("llama")
+    config = CompressConfig(metric="kfac", ratio=0.4, allocation="spectrum", steps=2)
+    a, b = copy.deepcopy(dense), copy.deepcopy(dense)
+    sa = compress_(a, config, calib, progress=False)
+    sb = compress_(b, config, calib, progress=False, onload="cpu")
+    assert sa.ranks == sb.ranks
+    with torch.no_grad():
+        torch.testing.assert_close(a(calib).logits, b(calib).logits)

@@ -14,7 +14,7 @@ def run(configs) -> None:
     from ..entrypoints import CompressJob, compress_model
 
     job, config = configs[CompressJob], configs[CompressConfig]
-    outcome = compress_model(job.out, job.model, config, configs[CalibrationConfig])
+    outcome = compress_model(job.out, job.model, config, configs[CalibrationConfig], job=job)
     s = outcome.summary
     kept = sum(r is not None for r in s.ranks.values())
     print(f"compressed {kept}/{len(s.ranks)} layers with {config.metric}: removed "

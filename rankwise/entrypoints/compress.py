@@ -9,8 +9,8 @@ from ..compress import Summary, compress_
 from ..config import CalibrationConfig, CompressConfig
 from ..data import mixture_windows, parse_sources
 from ..io import check_output_folder, open_model, save
-from ..models import model_path
-from ..options import option
+from ..models import DEVICES, DTYPES, model_path, resolve_device
+from ..options import check_bool, check_choice, option
 from ..pipeline import distributed
 from ..plots import rank_chart
 
@@ -21,6 +21,16 @@ class CompressJob:
     model: str | None = option(None, "Hugging Face model folder, .gguf file or rankwise output "
                                      "(default: the embedded SmolLM2-135M-Instruct)")
     out: str | None = option(None, "output folder (written atomically)", required=True)
+    device: str = option("cpu", f"where compression runs: {DEVICES}")
+    dtype: str = option("float32", "the weights' dtype once loaded", choices=DTYPES)
+    onload: bool = option(False, "keep the model on the CPU and bring one block at a time to "
+                                 "--device for statistics and projections (memory bounded by "
+                                 "one block)")
+
+    def __post_init__(self):
+        check_choice("dtype", self.dtype, DTYPES)
+        check_bool("onload", self.onload)
+        resolve_device(self.device)
 
 
 @dataclass
@@ -32,23 +42,30 @@ class CompressOutcome:
 
 def compress_model(out: str | os.PathLike, model: str | os.PathLike | None = None,
                    config: CompressConfig | None = None,
-                   calibration: CalibrationConfig | None = None,
-                   progress: bool = True) -> CompressOutcome:
+                   calibration: CalibrationConfig | None = None, progress: bool = True,
+                   job: CompressJob | None = None) -> CompressOutcome:
     """Compress the model at `model` (None: the embedded default; a rankwise output is cut
     further) with `config`, calibrated on `calibration`, and save it to `out` (atomically)
-    with rankwise.json and ranks.png. Everything cheap to check is checked first."""
+    with rankwise.json and ranks.png; `job` says where it runs (device, dtype, onloading).
+    Everything cheap to check is checked first."""
     config = config or CompressConfig()
     calibration = calibration or CalibrationConfig()
+    job = job or CompressJob(model=str(model) if model else None, out=str(out))
     folder = check_output_folder(out)
     model_path(model)
+    device = resolve_device(job.device)
     sources = parse_sources(calibration.calib)
-    net, tokenizer, source, _ = open_model(model)
+    net, tokenizer, source, _ = open_model(model, dtype=job.dtype)
+    if not job.onload:
+        net.to(device)
     windows, drawn = mixture_windows(sources, tokenizer, net, calibration.calib_samples,
                                      calibration.seqlen, calibration.seed,
                                      calibration.self_temperature, calibration.self_top_p,
                                      progress)
     summary = compress_(net, config, windows, batch_size=calibration.batch_size,
-                        seed=calibration.seed, progress=progress)
+                        seed=calibration.seed, progress=progress,
+                        onload=device if job.onload else None)
+    net.cpu()
     manifest = {
         "source_model": source,
         "config": config.to_dict(),
@@ -59,6 +76,7 @@ def compress_model(out: str | os.PathLike, model: str | os.PathLike | None = Non
                         "seed": calibration.seed, "batch_size": calibration.batch_size,
                         "tokens": summary.calibration_tokens},
         "seconds": summary.seconds,
+        "run": {"device": device, "dtype": job.dtype, "onload": job.onload},
     }
     if summary.search is not None:
         manifest["search"] = {"seed_kl": summary.search.seed_fitness, "kl": summary.search.fitness,

@@ -9,8 +9,8 @@ from ..data import DOMAINS, evaluation_texts, evaluation_windows, tokenize
 from ..evaluate import Report, evaluate, parameter_count
 from ..io import EVAL_FILE, is_output, open_model, read_manifest
 from ..lm_tasks import STANDARD_ZERO_SHOT, check_tasks, run_tasks
-from ..models import DEFAULT_MODEL_NAME, load_model, model_path
-from ..options import check_bool, check_int, option
+from ..models import DEFAULT_MODEL_NAME, DEVICES, DTYPES, load_model, model_path, resolve_device
+from ..options import check_bool, check_choice, check_int, option
 from ..speed import measure_speed
 
 
@@ -28,6 +28,8 @@ class EvalConfig:
     seqlen: int = option(512, "tokens per window")
     full: bool = option(False, "evaluate on the whole text")
     batch_size: int = option(4, "windows per forward pass")
+    device: str = option("cpu", f"where the models run: {DEVICES}")
+    dtype: str = option("float32", "the weights' dtype once loaded", choices=DTYPES)
     ranks: bool = option(False, "also print the per-layer ranks")
     tasks: list[str] = option(help="lm-evaluation-harness tasks to run on the model and its "
                                    "reference (pip install 'rankwise[lmeval]'), e.g. "
@@ -55,6 +57,8 @@ class EvalConfig:
         check_int("batch_size", self.batch_size)
         for name in ("full", "ranks", "speed", "save"):
             check_bool(name, getattr(self, name))
+        check_choice("dtype", self.dtype, DTYPES)
+        resolve_device(self.device)
 
 
 @dataclass
@@ -93,8 +97,10 @@ def evaluate_model(config: EvalConfig, progress: bool = True) -> EvalOutcome:
         use_reference = False
     if use_reference:
         model_path(reference_spec)
-    model, tokenizer, source, _ = open_model(config.model)
-    reference = load_model(reference_spec)[0] if use_reference else None
+    device = resolve_device(config.device)
+    model, tokenizer, source, _ = open_model(config.model, dtype=config.dtype)
+    model.to(device)
+    reference = load_model(reference_spec, config.dtype)[0].to(device) if use_reference else None
     reports, shapes = {}, {}
     for name, text in texts.items():
         windows = evaluation_windows(tokenize(tokenizer, text), config.seqlen,

@@ -7,9 +7,9 @@ from pathlib import Path
 from ..data import mixture_windows, parse_sources
 from ..errors import RankwiseError
 from ..io import check_output_folder, is_output, open_model, read_manifest, save
-from ..models import DEFAULT_MODEL_NAME, load_model, model_path, resolve_device
+from ..models import DEFAULT_MODEL_NAME, DEVICES, load_model, model_path, resolve_device
 from ..options import check_int, option
-from ..train.config import DEVICES, check_resume
+from ..train.config import check_resume
 from ..train.distill import DistillTask
 from ..train.heal import HealConfig, HealResult, heal
 

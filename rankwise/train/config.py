@@ -7,14 +7,13 @@ from pathlib import Path
 from ..errors import RankwiseError
 from ..geometry import DEFAULT_DAMPING, SHRINKS
 from ..metrics import METRICS
-from ..models import resolve_device
+from ..models import DEVICES, resolve_device
 from ..options import check_bool, check_choice, check_int, check_number, option
 
 METHODS = ("factors", "hard", "svt")
 OPTIMIZERS = ("adamw", "sgd")
 PENALTIES = ("nuclear", "weighted")
 TASKS = ("lm", "digits", "mnist")     # a causal LM, or an image data set (rankwise.lab)
-DEVICES = "cpu, cuda, cuda:N or auto (cuda when present)"
 
 
 @dataclass
