@@ -1,6 +1,7 @@
 """compress_(model, config, calib): statistics -> decompositions -> allocation -> swap."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -122,6 +123,7 @@ def _measure(model, layers, shapes, metric, calib, batch_size, seed, progress, p
         layer_stats = stats.collect(model, layers, calib.split(batch_size), inputs=metric.inputs,
                                     gradients=metric.gradients, seed=seed, progress=progress,
                                     sharded=True)
+    _release_memory()
     widest = max(max(shape) for shape in shapes.values())
     if metric.inputs and calib.numel() < 2 * widest:
         log.warning("only %d calibration tokens for layers up to %d wide: the covariances are "
@@ -143,23 +145,27 @@ def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progre
                                    progress, precomputed, onload_device)
     t_stats = time.perf_counter() - t0
 
-    shared_roots = geometry.SharedRoots()
+    shared_roots = geometry.SharedRoots(keep=4)     # shared inputs: q/k/v, gate/up
     on_device = _OnDevice(onload_device)
-    # a sequential cut projects with its own statistics; whole-model projections are only
-    # needed when the allocation reads their spectra
-    wanted = list(layers) if allocation.uses_spectra or not config.sequential else []
-    bar = tqdm(total=len(wanted), desc=f"decomposing ({metric.name})", unit="layer",
+    bar = tqdm(desc=f"decomposing ({metric.name})", unit="layer",
                disable=not progress or not distributed.is_leader())
 
     def decompose(name):
         bar.update()
         matrices = layer_stats[name].matrices() if name in layer_stats else {}
         return on_device(layers[name], metric, config.damping, matrices, shared_roots)
-    decompositions = distributed.shared_decompositions(wanted, shapes, decompose)
-    bar.close()
-    ranks = allocate.choose_ranks(config.allocation, shapes,
-                                  {k: d.spectrum for k, d in decompositions.items()}, ratio,
-                                  config.min_rank, config.rank_multiple)
+    # memory holds one decomposition at a time: the allocation keeps only the spectra and
+    # each layer is decomposed again when it is cut; the search (which slices every layer's
+    # factors) and several processes (which broadcast them) keep them all
+    decompositions, spectra = {}, {}
+    if allocation.searched or distributed.world()[1] > 1:
+        wanted = list(layers) if allocation.uses_spectra or not config.sequential else []
+        decompositions = distributed.shared_decompositions(wanted, shapes, decompose)
+        spectra = {k: d.spectrum for k, d in decompositions.items()}
+    elif allocation.uses_spectra:
+        spectra = {name: decompose(name).spectrum for name in layers}
+    ranks = allocate.choose_ranks(config.allocation, shapes, spectra, ratio, config.min_rank,
+                                  config.rank_multiple)
     ranks = allocate.apply_rank_pattern(ranks, shapes, config.rank_pattern)
     searched = None
     if fitness is not None:
@@ -185,9 +191,23 @@ def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progre
         log.info("sequential cut: inputs re-measured block by block in %.1f s",
                  time.perf_counter() - t1)
     else:
-        predicted = sum(_swap(model, name, layers[name], rank, decompositions[name])
+        predicted = sum(_swap(model, name, layers[name], rank,
+                              decompositions.get(name) or decompose(name))
                         for name, rank in ranks.items() if _cuts(layers[name], rank))
+    bar.close()
     return tokens, t_stats, predicted, searched
+
+
+def _release_memory() -> None:
+    """Hand the pass's freed activations back to the system: glibc keeps large freed blocks
+    in its arenas, which otherwise stay in the process's resident memory for good."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):       # not glibc: nothing to trim
+        pass
 
 
 class _OnDevice:
@@ -202,13 +222,14 @@ class _OnDevice:
     def __call__(self, layer, metric: metrics.Metric, damping: float, matrices: dict,
                  roots) -> geometry.Decomposition:
         weight = linear_weight(layer).detach()
-        if self.device is not None:
-            matrices = {k: None if t is None else self.moved.setdefault(id(t), t.to(self.device))
-                        for k, t in matrices.items()}
-            weight = weight.to(self.device)
-        d = geometry.decompose(weight, damping=damping, root=roots,
+        if self.device is None:
+            return geometry.decompose(weight, damping=damping, root=roots,
+                                      **metric.statistics(linear_shape(layer), **matrices))
+        matrices = {k: None if t is None else self.moved.setdefault(id(t), t.to(self.device))
+                    for k, t in matrices.items()}
+        d = geometry.decompose(weight.to(self.device), damping=damping, root=roots,
                                **metric.statistics(linear_shape(layer), **matrices))
-        return d if self.device is None else d.to("cpu")
+        return dataclasses.replace(d.to("cpu"), W=weight)
 
 
 def _cuts(layer, rank: int | None) -> bool:

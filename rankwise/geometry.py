@@ -74,15 +74,20 @@ def psd_root(S: torch.Tensor, damping: float = DEFAULT_DAMPING) -> Root:
 
 class SharedRoots:
     """psd_root, memoised per statistics tensor: a covariance shared by several layers
-    (q/k/v, gate/up) is decomposed once."""
+    (q/k/v, gate/up) is decomposed once. `keep` bounds how many roots stay memoised (the
+    most recent; layers sharing a statistic come one after another), None keeps all."""
 
-    def __init__(self):
+    def __init__(self, keep: int | None = None):
         self._cache: dict[int, tuple[torch.Tensor, Root]] = {}
+        self.keep = keep
 
     def __call__(self, S: torch.Tensor, damping: float) -> Root:
-        hit = self._cache.get(id(S))
+        hit = self._cache.pop(id(S), None)
         if hit is None or hit[0] is not S:
-            hit = self._cache[id(S)] = (S, psd_root(S, damping))
+            hit = (S, psd_root(S, damping))
+        self._cache[id(S)] = hit                 # most recent last
+        if self.keep is not None and len(self._cache) > self.keep:
+            del self._cache[next(iter(self._cache))]
         return hit[1]
 
 
@@ -105,7 +110,7 @@ def _weigh(S: torch.Tensor | None, X: torch.Tensor) -> torch.Tensor:
 class Decomposition:
     """A weight's singular directions in a metric, from which the best factors of any rank
     are read off without another decomposition (rank allocation tries many ranks)."""
-    W: torch.Tensor                 # m x n, float64
+    W: torch.Tensor                 # m x n, as given (read in float64 when factors are made)
     basis: torch.Tensor             # U (m x k, left form) or V (n x k, right form), descending
     spectrum: torch.Tensor          # k = min(m, n) squared singular values, descending
     root: Root | None               # L (left form) or R (right form); None = identity
@@ -116,12 +121,12 @@ class Decomposition:
         k = self.spectrum.numel()
         if not 1 <= rank <= k:
             raise ValueError(f"rank must be in [1, {k}] for a {tuple(self.W.shape)} weight, got {rank}")
-        Q, R = self.basis[:, :rank], self.root
+        Q, R, W = self.basis[:, :rank], self.root, self.W.to(torch.float64)
         if self.left_form:     # W_r = L^{-1/2} U_r U_r^T L^{1/2} W
             B = _apply(R, Q, inverse=True) if R is not None else Q
-            A = Q.T @ (_apply(R, self.W) if R is not None else self.W)
+            A = Q.T @ (_apply(R, W) if R is not None else W)
         else:                  # W_r = W R^{1/2} V_r V_r^T R^{-1/2}
-            B = (_apply(R, self.W, side="right") if R is not None else self.W) @ Q
+            B = (_apply(R, W, side="right") if R is not None else W) @ Q
             A = _apply(R, Q.T, inverse=True, side="right") if R is not None else Q.T
         return balance(B, A)
 
@@ -163,7 +168,7 @@ def decompose(W: torch.Tensor, left: torch.Tensor | None = None,
     if R is not None:          # L^{1/2} W R W^T L^{1/2}  or  R^{1/2} W^T L W R^{1/2}
         K = _apply(R, _apply(R, K, side="right"))
     lam, Q = torch.linalg.eigh((K + K.T) / 2)
-    return Decomposition(W=W64, basis=Q.flip(1), spectrum=lam.flip(0).clamp_min(0), root=R,
+    return Decomposition(W=W, basis=Q.flip(1), spectrum=lam.flip(0).clamp_min(0), root=R,
                          left_form=left_form)
 
 

@@ -165,20 +165,27 @@ class Accumulator:
         return out
 
 
-def sample_logit_gradient(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def sample_logit_gradient(logits: torch.Tensor, generator: torch.Generator,
+                          chunk: int = 512) -> torch.Tensor:
     """d/dlogits of the summed cross-entropy against labels drawn from softmax(logits).
 
     softmax - onehot(sample); inverse-CDF sampling is an order of magnitude faster than
-    torch.distributions.Categorical on a 49k vocabulary.
+    torch.distributions.Categorical on a 49k vocabulary. Rows go `chunk` at a time, so the
+    softmax and its CDF never exist for the whole batch at once (on a 49k vocabulary they
+    would be two more copies of the logits); the draws are made up front, so the labels do
+    not depend on the chunk size.
     """
-    flat = logits.detach().float().reshape(-1, logits.shape[-1])
-    p = torch.softmax(flat, dim=-1)
-    cdf = p.cumsum(dim=-1)
-    u = torch.rand(flat.shape[0], 1, generator=generator, dtype=cdf.dtype).to(cdf.device) * cdf[:, -1:]
-    labels = torch.searchsorted(cdf, u).clamp_max(flat.shape[1] - 1).squeeze(1)
-    del cdf
-    p[torch.arange(flat.shape[0], device=p.device), labels] -= 1
-    return p.view_as(logits).to(logits.dtype)
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    u = torch.rand(flat.shape[0], 1, generator=generator, dtype=torch.float32).to(flat.device)
+    out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        p = torch.softmax(flat[rows].float(), dim=-1)
+        cdf = p.cumsum(dim=-1)
+        labels = torch.searchsorted(cdf, u[rows] * cdf[:, -1:]).clamp_max(flat.shape[1] - 1)
+        p.scatter_add_(1, labels, torch.full_like(labels, -1, dtype=p.dtype))
+        out[rows] = p
+    return out.view_as(logits).to(logits.dtype)
 
 
 @contextlib.contextmanager
