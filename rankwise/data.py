@@ -176,10 +176,12 @@ def sampled_windows(model, count: int, seqlen: int, seed: int = 0, temperature: 
     token), which is not part of the window."""
     from tqdm.auto import tqdm
 
-    start = start_token if start_token is not None else getattr(model.config, "bos_token_id", None)
+    start = start_token if start_token is not None else next(
+        (t for t in (getattr(model.config, "bos_token_id", None),
+                     getattr(model.config, "eos_token_id", None)) if isinstance(t, int)), None)
     if start is None:
-        raise RankwiseError("self calibration needs a start token and the model has no BOS "
-                            "token; calibrate on a text instead")
+        raise RankwiseError("self calibration needs a start token and the model has neither "
+                            "a BOS nor an EOS token; calibrate on a text instead")
     device = next(model.parameters()).device
     out = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -27,7 +27,8 @@ def test_compress_then_eval_end_to_end(tiny_folder, tmp_path, capsys):
     code, text, _ = run(capsys, *compress_args(tiny_folder, out, "--metric", "kfac", "--ratio", "0.3"))
     assert code == 0 and "removed 0.3" in text
     manifest = json.loads((out / "rankwise.json").read_text())
-    assert ranks_of(load(out)) == manifest["ranks"] and len(manifest["ranks"]) == 14
+    # the spectrum allocation (the default) may keep a layer dense: it is then not in the manifest
+    assert ranks_of(load(out)) == manifest["ranks"] and 0 < len(manifest["ranks"]) <= 14
     assert manifest["calibration"]["windows"] == 4 and manifest["calibration"]["seqlen"] == 32
     assert (out / "ranks.png").read_bytes()[:4] == b"\x89PNG"
     code, text, _ = run(capsys, "eval", str(out), "--windows", "2", "--seqlen", "32", "--ranks")

@@ -21,7 +21,7 @@ def test_kfac_on_smollm2_end_to_end(tmp_path):
     test = evaluation_windows(tokenize(tokenizer, read_text(EVALUATION_TEXT)[:200_000]), 256, 4)
     model = copy.deepcopy(dense)
     summary = compress_(model, CompressConfig(metric="kfac", ratio=0.2), calib, progress=False)
-    assert len(summary.ranks) == 210 and 0.2 <= summary.achieved_ratio < 0.21
+    assert len(summary.ranks) == 210 and 0.2 - 1e-9 <= summary.achieved_ratio < 0.21
     report = evaluate(model, test, dense, progress=False)
     assert report.reference_perplexity < report.perplexity < 4 * report.reference_perplexity
     assert report.top1_agreement > 0.4
