@@ -1,8 +1,8 @@
 """Perplexity on every shipped domain (and its ratio to dense), with KL to dense and top-1
 agreement on WikiText-2 test, for each metric x ratio (uniform ratio) and more kfac rows.
 
-Bench settings: SmolLM2-135M-Instruct, calibration 32 x 512 tokens (default: the shipped
-WikiText-2 validation split, seed 0; --calib for other sources or a mixture), evaluation
+Bench settings: SmolLM2-135M-Instruct, calibration 32 x 512 tokens (default: the package's
+default mixture, seed 0; --calib for other sources), evaluation
 40 x 512 tokens of each domain's evaluation part. Statistics are collected once per kind
 (forward-only for whiten; forward + backward for fisher/kfac) and their time is charged to
 every metric that uses them.
@@ -27,6 +27,7 @@ import time
 import torch
 
 from rankwise import CompressConfig, compress_, stats
+from rankwise.config import DEFAULT_CALIBRATION
 from rankwise.data import mixture_windows, parse_sources
 from rankwise.geometry import DEFAULT_DAMPING
 from rankwise.metrics import METRICS
@@ -57,8 +58,9 @@ def main():
                         "candidates on")
     p.add_argument("--rows", nargs="*", default=[], type=_row,
                    help="more kfac rows, each ALLOCATION@RATIO[xSTEPS][+seq]")
-    p.add_argument("--calib", nargs="+", default=["wikitext"],
-                   help="calibration sources NAME[:WEIGHT] (domains, files, self)")
+    p.add_argument("--calib", nargs="+", default=list(DEFAULT_CALIBRATION),
+                   help="calibration sources NAME[:WEIGHT] (domains, files, self); default "
+                        "the package's: " + " ".join(DEFAULT_CALIBRATION))
     p.add_argument("--damping", type=float, default=DEFAULT_DAMPING)
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--windows", type=int, default=40)

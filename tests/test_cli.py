@@ -135,13 +135,16 @@ def test_dln_bad_option_is_one_sentence(capsys):
     assert code == 2 and err.startswith("rankwise: error: rank must be")
 
 
-def test_finetune_language_model_saves_a_loadable_model(tiny_folder, tmp_path, capsys):
+@pytest.mark.parametrize("objective", ["lm", "distill"])
+def test_finetune_language_model_saves_a_loadable_model(tiny_folder, tmp_path, capsys, objective):
     out = tmp_path / "ft"
     code, text, _ = run(capsys, "finetune", "--model", str(tiny_folder), "--method", "svt",
                         "--ratio", "0.4", "--steps", "4", "--prox-every", "2",
                         "--recovery-steps", "1", "--seqlen", "32", "--calib-seqlen", "64",
-                        "--calib-samples", "6", "--eval-windows", "2", "--out", str(out))
+                        "--calib-samples", "6", "--eval-windows", "2", "--objective", objective,
+                        "--out", str(out))
     assert code == 0 and "test perplexity" in text and "removed 0.4" in text
+    assert json.loads((out / "rankwise.json").read_text())["objective"] == objective
     model = load(out)
     assert any(type(m).__name__ == "LowRankLinear" for m in model.modules())
     assert (out / "training.png").exists() and (out / "history.json").exists()
@@ -248,6 +251,8 @@ def no_slow_load(monkeypatch):
     (["finetune", "--holdout", "1.5", "--out", "{tmp}/o"], "holdout must be in"),
     (["finetune", "--device", "tpu", "--out", "{tmp}/o"], "unknown device"),
     (["finetune", "--resume", "--out", "{tmp}/o"], "no checkpoint to resume from"),
+    (["finetune", "--task", "digits", "--objective", "distill", "--out", "{tmp}/o"],
+     "is for a language model"),
     (["finetune", "--out", "{tmp}/file/o"], "is a file, not a folder"),
     (["dln", "recover", "--tol", "0"], "tol must be in"),
 ])

@@ -36,7 +36,7 @@ def _mapping(text: str) -> dict:
 
 def _help(f: dataclasses.Field) -> str:
     text, default = f.metadata.get("help", ""), default_of(f)
-    if not (default is None or default is False or default == {} or f.metadata.get("required")):
+    if not (default is None or default is False or default in ({}, []) or f.metadata.get("required")):
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
         text += f" (default {shown})"
     return text.replace("%", "%%")

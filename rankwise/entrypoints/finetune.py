@@ -1,6 +1,7 @@
 """finetune_model: train a causal LM down to a budget, evaluate it, save it."""
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from ..io import check_output_folder, save
 from ..models import load_model, model_path, resolve_device, target_linears
 from ..plots import training_curves
 from ..train import FinetuneConfig, FinetuneResult, FinetuneRun, LanguageTask, finetune, history_json
+from ..train.distill import DistillTask
 
 
 @dataclass
@@ -34,15 +36,23 @@ def finetune_model(run: FinetuneRun, config: FinetuneConfig,
     split = int(ids.numel() * (1 - run.holdout))
     calib = calibration_windows(ids[split:], run.calib_samples, run.calib_seqlen, run.seed,
                                 what="the held-out calibration part of the text")
-    task = LanguageTask(ids[:split], calib, run.batch_size or 2, run.seqlen, config.steps, run.seed)
     test = evaluation_windows(tokenize(tokenizer, test_text), run.calib_seqlen, run.eval_windows)
     ref = reference_log_probs(model, test, progress=progress)
+    if run.objective == "distill":
+        teacher = copy.deepcopy(model).to(device).eval()
+        train = ids[:split][:split // run.seqlen * run.seqlen].view(-1, run.seqlen)
+        task = DistillTask(teacher, train, calib, run.batch_size or 2, config.steps, run.seed,
+                           progress=False)
+    else:
+        task = LanguageTask(ids[:split], calib, run.batch_size or 2, run.seqlen, config.steps,
+                            run.seed)
     model.to(device)
     result = finetune(model, task, config, target_linears(model, config.include, config.exclude),
                       checkpoint=run.checkpoint, checkpoint_every=run.checkpoint_every,
                       resume=run.resume, progress=progress)
     report = evaluate(model.cpu(), test, ref, progress=progress)
     manifest = {"source_model": source, "finetune": asdict(result.config),
+                "objective": run.objective,
                 "achieved_ratio": result.achieved_ratio,
                 "targeted_params": {"dense": result.dense_params, "compressed": result.final_params},
                 "evaluation": {"perplexity": report.perplexity, "kl": report.kl,

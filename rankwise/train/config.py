@@ -14,6 +14,7 @@ METHODS = ("factors", "hard", "svt")
 OPTIMIZERS = ("adamw", "sgd")
 PENALTIES = ("nuclear", "weighted")
 TASKS = ("lm", "digits", "mnist")     # a causal LM, or an image data set (rankwise.lab)
+OBJECTIVES = ("lm", "distill")
 
 
 @dataclass
@@ -89,6 +90,10 @@ class FinetuneRun:
     batch_size: int | None = option(None, "windows (lm, default 2) or images (default 128) "
                                           "per step")
     seqlen: int = option(256, "lm: tokens per training window")
+    objective: str = option("lm", "lm: the training loss: lm (cross-entropy of the text) or "
+                                  "distill (KL to the dense model's next-token distributions, "
+                                  "so no domain adaptation enters the score)",
+                            choices=OBJECTIVES)
     calib_samples: int = option(16, "lm: calibration windows from the held-out part")
     calib_seqlen: int = option(512, "lm: tokens per calibration and test window")
     holdout: float = option(0.2, "lm: final fraction of the training text kept for "
@@ -106,6 +111,10 @@ class FinetuneRun:
 
     def __post_init__(self):
         check_choice("task", self.task, TASKS)
+        check_choice("objective", self.objective, OBJECTIVES)
+        if self.objective != "lm" and self.task != "lm":
+            raise RankwiseError(f"--objective {self.objective} is for a language model; "
+                                f"the {self.task} task trains on its labels")
         if self.batch_size is not None:
             check_int("batch_size", self.batch_size)
         for name in ("calib_samples", "eval_windows", "checkpoint_every"):
