@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from rankwise import plots
-from rankwise.data import (CALIBRATION_TEXT, calibration_windows,
+from rankwise.data import (CALIBRATION_TEXT, calibration_windows, evaluation_windows,
                            read_text, tokenize)
 from rankwise.models import load_model, target_linears
 from rankwise.geometry import SHRINKS
@@ -56,7 +56,7 @@ def llm(steps: int, out: Path, methods, shrinks, penalty: str, recovery: int | N
                                 prox_every=10, lr=lr, shrink=shrink, penalty=penalty,
                                 recovery_steps=steps // 5 if recovery is None else recovery)
         if objective == "distill":    # the KL to the dense model on the same 2 x 256 windows
-            windows = ids[:split][:split // 256 * 256].view(-1, 256)
+            windows = evaluation_windows(ids[:split], 256)
             task = DistillTask(teacher, windows, calib, batch_size=2, steps=steps, seed=0,
                                progress=False)
         else:

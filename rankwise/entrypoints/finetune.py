@@ -40,7 +40,7 @@ def finetune_model(run: FinetuneRun, config: FinetuneConfig,
     ref = reference_log_probs(model, test, progress=progress)
     if run.objective == "distill":
         teacher = copy.deepcopy(model).to(device).eval()
-        train = ids[:split][:split // run.seqlen * run.seqlen].view(-1, run.seqlen)
+        train = evaluation_windows(ids[:split], run.seqlen, what="the training part of the text")
         task = DistillTask(teacher, train, calib, run.batch_size or 2, config.steps, run.seed,
                            progress=False)
     else:
