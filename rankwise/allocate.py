@@ -3,39 +3,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from .errors import RankwiseError
 from .layers import dense_params, max_useful_rank, params_at
-
-
-@dataclass(frozen=True)
-class Allocation:
-    name: str
-    uses_spectra: bool     # needs every layer's decomposition before choosing
-    searched: bool         # refined by the evolutionary search against the dense model
-    help: str
-
-
-ALLOCATIONS = {a.name: a for a in (
-    Allocation("uniform", False, False, "every layer loses the same fraction of its parameters"),
-    Allocation("spectrum", True, False,
-               "one global budget spent where the metric's spectra predict the least loss "
-               "per parameter; some layers may stay dense"),
-    Allocation("search", True, True,
-               "evolutionary search seeded from spectrum, fitness = KL to the dense model on "
-               "held-out calibration windows"),
-)}
-
-
-def choose_ranks(allocation: str, shapes: dict[str, tuple[int, int]],
-                 spectra: dict[str, torch.Tensor], ratio: float, min_rank: int = 1,
-                 multiple: int = 1) -> dict[str, int | None]:
-    """The ranks an allocation gives before any search (search starts from spectrum)."""
-    if ALLOCATIONS[allocation].uses_spectra:
-        return spectrum_ranks(shapes, spectra, ratio, min_rank, multiple)
-    return uniform_ranks(shapes, ratio, multiple)
 
 
 def uniform_ranks(shapes: dict[str, tuple[int, int]], ratio: float,
@@ -165,3 +138,31 @@ def _fill(ranks: dict[str, int | None], options: dict[str, _LayerOptions],
             return ranks
         ranks[best] += options[best].step
         leftover -= options[best].step * (options[best].m + options[best].n)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """An allocation: its own `choose(shapes, spectra, ratio, min_rank, multiple) -> ranks`
+    (None = keep dense), whether that needs every layer's spectrum first, and whether the
+    evolutionary search then refines it against the dense model."""
+    name: str
+    choose: Callable[..., dict[str, int | None]]
+    needs_spectra: bool
+    searched: bool
+    help: str
+
+
+def _uniform(shapes, spectra, ratio, min_rank=1, multiple=1):
+    return uniform_ranks(shapes, ratio, multiple)
+
+
+ALLOCATIONS = {a.name: a for a in (
+    Allocation("uniform", _uniform, False, False,
+               "every layer loses the same fraction of its parameters"),
+    Allocation("spectrum", spectrum_ranks, True, False,
+               "one global budget spent where the metric's spectra predict the least loss "
+               "per parameter; some layers may stay dense"),
+    Allocation("search", spectrum_ranks, True, True,
+               "evolutionary search seeded from spectrum, fitness = KL to the dense model on "
+               "held-out calibration windows"),
+)}

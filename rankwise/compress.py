@@ -1,26 +1,44 @@
-"""compress_(model, config, calib): statistics -> decompositions -> allocation -> swap."""
+"""compress_(model, config, calib): statistics -> decompositions -> allocation -> cut.
+
+A stage is a composition of three parts, each chosen once:
+  statistics  where each block's statistics come from: the block walk (rankwise.pipeline
+              .walk: one block at a time, on the device the placement names, shared by
+              torchrun processes), statistics given by the caller, or none (svd);
+  cut         as each block's statistics arrive its layers are decomposed (on the device,
+              batched) and the statistics dropped; with ranks known up front (uniform) the
+              layers are cut at once, otherwise each layer's spectrum is kept and its
+              factors at every rank it could be given are parked on disk
+              (rankwise.pipeline.spill) until the allocation has seen every spectrum;
+              sequential mode instead parks the gradient side of the statistics and cuts
+              block by block on inputs re-measured through the blocks already cut;
+  allocation  the registry record's own `choose` (rankwise.allocate), refined by the
+              search when the record asks for it.
+Memory therefore holds one block's statistics and decompositions at a time, whatever the
+depth; no decomposition is computed twice for one cut.
+"""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import allocate, geometry, metrics, stats
+from . import allocate, geometry, metrics
 from .allocate import ALLOCATIONS
 from .config import CompressConfig
 from .errors import RankwiseError
 from .evaluate import reference_log_probs
-from .layers import LowRankLinear, linear_shape, linear_weight, ranks_of, set_module
-from .models import check_finite, target_linears
-from .pipeline import distributed, sequential
-from .pipeline import onload as onloading
+from .layers import LowRankLinear, linear_shape, linear_weight, max_useful_rank, ranks_of, set_module
+from .models import check_finite, find_blocks, target_linears
+from .pipeline.distributed import Comm
+from .pipeline.placement import Placement
+from .pipeline.spill import Spill
+from .pipeline.walk import walk
 from .search import SearchResult, search_ranks
+from .stats import GRADIENT_SIDE, INPUT_SIDE, LayerStats
 
 log = logging.getLogger(__name__)
 
@@ -38,60 +56,72 @@ class Summary:
     predicted_loss: float = 0.0           # summed dropped spectrum; kfac: ~2 x KL/token x tokens^2
     seconds: dict[str, float] = field(default_factory=dict)
     search: SearchResult | None = None
+    spilled_bytes: int = 0                # written to the scratch folder
 
 
 def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None = None,
               batch_size: int = 4, seed: int = 0, progress: bool = True,
-              precomputed: dict[str, stats.LayerStats] | None = None,
+              precomputed: dict[str, LayerStats] | None = None,
               filter_fn: Callable[[nn.Module, str], bool] | None = None,
-              onload: str | torch.device | None = None) -> Summary:
+              onload: str | torch.device | None = None, scratch: str | None = None,
+              placement: Placement | None = None) -> Summary:
     """Replace the targeted linear layers of `model` in place by low-rank factors.
 
     calib: LongTensor (num_windows, seqlen) of calibration token ids; needed by every metric
-    but `svd`. precomputed: statistics from `stats.collect` on this model, reused instead
-    of calib (e.g. to try several ratios; one-step compression only). filter_fn(module,
+    but `svd`. precomputed: statistics from `stats.collect` on this model, used instead of
+    calib (e.g. to try several ratios; one-step compression only). filter_fn(module,
     name): narrows the targets beyond config.include / exclude. With `config.steps = k` the
-    ratio is reached in k stages, the statistics re-collected on the partly compressed
-    model before each, so every layer is projected with the inputs and output gradients it
-    will really see. With `config.sequential` each cut goes block by block, every block's
-    input statistics re-measured on the outputs of the blocks already cut
-    (rankwise.pipeline.sequential). onload: a device (e.g. "cuda") that the blocks visit one
-    at a time while the model stays on the CPU (rankwise.pipeline.onload): statistics and
-    decompositions run there with memory bounded by one block. Returns a Summary with the
-    per-layer ranks and the achieved ratio.
+    ratio is reached in k stages, the statistics measured again on the partly compressed
+    model before each. With `config.sequential` each block is cut on inputs re-measured
+    through the blocks already cut. onload: a device (e.g. "cuda") that the blocks visit one
+    at a time while the model stays where it is (placement: the same, spelled out;
+    rankwise.pipeline.placement). scratch: the folder for the temporary spill (default:
+    the system's). Returns a Summary with the per-layer ranks and the achieved ratio.
     """
     if precomputed is not None and (config.steps > 1 or config.sequential):
-        raise ValueError("precomputed statistics describe the dense model; they cannot be "
-                         "reused across the stages of a multi-step or sequential compression")
-    if onload is not None and distributed.world()[1] > 1:
-        raise RankwiseError("onloading and several processes do not combine yet; use one")
+        raise RankwiseError("precomputed statistics describe the dense model; they cannot "
+                            "be reused across the stages of a multi-step or sequential "
+                            "compression")
     t0 = time.perf_counter()
-    layers = target_linears(model, config.include, config.exclude, filter_fn)
+    # names only: a reference to a layer would keep its dense weight alive after the cut
+    shapes = {name: linear_shape(l) for name, l in
+              target_linears(model, config.include, config.exclude, filter_fn).items()}
     check_finite(model)
-    shapes = {name: linear_shape(l) for name, l in layers.items()}
+    metric = metrics.get(config.metric)
+    if metric.needs_calibration and precomputed is None and (calib is None or calib.numel() == 0):
+        raise RankwiseError(f"metric {metric.name!r} needs calibration data")
+    placement = placement or Placement.of(model, onload)
+    allocation = ALLOCATIONS[config.allocation]
     fitness = None
-    if ALLOCATIONS[config.allocation].searched:
+    if allocation.searched:
         calib, fitness = _hold_out(model, calib, config.search_windows, progress)
-    tokens, t_stats, predicted, searched = 0, 0.0, 0.0, None
-    for stage in range(1, config.steps + 1):
-        stage_ratio = config.ratio * stage / config.steps
-        tokens, seconds, predicted, searched = _stage(
-            model, layers, shapes, config, stage_ratio, calib, batch_size, seed, progress,
-            precomputed, fitness if stage == config.steps else None, onload)
-        t_stats += seconds
-        layers = {name: model.get_submodule(name) for name in layers}
+    tokens = next(iter(precomputed.values())).tokens if precomputed else \
+        calib.numel() if metric.needs_calibration else 0
+    if metric.inputs and tokens and tokens < 2 * max(max(s) for s in shapes.values()):
+        log.warning("only %d calibration tokens for layers up to %d wide: the covariances are "
+                    "rank-deficient and %s projections degrade badly; use more windows",
+                    tokens, max(max(s) for s in shapes.values()), metric.name)
+    stage = _Stage(model, config, metric, placement, Comm.current(), batch_size, seed, progress)
+    predicted, searched = 0.0, None
+    with Spill(scratch) as spill:
+        for step in range(1, config.steps + 1):
+            stage.layers = {name: model.get_submodule(name) for name in shapes}
+            predicted, searched = stage.run(config.ratio * step / config.steps, calib, spill,
+                                            precomputed, fitness if step == config.steps else None)
+        spilled = spill.written
     t_total = time.perf_counter() - t0
 
-    ranks = ranks_of(model, layers)
+    ranks = ranks_of(model, shapes)
     summary = Summary(metric=config.metric, requested_ratio=config.ratio,
                       achieved_ratio=allocate.achieved_ratio(shapes, ranks), ranks=ranks,
                       shapes=shapes, dense_params=sum(m * n for m, n in shapes.values()),
                       compressed_params=allocate.kept_params(shapes, ranks),
                       calibration_tokens=tokens, predicted_loss=predicted,
-                      seconds={"statistics": t_stats, "projection": t_total - t_stats,
-                               "total": t_total}, search=searched)
+                      seconds={"statistics": stage.seconds["statistics"],
+                               "projection": t_total - stage.seconds["statistics"],
+                               "total": t_total}, search=searched, spilled_bytes=spilled)
     log.info("compressed %d layers with %s: ratio %.4f achieved (%.4f requested) in %.1f s",
-             len(layers), config.metric, summary.achieved_ratio, config.ratio, t_total)
+             len(shapes), config.metric, summary.achieved_ratio, config.ratio, t_total)
     return summary
 
 
@@ -107,139 +137,197 @@ def _hold_out(model, calib, windows: int, progress: bool):
                                                         progress=progress))
 
 
-def _measure(model, layers, shapes, metric, calib, batch_size, seed, progress, precomputed,
-             onload_device=None):
-    """(statistics, tokens) of the model as it is now, or the precomputed ones."""
-    if precomputed or not metric.needs_calibration:
-        tokens = next(iter(precomputed.values())).tokens if precomputed else 0
-        return precomputed or {}, tokens
-    if calib is None or calib.numel() == 0:
-        raise RankwiseError(f"metric {metric.name!r} needs calibration data")
-    if onload_device is not None:
-        layer_stats = onloading.collect(model, layers, list(calib.split(batch_size)), onload_device,
-                                     inputs=metric.inputs, gradients=metric.gradients, seed=seed,
-                                     progress=progress)
-    else:
-        layer_stats = stats.collect(model, layers, calib.split(batch_size), inputs=metric.inputs,
-                                    gradients=metric.gradients, seed=seed, progress=progress,
-                                    sharded=True)
-    _release_memory()
-    widest = max(max(shape) for shape in shapes.values())
-    if metric.inputs and calib.numel() < 2 * widest:
-        log.warning("only %d calibration tokens for layers up to %d wide: the covariances are "
-                    "rank-deficient and %s projections degrade badly; use more windows",
-                    calib.numel(), widest, metric.name)
-    return layer_stats, calib.numel()
+class _Stage:
+    """One cut of the model to a ratio: statistics block by block, decompositions as they
+    arrive, the allocation, the cut (see the module docstring)."""
 
+    def __init__(self, model, config: CompressConfig, metric: metrics.Metric,
+                 placement: Placement, comm: Comm | None, batch_size: int, seed: int,
+                 progress: bool):
+        self.model, self.config, self.metric, self.placement = model, config, metric, placement
+        self.comm, self.batch_size, self.seed, self.progress = comm, batch_size, seed, progress
+        self.allocation = ALLOCATIONS[config.allocation]
+        self.layers: dict[str, nn.Module] = {}
+        self.seconds = {"statistics": 0.0}
 
-def _stage(model, layers, shapes, config, ratio, calib, batch_size, seed, progress,
-           precomputed, fitness=None, onload_device=None
-           ) -> tuple[int, float, float, SearchResult | None]:
-    """One cut to `ratio` (of the dense targeted parameters): statistics on the model as it
-    is now, decompositions, allocation (searched when `fitness` data is given), module
-    swap. Returns (tokens, statistics seconds, predicted loss, search result). A layer
-    already factorized is only ever cut further."""
-    metric, allocation = metrics.get(config.metric), ALLOCATIONS[config.allocation]
-    t0 = time.perf_counter()
-    layer_stats, tokens = _measure(model, layers, shapes, metric, calib, batch_size, seed,
-                                   progress, precomputed, onload_device)
-    t_stats = time.perf_counter() - t0
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {name: linear_shape(l) for name, l in self.layers.items()}
 
-    shared_roots = geometry.SharedRoots(keep=4)     # shared inputs: q/k/v, gate/up
-    on_device = _OnDevice(onload_device)
-    bar = tqdm(desc=f"decomposing ({metric.name})", unit="layer",
-               disable=not progress or not distributed.is_leader())
+    def run(self, ratio: float, calib, spill: Spill, precomputed, fitness
+            ) -> tuple[float, SearchResult | None]:
+        """Cut to `ratio`; returns (predicted loss of the cut, search result or None)."""
+        c, layers = self.config, self.layers
+        known = None
+        if not self.allocation.needs_spectra:
+            known = allocate.apply_rank_pattern(
+                self.allocation.choose(self.shapes, {}, ratio, c.min_rank, c.rank_multiple),
+                self.shapes, c.rank_pattern)
+        # what each block's decompositions leave: the cut itself (ranks known), factors at
+        # every rank the allocation or the search may choose, or (sequential) the spectra
+        park_factors = known is None and (not c.sequential or self.allocation.searched)
+        park_gradients = c.sequential and self.metric.gradients is not None
+        spectra, predicted = {}, 0.0
+        measured = not (c.sequential and known is not None and not park_gradients)
+        for names, block_stats in (self._statistics(calib, spill, precomputed) if measured else ()):
+            for name in names if park_gradients else ():
+                spill.put(f"gradients.{name}", {k: v for k, v in block_stats[name].matrices(
+                    GRADIENT_SIDE).items() if v is not None})
+            if c.sequential and known is not None:
+                continue
+            wanted = [n for n in names if known is None or _cuts(layers[n], known[n])]
+            at = known if known is not None else \
+                {n: _cap(layers[n]) for n in wanted} if park_factors else None
+            for name, (spectrum, B, A) in self._decomposed(wanted, block_stats, at).items():
+                spectra[name] = spectrum
+                if known is not None:
+                    predicted += self._swap(name, known[name], B, A, spectrum)
+                elif B is not None:
+                    spill.put(f"factors.{name}", {"B_t": B.T, "A": A})
+            del block_stats
+        ranks, searched = known, None
+        if known is None:
+            ranks = allocate.apply_rank_pattern(
+                self.allocation.choose(self.shapes, spectra, ratio, c.min_rank, c.rank_multiple),
+                self.shapes, c.rank_pattern)
+        if fitness is not None:
+            searched = self._search(ranks, spill, fitness)
+            ranks = searched.ranks
+        if c.sequential:
+            predicted = self._sequential_cut(ranks, calib, spill)
+        elif known is None:
+            for name, rank in ranks.items():
+                if _cuts(layers[name], rank):
+                    predicted += self._swap(name, rank, *self._parked(spill, name, rank),
+                                            spectra[name])
+        return predicted, searched
 
-    def decompose(name):
-        bar.update()
-        matrices = layer_stats[name].matrices() if name in layer_stats else {}
-        return on_device(layers[name], metric, config.damping, matrices, shared_roots)
-    # memory holds one decomposition at a time: the allocation keeps only the spectra and
-    # each layer is decomposed again when it is cut; the search (which slices every layer's
-    # factors) and several processes (which broadcast them) keep them all
-    decompositions, spectra = {}, {}
-    if allocation.searched or distributed.world()[1] > 1:
-        wanted = list(layers) if allocation.uses_spectra or not config.sequential else []
-        decompositions = distributed.shared_decompositions(wanted, shapes, decompose)
-        spectra = {k: d.spectrum for k, d in decompositions.items()}
-    elif allocation.uses_spectra:
-        spectra = {name: decompose(name).spectrum for name in layers}
-    ranks = allocate.choose_ranks(config.allocation, shapes, spectra, ratio, config.min_rank,
-                                  config.rank_multiple)
-    ranks = allocate.apply_rank_pattern(ranks, shapes, config.rank_pattern)
-    searched = None
-    if fitness is not None:
-        caps = {k: l.rank for k, l in layers.items() if isinstance(l, LowRankLinear)}
-        searched = search_ranks(model, layers, decompositions, shapes, ranks, *fitness,
-                                generations=config.search_generations,
-                                seconds=config.search_seconds,
-                                offspring=config.search_offspring, min_rank=config.min_rank,
-                                caps=caps, seed=seed, progress=progress)
-        ranks = searched.ranks
+    @staticmethod
+    def _parked(spill: Spill, name: str, rank: int):
+        """(B, A) of rank `rank` from a layer's parked factors (only those rows are read)."""
+        return (spill.get(f"factors.{name}", "B_t", rank).T,
+                spill.get(f"factors.{name}", "A", rank))
 
-    predicted = 0.0
-    if config.sequential:
-        t1 = time.perf_counter()
-        for names, fresh in sequential.measured_blocks(model, layers, calib.split(batch_size)):
-            block_roots = geometry.SharedRoots()
-            for name in (n for n in names if _cuts(layers[n], ranks[n])):
-                matrices = {**layer_stats[name].matrices(),
-                            **{k: getattr(fresh[name], k) for k in sequential.INPUT_SIDE}}
-                predicted += _swap(model, name, layers[name], ranks[name],
-                                   on_device(layers[name], metric, config.damping, matrices,
-                                             block_roots))
+    def _statistics(self, calib, spill: Spill, precomputed
+                    ) -> Iterator[tuple[list[str], dict[str, LayerStats]]]:
+        """(names, statistics) block by block: walked, given, or none (svd)."""
+        t0 = time.perf_counter()
+        if precomputed is not None or not self.metric.needs_calibration:
+            for names in _by_block(self.model, self.layers):
+                yield names, {n: precomputed[n] for n in names} if precomputed else {}
+            return
+        comm = self.comm
+        source = walk(self.model, self.layers, list(calib.split(self.batch_size)),
+                      self.placement, spill, inputs=self.metric.inputs,
+                      gradients=self.metric.gradients, seed=self.seed,
+                      shard=comm.shard if comm else (0, 1),
+                      reduce=comm.all_reduce if comm else None, progress=self.progress)
+        for item in source:
+            self.seconds["statistics"] += time.perf_counter() - t0
+            yield item
+            t0 = time.perf_counter()
+        self.seconds["statistics"] += time.perf_counter() - t0
+
+    def _decomposed(self, names: list[str], block_stats: dict[str, LayerStats],
+                    ranks: dict[str, int] | None) -> dict[str, tuple]:
+        """{name: (spectrum on the CPU, B, A)} of a block's layers, with factors of rank
+        ranks[name] (None: spectra only). Under torchrun the layers are spread over the
+        processes and broadcast from their owners."""
+        comm, out = self.comm, {}
+        mine = names if comm is None else names[comm.rank::comm.size]
+        problems = []
+        for name in mine:
+            layer = self.layers[name]
+            W = self.placement.to_device(linear_weight(layer).detach())
+            matrices = block_stats[name].matrices() if name in block_stats else {}
+            problems.append((W, self.metric.statistics(linear_shape(layer), **matrices)))
+        for name, d in zip(mine, geometry.decompose_many(problems, self.config.damping)):
+            B = A = None
+            if ranks is not None and ranks[name] >= 1:
+                dtype = _dtype(self.layers[name])
+                B, A = (t.to(dtype) for t in d.factors(ranks[name]))
+            out[name] = (d.spectrum.to("cpu"), B, A)
+        return out if comm is None else self._shared(names, out, ranks)
+
+    def _shared(self, names: list[str], mine: dict, ranks: dict[str, int] | None) -> dict:
+        """Every process's decompositions of a block, broadcast from their owners."""
+        out, device = {}, self.placement.device
+        for j, name in enumerate(names):
+            owner, (m, n) = j % self.comm.size, linear_shape(self.layers[name])
+            spectrum, B, A = mine.get(name, (None, None, None))
+            got = [self.comm.broadcast(spectrum, (min(m, n),), torch.float64, owner, "cpu")]
+            if ranks is not None and ranks[name] >= 1:
+                dtype, r = _dtype(self.layers[name]), ranks[name]
+                got += [self.comm.broadcast(B, (m, r), dtype, owner, device),
+                        self.comm.broadcast(A, (r, n), dtype, owner, device)]
+            out[name] = (*got, None, None)[:3]
+        return out
+
+    def _swap(self, name: str, rank: int, B, A, spectrum) -> float:
+        """Put the rank-`rank` factors in place of the layer (whose dense weight is then
+        freed); the predicted loss of the cut."""
+        new = LowRankLinear.from_linear(self.layers[name], A[:rank], B[:, :rank])
+        set_module(self.model, name, new)
+        self.layers[name] = new
+        return float(spectrum[rank:].sum())
+
+    def _search(self, ranks, spill: Spill, fitness) -> SearchResult:
+        c = self.config
+        caps = {k: l.rank for k, l in self.layers.items() if isinstance(l, LowRankLinear)}
+        return search_ranks(self.model, self.layers, lambda name, rank: self._parked(spill, name, rank),
+                            self.shapes, ranks, *fitness, generations=c.search_generations,
+                            seconds=c.search_seconds, offspring=c.search_offspring,
+                            min_rank=c.min_rank, caps=caps, seed=self.seed,
+                            progress=self.progress)
+
+    def _sequential_cut(self, ranks, calib, spill: Spill) -> float:
+        """Block by block in order: each block's input side measured on what the blocks
+        already cut produce, its gradient side as parked by the walk, then the cut. Every
+        process measures every batch here, so each decomposes alone."""
+        t0, predicted, comm = time.perf_counter(), 0.0, self.comm
+        blocks = walk(self.model, self.layers, list(calib.split(self.batch_size)),
+                      self.placement, spill, inputs=True, gradients=None, recut=True,
+                      progress=self.progress)
+        self.comm = None
+        try:
+            for names, fresh in blocks:
+                wanted = [n for n in names if _cuts(self.layers[n], ranks[n])]
+                block_stats = {}
+                for name in wanted:
+                    parked = spill.take(f"gradients.{name}") if self.metric.gradients else {}
+                    block_stats[name] = LayerStats(
+                        tokens=fresh[name].tokens, **fresh[name].matrices(INPUT_SIDE),
+                        **{k: v.to(self.placement.device) for k, v in parked.items()})
+                at = {n: ranks[n] for n in wanted}
+                for name, (spectrum, B, A) in self._decomposed(wanted, block_stats, at).items():
+                    predicted += self._swap(name, ranks[name], B, A, spectrum)
+        finally:
+            self.comm = comm
         log.info("sequential cut: inputs re-measured block by block in %.1f s",
-                 time.perf_counter() - t1)
-    else:
-        predicted = sum(_swap(model, name, layers[name], rank,
-                              decompositions.get(name) or decompose(name))
-                        for name, rank in ranks.items() if _cuts(layers[name], rank))
-    bar.close()
-    return tokens, t_stats, predicted, searched
+                 time.perf_counter() - t0)
+        return predicted
 
 
-def _release_memory() -> None:
-    """Hand the pass's freed activations back to the system: glibc keeps large freed blocks
-    in its arenas, which otherwise stay in the process's resident memory for good."""
-    import ctypes
-    import gc
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):       # not glibc: nothing to trim
-        pass
+def _by_block(model: nn.Module, layers: dict[str, nn.Module]) -> list[list[str]]:
+    """The targeted layer names grouped by the block that holds them, in order."""
+    prefix, blocks = find_blocks(model)
+    groups = [[n for n in layers if n.startswith(f"{prefix}.{k}." if prefix else f"{k}.")]
+              for k in range(len(blocks))]
+    return [g for g in groups if g]
 
 
-class _OnDevice:
-    """Decompositions where the weights are, or on the onloading device: there the weight
-    and each statistic are moved once (layers sharing an input still share one root) and
-    the result waits on the CPU."""
+def _cap(layer: nn.Module) -> int:
+    """The largest rank a layer can be given: one that still saves parameters, and never
+    more than it has (a factored layer is only ever cut further)."""
+    m, n = linear_shape(layer)
+    top = max_useful_rank(m, n)
+    return min(top, layer.rank) if isinstance(layer, LowRankLinear) else top
 
-    def __init__(self, device=None):
-        self.device = None if device is None or torch.device(device).type == "cpu" else device
-        self.moved: dict[int, torch.Tensor] = {}
 
-    def __call__(self, layer, metric: metrics.Metric, damping: float, matrices: dict,
-                 roots) -> geometry.Decomposition:
-        weight = linear_weight(layer).detach()
-        if self.device is None:
-            return geometry.decompose(weight, damping=damping, root=roots,
-                                      **metric.statistics(linear_shape(layer), **matrices))
-        matrices = {k: None if t is None else self.moved.setdefault(id(t), t.to(self.device))
-                    for k, t in matrices.items()}
-        d = geometry.decompose(weight.to(self.device), damping=damping, root=roots,
-                               **metric.statistics(linear_shape(layer), **matrices))
-        return dataclasses.replace(d.to("cpu"), W=weight)
+def _dtype(layer: nn.Module) -> torch.dtype:
+    return layer.A.dtype if isinstance(layer, LowRankLinear) else layer.weight.dtype
 
 
 def _cuts(layer, rank: int | None) -> bool:
     """A layer is cut when given a rank, and only ever further."""
     return rank is not None and not (isinstance(layer, LowRankLinear) and rank >= layer.rank)
-
-
-def _swap(model, name, layer, rank, decomposition) -> float:
-    """Put the rank-`rank` factors in place of `layer`; the predicted loss of the cut."""
-    B, A = decomposition.factors(rank)
-    dtype = layer.A.dtype if isinstance(layer, LowRankLinear) else layer.weight.dtype
-    set_module(model, name, LowRankLinear.from_linear(layer, A.to(dtype), B.to(dtype)))
-    return decomposition.dropped_loss(rank)

@@ -194,4 +194,6 @@ def sampled_windows(model, count: int, seqlen: int, seed: int = 0, temperature: 
                                  max_new_tokens=seqlen, min_new_tokens=seqlen,
                                  pad_token_id=int(start))
             out.append(ids[:, 1:].cpu())
+    from .models import release_host_memory
+    release_host_memory()
     return torch.cat(out)

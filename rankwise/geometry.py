@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import RankwiseError
+
 DEFAULT_DAMPING = 1e-6
 
 
@@ -49,6 +51,50 @@ class Root:
         return self.half.dim() == 1
 
 
+# A float32 eigendecomposition is kept when a float64 check finds it accurate to this
+# relative tolerance (see `eigh`); otherwise the matrix is decomposed again in float64.
+EIGH_RTOL = 1e-3
+
+
+def eigh(S: torch.Tensor, floor: torch.Tensor | float | None = None, rtol: float = EIGH_RTOL,
+         float32: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and orthonormal eigenvectors of symmetric matrices S (..., n,
+    n), both float64.
+
+    With `float32` the decomposition runs in float32 first (several times faster on a GPU)
+    and is checked in float64: the eigenvectors are re-orthonormalised (one Newton-Schulz
+    step), the eigenvalues taken as their Rayleigh quotients (so a tail sum of them is
+    exactly what cutting those directions of this basis costs), and each pair's residual
+    |S q - lam q| bounds the error of its eigenvalue. A matrix is kept when
+      floor given (roots):     every residual <= rtol * (|lam| + floor), floor per matrix
+                               or one number: every eigenvalue above the floor is right to
+                               rtol, as a damped inverse square root needs;
+      floor None (spectra):    the summed residuals <= rtol * the summed |lam|: the loss
+                               spectrum is right to rtol of the layer's whole loss;
+    the others are decomposed again in float64.
+    """
+    S = S.to(torch.float64)
+    S = (S + S.mT) / 2
+    if not float32:
+        return torch.linalg.eigh(S)
+    Q = torch.linalg.eigh(S.float())[1].double()
+    Q = Q @ (1.5 * torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device) - 0.5 * (Q.mT @ Q))
+    SQ = S @ Q
+    lam = (Q * SQ).sum(-2)
+    residual = (SQ - Q * lam[..., None, :]).norm(dim=-2)
+    if floor is None:
+        bad = residual.sum(-1) > rtol * lam.abs().sum(-1)
+    else:
+        floor = torch.as_tensor(floor, dtype=torch.float64, device=S.device)
+        bad = (residual > rtol * (lam.abs() + floor[..., None])).any(-1)
+    if bad.any():
+        lam64, Q64 = torch.linalg.eigh(S[bad])
+        lam, Q = lam.clone(), Q.clone()
+        lam[bad], Q[bad] = lam64, Q64
+    order = lam.argsort(-1)
+    return lam.gather(-1, order), Q.gather(-1, order[..., None, :].expand_as(Q))
+
+
 def psd_root(S: torch.Tensor, damping: float = DEFAULT_DAMPING) -> Root:
     """Square root and inverse square root of a PSD matrix (2-D) or diagonal (1-D).
 
@@ -56,38 +102,54 @@ def psd_root(S: torch.Tensor, damping: float = DEFAULT_DAMPING) -> Root:
     `damping * mean eigenvalue`, so singular or ill-conditioned statistics (dead features,
     fewer tokens than features) give finite roots. An all-zero matrix gives the identity.
     """
-    S = S.to(torch.float64)
+    return _roots([S], damping)[0]
+
+
+def _check_finite(S: torch.Tensor) -> None:
     if not torch.isfinite(S).all():
-        raise ValueError("statistics contain NaN or Inf; the model produced non-finite "
-                         "activations or gradients on the calibration data")
-    if S.dim() == 1:
-        lam = S.clamp_min(0)
-    else:
-        lam, Q = torch.linalg.eigh((S + S.T) / 2)
-        lam = lam.clamp_min(0)
-    mean = lam.mean()
+        raise RankwiseError("statistics contain NaN or Inf; the model produced non-finite "
+                            "activations or gradients on the calibration data")
+
+
+def _roots(stats: list[torch.Tensor], damping: float) -> list[Root]:
+    """psd_root of each statistic, the same-sized matrices decomposed in one batch."""
+    out: list[Root | None] = [None] * len(stats)
+    by_size: dict[int, list[int]] = {}
+    for i, S in enumerate(stats):
+        _check_finite(S)
+        if S.dim() == 1:
+            lam = S.to(torch.float64).clamp_min(0)
+            out[i] = Root(*_damped(lam, damping, lam.mean()))
+        else:
+            by_size.setdefault(S.shape[-1], []).append(i)
+    for idx in by_size.values():
+        S = torch.stack([stats[i].to(torch.float64) for i in idx])
+        mean = S.diagonal(dim1=-2, dim2=-1).clamp_min(0).mean(-1)
+        lam, Q = eigh(S, floor=damping * mean)
+        for j, i in enumerate(idx):
+            half, inv_half = _damped(lam[j].clamp_min(0), damping, mean[j])
+            out[i] = Root((Q[j] * half) @ Q[j].T, (Q[j] * inv_half) @ Q[j].T)
+    return out
+
+
+def _damped(lam: torch.Tensor, damping: float, mean: torch.Tensor):
+    """(sqrt, 1/sqrt) of eigenvalues lifted by damping * mean (the identity when all zero)."""
     lam = lam + damping * mean if mean > 0 else torch.ones_like(lam)
-    if S.dim() == 1:
-        return Root(lam.sqrt(), lam.rsqrt())
-    return Root((Q * lam.sqrt()) @ Q.T, (Q * lam.rsqrt()) @ Q.T)
+    return lam.sqrt(), lam.rsqrt()
 
 
 class SharedRoots:
     """psd_root, memoised per statistics tensor: a covariance shared by several layers
-    (q/k/v, gate/up) is decomposed once. `keep` bounds how many roots stay memoised (the
-    most recent; layers sharing a statistic come one after another), None keeps all."""
+    (q/k/v, gate/up) is decomposed once. The memo holds the tensors it was given, so an
+    id() cannot be reused by another tensor while it is in the memo."""
 
-    def __init__(self, keep: int | None = None):
+    def __init__(self):
         self._cache: dict[int, tuple[torch.Tensor, Root]] = {}
-        self.keep = keep
 
     def __call__(self, S: torch.Tensor, damping: float) -> Root:
-        hit = self._cache.pop(id(S), None)
+        hit = self._cache.get(id(S))
         if hit is None or hit[0] is not S:
-            hit = (S, psd_root(S, damping))
-        self._cache[id(S)] = hit                 # most recent last
-        if self.keep is not None and len(self._cache) > self.keep:
-            del self._cache[next(iter(self._cache))]
+            hit = self._cache[id(S)] = (S, psd_root(S, damping))
         return hit[1]
 
 
@@ -117,7 +179,9 @@ class Decomposition:
     left_form: bool
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Balanced float64 (B, A) of the best rank-`rank` approximation in the metric."""
+        """Balanced float64 (B, A) of the best rank-`rank` approximation in the metric.
+        Each rank-one term is balanced on its own, so the factors of a lower rank are
+        the leading columns of B and rows of A."""
         k = self.spectrum.numel()
         if not 1 <= rank <= k:
             raise ValueError(f"rank must be in [1, {k}] for a {tuple(self.W.shape)} weight, got {rank}")
@@ -134,16 +198,10 @@ class Decomposition:
         """The metric error of the rank-`rank` approximation: the dropped spectrum's sum."""
         return float(self.spectrum[rank:].sum())
 
-    def to(self, device) -> "Decomposition":
-        root = None if self.root is None else \
-            Root(self.root.half.to(device), self.root.inv_half.to(device))
-        return Decomposition(self.W.to(device), self.basis.to(device), self.spectrum.to(device),
-                             root, self.left_form)
-
 
 def decompose(W: torch.Tensor, left: torch.Tensor | None = None,
-              right: torch.Tensor | None = None, damping: float = DEFAULT_DAMPING,
-              root=psd_root, *, left_image: torch.Tensor | None = None,
+              right: torch.Tensor | None = None, damping: float = DEFAULT_DAMPING, *,
+              left_image: torch.Tensor | None = None,
               right_image: torch.Tensor | None = None) -> Decomposition:
     """Singular directions of W in the metric (left, right).
 
@@ -151,34 +209,60 @@ def decompose(W: torch.Tensor, left: torch.Tensor | None = None,
     right: input-side statistic R (n x n matrix or None = identity).
     right_image = W R W^T and left_image = W^T L W may be given instead of the larger side's
     statistic: for m <= n only (left, right_image) are used, for m > n only
-    (right, left_image). `root` computes a Root from (statistic, damping); pass a memoised
-    one to share work between layers.
+    (right, left_image).
     """
-    m, n = W.shape
-    W64 = W.to(torch.float64)
-    left_form = m <= n
-    if left_form:
-        K = right_image if right_image is not None else W64 @ _weigh(right, W64.T)
-        stat = left
-    else:
-        K = left_image if left_image is not None else W64.T @ _weigh(left, W64)
-        stat = right
-    R = root(stat, damping) if stat is not None else None
-    K = K.to(torch.float64)
-    if R is not None:          # L^{1/2} W R W^T L^{1/2}  or  R^{1/2} W^T L W R^{1/2}
-        K = _apply(R, _apply(R, K, side="right"))
-    lam, Q = torch.linalg.eigh((K + K.T) / 2)
-    return Decomposition(W=W, basis=Q.flip(1), spectrum=lam.flip(0).clamp_min(0), root=R,
-                         left_form=left_form)
+    return decompose_many([(W, dict(left=left, right=right, left_image=left_image,
+                                     right_image=right_image))], damping)[0]
+
+
+def decompose_many(problems: list[tuple[torch.Tensor, dict]],
+                   damping: float = DEFAULT_DAMPING) -> list[Decomposition]:
+    """`decompose` for many weights at once, each given as (W, its keyword arguments):
+    a statistic shared by several weights (the same tensor object, e.g. the input
+    covariance of q/k/v) is rooted once, and matrices of the same size are decomposed
+    in one batch."""
+    forms, stats = [], []
+    for W, kw in problems:
+        m, n = W.shape
+        forms.append(m <= n)
+        stats.append(kw.get("left") if m <= n else kw.get("right"))
+    unique = {id(S): S for S in stats if S is not None}
+    roots = dict(zip(unique, _roots(list(unique.values()), damping)))
+    grams = []
+    for (W, kw), left_form, S in zip(problems, forms, stats):
+        W64 = W.to(torch.float64)
+        if left_form:
+            K = kw.get("right_image")
+            K = W64 @ _weigh(kw.get("right"), W64.T) if K is None else K.to(torch.float64)
+        else:
+            K = kw.get("left_image")
+            K = W64.T @ _weigh(kw.get("left"), W64) if K is None else K.to(torch.float64)
+        _check_finite(K)
+        R = roots.get(id(S)) if S is not None else None
+        if R is not None:      # L^{1/2} W R W^T L^{1/2}  or  R^{1/2} W^T L W R^{1/2}
+            K = _apply(R, _apply(R, K, side="right"))
+        grams.append(K)
+    spectra: list = [None] * len(grams)
+    by_size: dict[int, list[int]] = {}
+    for i, K in enumerate(grams):
+        by_size.setdefault(K.shape[-1], []).append(i)
+    for idx in by_size.values():
+        K = torch.stack([grams[i] for i in idx])
+        lam, Q = eigh(K)
+        for j, i in enumerate(idx):
+            spectra[i] = (lam[j].flip(0).clamp_min(0), Q[j].flip(1))
+    return [Decomposition(W=W, basis=Q, spectrum=lam, left_form=left_form,
+                          root=roots.get(id(S)) if S is not None else None)
+            for (W, _), left_form, S, (lam, Q) in zip(problems, forms, stats, spectra)]
 
 
 def project(W: torch.Tensor, rank: int, left: torch.Tensor | None = None,
             right: torch.Tensor | None = None, damping: float = DEFAULT_DAMPING,
-            root=psd_root, *, left_image: torch.Tensor | None = None,
+            *, left_image: torch.Tensor | None = None,
             right_image: torch.Tensor | None = None) -> Factors:
     """Best rank-`rank` approximation of W in the metric (left, right), as balanced factors
     in W's dtype. Arguments as in `decompose`."""
-    d = decompose(W, left, right, damping, root, left_image=left_image, right_image=right_image)
+    d = decompose(W, left, right, damping, left_image=left_image, right_image=right_image)
     B, A = d.factors(rank)
     return Factors(B=B.to(W.dtype), A=A.to(W.dtype), spectrum=d.spectrum)
 

@@ -138,7 +138,6 @@ def read_manifest(folder: str | os.PathLike) -> dict:
 def load(folder: str | os.PathLike) -> nn.Module:
     """Rebuild a saved compressed model (a transformers model with LowRankLinear layers)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
@@ -152,7 +151,7 @@ def load(folder: str | os.PathLike) -> nn.Module:
     except (AttributeError, ValueError) as e:
         raise RankwiseError(f"{folder / MANIFEST} does not match the model in config.json: {e}") from None
     try:
-        missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=False)
+        missing, unexpected = _read_weights(model, folder / WEIGHTS)
     except FileNotFoundError:
         raise RankwiseError(f"{folder / WEIGHTS} is missing") from None
     except (SafetensorError, OSError, RuntimeError) as e:
@@ -166,6 +165,26 @@ def load(folder: str | os.PathLike) -> nn.Module:
                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     check_finite(model, str(folder / WEIGHTS))
     return model.eval()
+
+
+def _read_weights(model: nn.Module, path: Path) -> tuple[list[str], list[str]]:
+    """Copy a safetensors file into the model's tensors one at a time (never a second copy
+    of the whole model in memory); returns (missing, unexpected) keys."""
+    from safetensors import safe_open
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    state = model.state_dict()
+    with safe_open(str(path), framework="pt") as f, torch.no_grad():
+        keys = set(f.keys())
+        for key in keys & state.keys():
+            value = f.get_tensor(key)
+            if value.shape != state[key].shape:
+                raise RuntimeError(f"{key} has shape {tuple(value.shape)}, the manifest says "
+                                   f"{tuple(state[key].shape)}")
+            state[key].copy_(value)
+    filled = {state[k].data_ptr() for k in keys & state.keys()}     # tied tensors count once
+    missing = [k for k in state.keys() - keys if state[k].data_ptr() not in filled]
+    return sorted(missing), sorted(keys - state.keys())
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:

@@ -67,8 +67,22 @@ def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32"):
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     model.eval()
     check_finite(model, str(path))
+    release_host_memory()
     source = DEFAULT_MODEL_NAME if spec is None else str(path.resolve())
     return model, tokenizer, source
+
+
+def release_host_memory() -> None:
+    """Hand freed memory back to the system: glibc keeps large freed blocks in its arenas
+    (loading, sampling and the statistics walk free a lot), which otherwise stays in the
+    process's resident memory for good."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):       # not glibc: nothing to trim
+        pass
 
 
 def check_finite(model: nn.Module, what: str = "the model") -> None:

@@ -39,20 +39,15 @@ class SearchResult:
 
 
 class _Candidates:
-    """Puts a rank assignment into the model (factors sliced from full-rank caches) and
+    """Puts a rank assignment into the model (factors read by `factors(name, rank)`) and
     measures its KL to the dense model; restores the original layers afterwards."""
 
-    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], decompositions,
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], factors,
                  windows: torch.Tensor, reference: list[torch.Tensor], batch_size: int):
         self.model, self.windows, self.reference = model, windows, reference
         self.batch_size = batch_size
         self.original = dict(layers)
-        self.full = {}
-        for name, d in decompositions.items():
-            k = d.spectrum.numel()
-            B, A = d.factors(k)
-            dtype = _dtype(layers[name])
-            self.full[name] = (B.to(dtype), A.to(dtype))
+        self.factors = factors
 
     def apply(self, ranks: dict[str, int | None]) -> None:
         for name, rank in ranks.items():
@@ -64,9 +59,8 @@ class _Candidates:
             if isinstance(current, LowRankLinear) and current is not self.original[name] \
                     and current.rank == rank:
                 continue
-            B, A = self.full[name]
-            set_module(self.model, name, LowRankLinear.from_linear(self.original[name],
-                                                                   A[:rank], B[:, :rank]))
+            B, A = self.factors(name, rank)
+            set_module(self.model, name, LowRankLinear.from_linear(self.original[name], A, B))
 
     def restore(self) -> None:
         for name, layer in self.original.items():
@@ -78,10 +72,6 @@ class _Candidates:
         batches = len(self.reference) if windows is None else windows
         return evaluate(self.model, self.windows[:batches * self.batch_size],
                         self.reference[:batches], self.batch_size, progress=False).kl
-
-
-def _dtype(layer: nn.Module) -> torch.dtype:
-    return layer.A.dtype if isinstance(layer, LowRankLinear) else layer.weight.dtype
 
 
 class Budget:
@@ -137,7 +127,7 @@ class Budget:
         return slack
 
 
-def search_ranks(model: nn.Module, layers: dict[str, nn.Module], decompositions,
+def search_ranks(model: nn.Module, layers: dict[str, nn.Module], factors,
                  shapes: dict[str, tuple[int, int]], seed_ranks: dict[str, int | None],
                  windows: torch.Tensor, reference: list[torch.Tensor], *,
                  generations: int = 50, offspring: int = 8, survivors: int = 2,
@@ -151,7 +141,7 @@ def search_ranks(model: nn.Module, layers: dict[str, nn.Module], decompositions,
     t0 = time.perf_counter()
     rng = random.Random(seed)
     budget = Budget(shapes, caps or {}, min_rank)
-    candidates = _Candidates(model, layers, decompositions, windows, reference, batch_size)
+    candidates = _Candidates(model, layers, factors, windows, reference, batch_size)
     quantum = 8 * sorted(m + n for m, n in shapes.values())[len(shapes) // 2]
     try:
         parent = dict(seed_ranks)

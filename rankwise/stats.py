@@ -1,19 +1,20 @@
 """Calibration statistics fed by hooks: covariances of inputs, outputs and gradients.
 
-Statistics are unnormalised sums over the calibration tokens (float64 accumulators), so
-every layer is measured in the same units: that is what lets one global budget compare
-layers. Output gradients come from labels *sampled from the model's own predictive
-distribution*, so they estimate the true Fisher (the Hessian of the KL at the dense
-model), not the empirical one.
+Statistics are unnormalised sums over the calibration tokens (float32 on a GPU, float64 on
+the CPU, where the activations are), so every layer is measured in the same units: that is what lets one
+global budget compare layers. Output gradients come from labels *sampled from the model's
+own predictive distribution*, so they estimate the true Fisher (the Hessian of the KL at
+the dense model), not the empirical one.
 
 Only the smaller side of each layer (min(m, n) wide) is ever accumulated, which is all the
-projection needs (see geometry.project):
+projection needs (see geometry.decompose):
   m <= n (q, k, v, o, down):  G = sum g g^T, and W C W^T = sum (Wx)(Wx)^T from the outputs
                               unless the input covariance C is at hand anyway;
   m >  n (gate, up):          C = sum x x^T, and W^T G W = sum (W^T g)(W^T g)^T, read from
                               the input gradient autograd computes anyway.
 Layers reading the very same input tensor (q/k/v, gate/up) share one C, accumulated once.
-Nothing here knows about SVD.
+Nothing here knows about SVD. `collect` measures any model in one pass per batch; causal
+LMs are measured block by block by rankwise.pipeline.walk with the same Accumulator.
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ from tqdm.auto import tqdm
 
 from .errors import RankwiseError
 from .layers import linear_shape
-from .pipeline import distributed
 
 GRADIENT_MODES = (None, "diag", "full")
+INPUT_SIDE = ("input_cov", "output_cov")                        # from the forward pass
+GRADIENT_SIDE = ("grad_cov", "input_grad_cov", "grad_diag")     # from the backward pass
+KINDS = INPUT_SIDE + GRADIENT_SIDE
 
 
 @dataclass
@@ -41,17 +44,8 @@ class LayerStats:
     input_grad_cov: torch.Tensor | None = None  # n x n, W^T G W
     grad_diag: torch.Tensor | None = None       # m, diag(G)
 
-    def matrices(self) -> dict[str, torch.Tensor | None]:
-        return {k: getattr(self, k) for k in
-                ("input_cov", "output_cov", "grad_cov", "input_grad_cov", "grad_diag")}
-
-
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """x^T x over all tokens, for x of shape (..., features), in float32 (summed in float64
-    by the caller). A BLAS syrk computes half of this, but numpy's BLAS threads contend with
-    torch's inside autograd hooks and the whole pass gets slower, so plain matmul it is."""
-    x = x.detach().reshape(-1, x.shape[-1]).float()
-    return x.T @ x
+    def matrices(self, kinds: tuple[str, ...] = KINDS) -> dict[str, torch.Tensor | None]:
+        return {k: getattr(self, k) for k in kinds}
 
 
 def lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -59,95 +53,123 @@ def lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids.to(model.device), use_cache=False).logits
 
 
+@contextlib.contextmanager
+def _exact_tf32(x: torch.Tensor):
+    """TF32 matmuls for 16-bit activations on a GPU: their values are exact in TF32 (at
+    most 10 mantissa bits), products accumulate in float32, at tensor-core speed."""
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
+        yield
+        return
+    flag = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flag
+
+
+def shared_inputs(module: nn.Module, layers: dict[str, nn.Module], call) -> dict[str, str]:
+    """{layer: the first layer reading the very same input tensor} from one forward call
+    (`call()` runs `module` once); a layer alone in its group leads itself."""
+    leader, last = {}, [None, None]
+
+    def hook(name):
+        def pre(mod, args):
+            same = last[0] is not None and last[0] is args[0]
+            leader[name] = last[1] if same else name
+            last[0], last[1] = args[0], leader[name]
+        return pre
+    handles = [layer.register_forward_pre_hook(hook(n)) for n, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for h in handles:
+            h.remove()
+    return leader
+
+
 class Accumulator:
-    """Sums of one set of layers' statistics, fed by hooks; float64 on the CPU, float32 on
-    a GPU (the eigendecompositions work in float64 either way)."""
+    """Sums of one set of layers' statistics, fed by hooks, where the activations are. `leader` maps each layer to the first layer reading its input
+    (shared_inputs)."""
 
-    def __init__(self, layers: dict[str, nn.Linear], inputs: bool, gradients: str | None,
-                 both_sides: bool = False):
-        self.layers, self.inputs, self.gradients = layers, inputs, gradients
+    def __init__(self, layers: dict[str, nn.Module], leader: dict[str, str], inputs: bool,
+                 gradients: str | None, both_sides: bool = False):
+        if gradients not in GRADIENT_MODES:
+            raise ValueError(f"gradients must be one of {GRADIENT_MODES}, got {gradients!r}")
+        self.layers, self.leader, self.inputs, self.gradients = layers, leader, inputs, gradients
         self.both_sides = both_sides
-        self.leader: dict[str, str] = {}      # layer -> first layer reading the same input
         self.sums: dict[tuple[str, str], torch.Tensor] = {}
-        self._last: tuple[torch.Tensor, str] | None = None
-        self._group_needs_input: dict[str, bool] = {}
+        self.input_cov = {n: self._uses_input_cov(n) for n in layers}
 
-    def add(self, kind: str, name: str, value: torch.Tensor) -> None:
-        value = value.to(torch.float32 if value.is_cuda else torch.float64)
-        key = (kind, name)
-        if key in self.sums:
-            self.sums[key] += value
-        else:
-            self.sums[key] = value
-
-    def wide(self, name: str) -> bool:
+    def _wide(self, name: str) -> bool:
         m, n = linear_shape(self.layers[name])
-        return m > n
+        return m > n and not self.both_sides
 
-    def uses_input_cov(self, name: str) -> bool:
+    def _uses_input_cov(self, name: str) -> bool:
         """Accumulate the shared input covariance for this layer's group, or output
         covariances per layer, whichever is smaller (a wide layer always needs C)."""
         group = [k for k, v in self.leader.items() if v == self.leader[name]]
         n = linear_shape(self.layers[name])[1]
-        return self.both_sides or any(self.wide(k) for k in group) or \
+        return self.both_sides or any(self._wide(k) for k in group) or \
             n * n <= sum(linear_shape(self.layers[k])[0] ** 2 for k in group)
 
-    def discover(self, batch: torch.Tensor, model: nn.Module, forward) -> None:
-        """One forward pass (no statistics) to find which layers share an input tensor."""
-        def hook(name):
-            def pre(module, args):
-                same = self._last is not None and self._last[0] is args[0]
-                self.leader[name] = self._last[1] if same else name
-                self._last = (args[0], self.leader[name])
-            return pre
-        handles = [layer.register_forward_pre_hook(hook(n)) for n, layer in self.layers.items()]
-        try:
-            with torch.no_grad():
-                forward(model, batch[:1] if torch.is_tensor(batch) else batch)
-        finally:
-            for h in handles:
-                h.remove()
-            self._last = None
-        self._group_needs_input = {n: self.uses_input_cov(n) for n in self.layers}
+    def gram(self, kind: str, name: str, x: torch.Tensor) -> None:
+        """Add x^T x over every token of x (..., features) to the (kind, name) sum."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        total = self.sums.get((kind, name))
+        with _exact_tf32(x):
+            x = x.float()
+            if x.is_cuda and total is not None:
+                total.addmm_(x.T, x)
+            else:
+                self._add(kind, name, x.T @ x)
 
-    def pre_hook(self, name: str):
-        leader, input_cov = self.leader[name], self._group_needs_input[name]
-        wide = self.wide(name) and not self.both_sides
+    def _add(self, kind: str, name: str, value: torch.Tensor) -> None:
+        """Sums in float32 on a GPU; on the CPU in float64, so that they do not depend on
+        the order the batches are added in (one process or several) beyond round-off."""
+        value = value if value.is_cuda else value.to(torch.float64)
+        total = self.sums.get((kind, name))
+        if total is None:
+            self.sums[kind, name] = value
+        else:
+            total += value
+
+    def _pre_hook(self, name: str):
+        leader, input_cov, wide = self.leader[name], self.input_cov[name], self._wide(name)
 
         def hook(module, args):
             x = args[0]
             if self.inputs and input_cov and leader == name:
-                self.add("input_cov", name, gram(x))
+                self.gram("input_cov", name, x)
             if self.gradients == "full" and wide and x.requires_grad:
                 # a private view, so its gradient is this layer's W^T g alone
                 x = x.view_as(x)
-                x.register_hook(lambda g: self.add("input_grad_cov", name, gram(g)))
+                x.register_hook(lambda g: self.gram("input_grad_cov", name, g))
                 return (x, *args[1:])
         return hook
 
-    def forward_hook(self, name: str):
-        wide, input_cov = self.wide(name) and not self.both_sides, self._group_needs_input[name]
+    def _forward_hook(self, name: str):
+        wide, input_cov = self._wide(name), self.input_cov[name]
 
         def hook(module, args, out):
             if self.inputs and not input_cov:
-                y = out if module.bias is None else out - module.bias
-                self.add("output_cov", name, gram(y))
+                self.gram("output_cov", name, out if module.bias is None else out - module.bias)
             if self.gradients and out.requires_grad:
                 out.register_hook(lambda g: self._output_grad(name, wide, g))
         return hook
 
     def _output_grad(self, name: str, wide: bool, g: torch.Tensor) -> None:
-        g2 = g.detach().reshape(-1, g.shape[-1]).float()
-        self.add("grad_diag", name, g2.square().sum(0))
+        self._add("grad_diag", name, g.detach().float().square().reshape(-1, g.shape[-1]).sum(0))
         if self.gradients == "full" and not wide:
-            self.add("grad_cov", name, gram(g2))
+            self.gram("grad_cov", name, g)
 
     @contextlib.contextmanager
     def attached(self):
         handles = []
         for name, layer in self.layers.items():
-            handles.append(layer.register_forward_pre_hook(self.pre_hook(name)))
-            handles.append(layer.register_forward_hook(self.forward_hook(name)))
+            handles.append(layer.register_forward_pre_hook(self._pre_hook(name)))
+            handles.append(layer.register_forward_hook(self._forward_hook(name)))
         try:
             yield
         finally:
@@ -155,46 +177,71 @@ class Accumulator:
                 h.remove()
 
     def result(self, tokens: int) -> dict[str, LayerStats]:
+        """Per-layer statistics; the accumulator lets go of them."""
         out = {}
         for name in self.layers:
             s = LayerStats(tokens=tokens)
             s.input_cov = self.sums.get(("input_cov", self.leader[name]))
-            for kind in ("output_cov", "grad_cov", "input_grad_cov", "grad_diag"):
+            for kind in ("output_cov", *GRADIENT_SIDE):
                 setattr(s, kind, self.sums.get((kind, name)))
             out[name] = s
+        self.sums = {}
         return out
 
 
 def sample_logit_gradient(logits: torch.Tensor, generator: torch.Generator,
-                          chunk: int = 512) -> torch.Tensor:
+                          chunk: int = 256, block: int = 256) -> torch.Tensor:
     """d/dlogits of the summed cross-entropy against labels drawn from softmax(logits).
 
-    softmax - onehot(sample); inverse-CDF sampling is an order of magnitude faster than
-    torch.distributions.Categorical on a 49k vocabulary. Rows go `chunk` at a time, so the
-    softmax and its CDF never exist for the whole batch at once (on a 49k vocabulary they
-    would be two more copies of the logits); the draws are made up front, so the labels do
-    not depend on the chunk size.
+    softmax - onehot(sample), the sample by the inverse CDF in two levels: the vocabulary
+    in blocks of `block` tokens, a block drawn from the blocks' total probabilities, then
+    a token within it. A full cumulative sum over a 49k vocabulary (one sequential pass
+    per row) costs more than the softmax itself; this costs a sum. Rows go `chunk` at a
+    time, so no copy of the logits' size exists besides the result; the uniform draws are
+    made up front, so the labels do not depend on the chunk size.
     """
     flat = logits.detach().reshape(-1, logits.shape[-1])
-    u = torch.rand(flat.shape[0], 1, generator=generator, dtype=torch.float32).to(flat.device)
+    rows, vocab = flat.shape
+    u = torch.rand(rows, 1, generator=generator, dtype=torch.float32).to(flat.device)
     out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
-    for start in range(0, flat.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        p = torch.softmax(flat[rows].float(), dim=-1)
-        cdf = p.cumsum(dim=-1)
-        labels = torch.searchsorted(cdf, u[rows] * cdf[:, -1:]).clamp_max(flat.shape[1] - 1)
+    blocks = -(-vocab // block)
+    pad = blocks * block - vocab
+    for start in range(0, rows, chunk):
+        p = out[start:start + chunk]
+        torch.softmax(flat[start:start + chunk].float(), dim=-1, out=p)
+        mass = torch.nn.functional.pad(p, (0, pad)).view(-1, blocks, block) if pad else \
+            p.view(-1, blocks, block)
+        cum = mass.sum(-1).cumsum(-1)
+        target = u[start:start + chunk] * cum[:, -1:]
+        b = torch.searchsorted(cum, target).clamp_max(blocks - 1)
+        before = torch.where(b > 0, cum.gather(1, (b - 1).clamp_min(0)), 0.0)
+        inner = mass.gather(1, b[..., None].expand(-1, 1, block)).squeeze(1).cumsum(-1)
+        t = torch.searchsorted(inner, target - before).clamp_max(block - 1)
+        labels = (b * block + t).clamp_max(vocab - 1)
         p.scatter_add_(1, labels, torch.full_like(labels, -1, dtype=p.dtype))
-        out[rows] = p
     return out.view_as(logits).to(logits.dtype)
 
 
 @contextlib.contextmanager
-def _activation_gradients_only(model: nn.Module):
-    """Backward computes gradients w.r.t. activations but never w.r.t. weights (half the cost)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
+def activation_gradients_only(model: nn.Module):
+    """Backward computes gradients w.r.t. activations but never w.r.t. weights (half the
+    cost). The flags are kept by parameter name, so a layer replaced meanwhile is not kept
+    alive by them."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
         p.requires_grad_(False)
-    # the first activations need a gradient for backward to reach the hooked layers
+    try:
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            if name in flags:
+                p.requires_grad_(flags[name])
+
+
+@contextlib.contextmanager
+def _gradients_reach_the_layers(model: nn.Module):
+    """With every weight frozen, the first activations must ask for a gradient for
+    backward to reach the hooked layers."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     handle = emb.register_forward_hook(lambda m, i, out: out.requires_grad_(True)) \
         if emb is not None else model.register_forward_pre_hook(
@@ -203,47 +250,43 @@ def _activation_gradients_only(model: nn.Module):
         yield
     finally:
         handle.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[torch.Tensor],
             inputs: bool = True, gradients: str | None = None, seed: int = 0,
             progress: bool = True, both_sides: bool = False,
-            forward=lm_logits, sharded: bool = False) -> dict[str, LayerStats]:
-    """Run the calibration batches through `model` and return per-layer statistics.
+            forward=lm_logits) -> dict[str, LayerStats]:
+    """Run the calibration batches through `model`, one forward (and backward) pass per
+    batch, and return per-layer statistics.
 
     inputs: accumulate input-side covariances (C or W C W^T). gradients: None, "diag"
     (diagonal Fisher) or "full" (K-FAC gradient covariances; one backward pass per batch).
     both_sides: accumulate C (and G, with full gradients) for every layer, whichever side
     is smaller, as a weight that changes during training needs. forward(model, batch)
     returns the logits (default: a causal LM on token windows); the loss is summed over
-    every position's sampled label. sharded: under torch.distributed, this rank measures
-    batches rank, rank + world, ... and the sums are all-reduced (token-window batches: a
-    skipped batch still draws its labels, so the result equals one process's).
+    every position's sampled label. Memory holds one batch's activations through the
+    whole model and every layer's sums: fine-tuning and the lab's small networks use it;
+    compression walks a causal LM block by block instead (rankwise.pipeline.walk).
     """
-    if gradients not in GRADIENT_MODES:
-        raise ValueError(f"gradients must be one of {GRADIENT_MODES}, got {gradients!r}")
     batches = list(batches)
-    acc = Accumulator(layers, inputs, gradients, both_sides)
+    if not batches:
+        raise RankwiseError("no calibration batches to measure")
     generator = torch.Generator().manual_seed(seed)
     tokens = 0
-    rank, size = distributed.world() if sharded else (0, 1)
-    if len(batches) < size:
-        raise RankwiseError(f"{len(batches)} calibration batches cannot be shared by {size} "
-                            "processes; use more windows or fewer processes")
     was_training = model.training
     model.eval()
     try:
-        acc.discover(batches[0], model, forward)
-        grad_ctx = _activation_gradients_only(model) if gradients else torch.no_grad()
+        probe = batches[0][:1] if torch.is_tensor(batches[0]) else batches[0]
+        leader = shared_inputs(model, layers, lambda: forward(model, probe))
+        acc = Accumulator(layers, leader, inputs, gradients, both_sides)
+        grad_ctx = contextlib.ExitStack()
+        if gradients:
+            grad_ctx.enter_context(activation_gradients_only(model))
+            grad_ctx.enter_context(_gradients_reach_the_layers(model))
+        else:
+            grad_ctx.enter_context(torch.no_grad())
         with grad_ctx, acc.attached():
-            for i, ids in enumerate(tqdm(batches, desc="calibration", unit="batch",
-                                         disable=not progress or rank > 0)):
-                if i % size != rank:
-                    if gradients:     # the labels this batch gets in one process
-                        torch.rand(ids.numel(), 1, generator=generator)
-                    continue
+            for ids in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
                 logits = forward(model, ids)
                 tokens += logits[..., 0].numel()
                 if gradients:
@@ -251,4 +294,4 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[to
                 del logits
     finally:
         model.train(was_training)
-    return acc.result(distributed.all_reduce_sums(acc.sums, tokens) if size > 1 else tokens)
+    return acc.result(tokens)

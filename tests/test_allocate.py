@@ -87,8 +87,9 @@ def test_multi_step_reduction_meets_the_budget(tiny, calib, allocation):
 @pytest.mark.parametrize("multiple", [4, 16])
 @pytest.mark.parametrize("allocation", ["uniform", "spectrum"])
 def test_rank_multiples_meet_the_budget(multiple, allocation):
-    from rankwise.allocate import choose_ranks
-    ranks = choose_ranks(allocation, SHAPES, random_spectra(SHAPES, seed=5), 0.4, multiple=multiple)
+    from rankwise.allocate import ALLOCATIONS
+    ranks = ALLOCATIONS[allocation].choose(SHAPES, random_spectra(SHAPES, seed=5), 0.4,
+                                           multiple=multiple)
     assert all(r is None or r % multiple == 0 for r in ranks.values())
     assert achieved_ratio(SHAPES, ranks) >= 0.4
     step = multiple * max(m + n for m, n in SHAPES.values()) / sum(m * n for m, n in SHAPES.values())

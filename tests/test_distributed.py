@@ -1,7 +1,8 @@
-"""torchrun with 2 gloo processes gives what one process gives."""
+"""torchrun with 2 gloo processes gives what one process gives, along the route NCCL takes."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,3 +29,80 @@ def test_two_gloo_processes_equal_one(tiny_folder, tmp_path, extra):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+ROUTED = r'''
+import sys, weakref
+import torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from conftest import structured_tiny
+from rankwise import CompressConfig, compress_
+from rankwise.pipeline import distributed
+
+dist.init_process_group("gloo")
+rank, size = dist.get_rank(), dist.get_world_size()
+moved = {{}}
+
+def to_backend(t):
+    # what NCCL's route does: a copy on the backend's device (here another CPU tensor)
+    copy = t.detach().clone()
+    moved[id(copy)] = weakref.ref(copy)
+    return copy
+
+def came_through(t):
+    return id(t) in moved and moved[id(t)]() is t
+
+class Checked:
+    """Collectives that refuse any tensor not handed to them through to_backend."""
+    calls = 0
+    def all_reduce(self, t):
+        assert came_through(t), "all_reduce got a tensor that did not go through the backend's device"
+        Checked.calls += 1
+        dist.all_reduce(t)
+    def broadcast(self, t, src):
+        assert came_through(t), "broadcast got a tensor that did not go through the backend's device"
+        Checked.calls += 1
+        dist.broadcast(t, src)
+
+distributed.Comm.current = classmethod(lambda cls: cls(rank, size, to_backend, Checked()))
+model = structured_tiny("llama")
+calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+summary = compress_(model, CompressConfig(metric="kfac", ratio=0.4), calib, batch_size=2,
+                    progress=False)
+assert Checked.calls > 0
+if rank == 0:
+    torch.save({{"ranks": summary.ranks, "state": model.state_dict()}}, {out!r})
+'''
+
+
+def test_every_collective_takes_the_backends_device_tensors(tmp_path):
+    """The route an NCCL run takes (every tensor moved to the backend's device before a
+    collective, the result moved back) on 2 gloo processes, checked at each collective;
+    the result is one process's."""
+    from conftest import structured_tiny
+    from rankwise import CompressConfig, compress_
+    script = tmp_path / "routed.py"
+    script.write_text(ROUTED.format(tests=str(Path(__file__).parent), out=str(tmp_path / "two.pt")))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node", "2", str(script)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = structured_tiny("llama")
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    one = compress_(model, CompressConfig(metric="kfac", ratio=0.4), calib, batch_size=2,
+                    progress=False)
+    two = torch.load(tmp_path / "two.pt")
+    assert two["ranks"] == one.ranks
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(two["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_the_backends_device_is_the_processs_gpu_under_nccl(monkeypatch):
+    import torch.distributed as dist
+
+    from rankwise.pipeline import distributed
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert distributed.backend_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    assert distributed.backend_device() == torch.device("cpu")

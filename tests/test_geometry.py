@@ -36,7 +36,8 @@ def test_each_metric_is_optimal_in_its_own_metric(shape):
                   for other, f in approx.items()}
         own = errors[metric]
         # the error of the projection equals the sum of the dropped squared singular values
-        assert own == pytest.approx(float(approx[metric].spectrum[rank:].sum()), rel=1e-8)
+        # (to the accuracy of a float32 eigendecomposition the float64 check accepts)
+        assert own == pytest.approx(float(approx[metric].spectrum[rank:].sum()), rel=1e-6)
         for other, err in errors.items():
             if other != metric:
                 assert own <= err * (1 + 1e-9), (metric, other, own, err)

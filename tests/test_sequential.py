@@ -5,7 +5,7 @@ import torch
 
 from rankwise import CompressConfig, RankwiseError, compress_, evaluate
 from rankwise.models import find_blocks
-from rankwise.pipeline.sequential import advance, block_inputs, run_block
+from rankwise.pipeline.walk import block_inputs, run_block
 
 from conftest import FAMILIES, structured_tiny
 
@@ -30,11 +30,12 @@ def test_blocks_replayed_from_caught_inputs_match_the_model(family, calib):
         lambda m, args, out: seen.append(out[0] if isinstance(out, tuple) else out))
     logits(model, calib)
     handle.remove()
-    calls = block_inputs(model, [calib])
-    for block in blocks[:-1]:
-        calls = advance(block, calls)
+    (args, kwargs), = block_inputs(model, [calib])
+    hidden, rest = args[0], (args[1:], kwargs)
     with torch.no_grad():
-        assert torch.allclose(run_block(blocks[-1], calls[0]), seen[0], atol=1e-5)
+        for block in blocks[:-1]:
+            hidden = run_block(block, hidden, rest)[0]
+        assert torch.allclose(run_block(blocks[-1], hidden, rest)[0], seen[0], atol=1e-5)
 
 
 def test_one_block_model_is_cut_exactly_as_one_shot(calib):

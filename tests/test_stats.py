@@ -52,7 +52,7 @@ def test_every_statistic_equals_autograd(family, calib):
                 continue
             kinds_seen.add(kind)
             want = expected[name][kind]
-            torch.testing.assert_close(value, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+            torch.testing.assert_close(value.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
         m, n = layers[name].out_features, layers[name].in_features
         # the smaller side is what the projection needs, so it must be there
         assert (s.grad_cov is not None) if m <= n else (s.input_grad_cov is not None)
@@ -68,7 +68,7 @@ def test_both_sides_holds_C_and_G_for_every_layer(tiny, calib):
     for name, s in collected.items():
         for kind in ("input_cov", "grad_cov"):
             want = expected[name][kind]
-            torch.testing.assert_close(getattr(s, kind), want, rtol=1e-4,
+            torch.testing.assert_close(getattr(s, kind).double(), want, rtol=1e-4,
                                        atol=1e-4 * float(want.abs().max()))
 
 
@@ -80,7 +80,7 @@ def test_diagonal_fisher_alone(tiny, calib):
     expected = by_hand(tiny, layers, batches, seed=2)
     for name, s in collected.items():
         assert s.grad_cov is None and s.input_cov is None
-        torch.testing.assert_close(s.grad_diag, expected[name]["grad_diag"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(s.grad_diag.double(), expected[name]["grad_diag"], rtol=1e-4, atol=1e-6)
 
 
 def test_sampled_logit_gradient_is_softmax_minus_a_one_hot_sample():

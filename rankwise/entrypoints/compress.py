@@ -8,6 +8,7 @@ from pathlib import Path
 from ..compress import Summary, compress_
 from ..config import CalibrationConfig, CompressConfig
 from ..data import mixture_windows, parse_sources
+from ..errors import RankwiseError
 from ..io import check_output_folder, open_model, save
 from ..models import DEVICES, DTYPES, model_path, resolve_device
 from ..options import check_bool, check_choice, option
@@ -26,11 +27,16 @@ class CompressJob:
     onload: bool = option(False, "keep the model on the CPU and bring one block at a time to "
                                  "--device for statistics and projections (memory bounded by "
                                  "one block)")
+    scratch: str | None = option(None, "folder for the temporary spill of activations and "
+                                       "factors, about the size of the model's block weights "
+                                       "(default: the system's temporary folder)")
 
     def __post_init__(self):
         check_choice("dtype", self.dtype, DTYPES)
         check_bool("onload", self.onload)
         resolve_device(self.device)
+        if self.scratch is not None and not os.path.isdir(self.scratch):
+            raise RankwiseError(f"scratch folder {self.scratch} does not exist")
 
 
 @dataclass
@@ -64,7 +70,7 @@ def compress_model(out: str | os.PathLike, model: str | os.PathLike | None = Non
                                      progress)
     summary = compress_(net, config, windows, batch_size=calibration.batch_size,
                         seed=calibration.seed, progress=progress,
-                        onload=device if job.onload else None)
+                        onload=device if job.onload else None, scratch=job.scratch)
     net.cpu()
     manifest = {
         "source_model": source,
@@ -76,7 +82,8 @@ def compress_model(out: str | os.PathLike, model: str | os.PathLike | None = Non
                         "seed": calibration.seed, "batch_size": calibration.batch_size,
                         "tokens": summary.calibration_tokens},
         "seconds": summary.seconds,
-        "run": {"device": device, "dtype": job.dtype, "onload": job.onload},
+        "run": {"device": device, "dtype": job.dtype, "onload": job.onload,
+                "spilled_bytes": summary.spilled_bytes},
     }
     if summary.search is not None:
         manifest["search"] = {"seed_kl": summary.search.seed_fitness, "kl": summary.search.fitness,

@@ -1,19 +1,23 @@
 """Many processes under torchrun (torch.distributed; gloo on CPU, NCCL on GPUs).
 
-Statistics are sums over tokens, so each rank measures a shard of the calibration batches
-(batch i on rank i mod world) and the sums are all-reduced; the sampled labels of the
-batches a rank skips are still drawn, so every batch gets the label it gets in one
-process. Decompositions are spread over the ranks (layer j on rank j mod world) and each
-owner broadcasts its full-rank factors and spectrum, from which every rank reads any rank
-(the allocation, the search and the swap then run the same everywhere). Rank 0 writes.
+Statistics are sums over tokens, so each process walks a share of the calibration batches
+(batch i on process i mod world; rankwise.pipeline.walk) and each block's sums are
+all-reduced as the walk completes it. Decompositions are spread over the processes (a
+block's layer j on process j mod world) and each owner broadcasts what the others need
+of it: its spectrum and the factors the cut will take. Every process then holds the same
+result; process 0 writes.
+
+Every collective goes through one `Comm`, which puts its tensors on the backend's device
+first: NCCL takes only GPU tensors (the process's own GPU), gloo CPU tensors. The move
+is injectable, so a CPU test can check that every tensor reaches the collective through
+it, as an NCCL run's must.
 """
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
-
-from ..geometry import balance
 
 
 def world() -> tuple[int, int]:
@@ -29,9 +33,9 @@ def init_from_env() -> tuple[int, int]:
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
     return world()
 
 
@@ -45,54 +49,48 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sums(sums: dict, tokens: int) -> int:
-    """Sum every tensor of `sums` (in place, in a fixed key order) and the token count
-    over the ranks; returns the total tokens."""
+def backend_device() -> torch.device:
+    """The device the process group's collectives take tensors on."""
     import torch.distributed as dist
-    if world()[1] == 1:
-        return tokens
-    for key in sorted(sums):
-        dist.all_reduce(sums[key])
-    count = torch.tensor([tokens], dtype=torch.float64)
-    dist.all_reduce(count)
-    return int(count.item())
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
-class Factorization:
-    """Full-rank factors and the loss spectrum of one layer: the best factors of any rank
-    are slices (each rank-one term depends only on its own direction)."""
+class Comm:
+    """The collectives a compression uses, on the backend's device. `to_backend` moves a
+    tensor there (default: to backend_device()); `ops` is torch.distributed or a stand-in
+    with all_reduce and broadcast."""
 
-    def __init__(self, B: torch.Tensor, A: torch.Tensor, spectrum: torch.Tensor):
-        self.B, self.A, self.spectrum = B, A, spectrum
+    def __init__(self, rank: int, size: int,
+                 to_backend: Callable[[torch.Tensor], torch.Tensor] | None = None, ops=None):
+        import torch.distributed as dist
+        self.rank, self.size = rank, size
+        self.ops = ops or dist
+        self.to_backend = to_backend or (lambda t: t.to(backend_device()))
 
-    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return balance(self.B[:, :rank], self.A[:rank])
+    @classmethod
+    def current(cls) -> "Comm | None":
+        """The running process group's Comm, None for one process."""
+        rank, size = world()
+        return cls(rank, size) if size > 1 else None
 
-    def dropped_loss(self, rank: int) -> float:
-        return float(self.spectrum[rank:].sum())
+    @property
+    def shard(self) -> tuple[int, int]:
+        return self.rank, self.size
 
+    def all_reduce(self, sums: dict) -> None:
+        """Sum every tensor of `sums` over the processes, in place, in a fixed key order."""
+        for key in sorted(sums):
+            t = self.to_backend(sums[key])
+            self.ops.all_reduce(t)
+            if t is not sums[key]:
+                sums[key].copy_(t)
 
-def shared_decompositions(names: list[str], shapes: dict, decompose) -> dict:
-    """{name: decomposition}: this rank decomposes its share (`decompose(name)`), and every
-    layer's full-rank factors and spectrum are broadcast from their owner."""
-    import torch.distributed as dist
-    rank, size = world()
-    if size == 1:
-        return {name: decompose(name) for name in names}
-    out = {}
-    for j, name in enumerate(names):
-        owner = j % size
-        m, n = shapes[name]
-        k = min(m, n)
-        if rank == owner:
-            d = decompose(name)
-            B, A = d.factors(k)
-            spectrum = d.spectrum
-        else:
-            B, A = torch.empty(m, k, dtype=torch.float64), torch.empty(k, n, dtype=torch.float64)
-            spectrum = torch.empty(k, dtype=torch.float64)
-        B, A, spectrum = (t.contiguous().to(torch.float64) for t in (B, A, spectrum))
-        for t in (B, A, spectrum):
-            dist.broadcast(t, owner)
-        out[name] = Factorization(B, A, spectrum)
-    return out
+    def broadcast(self, t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+                  owner: int, like: str | torch.device) -> torch.Tensor:
+        """`t` from `owner` (the others pass None) to every process, then on device `like`."""
+        buffer = self.to_backend(t.to(dtype).contiguous()) if self.rank == owner else \
+            self.to_backend(torch.empty(shape, dtype=dtype))
+        self.ops.broadcast(buffer, owner)
+        return buffer.to(like)

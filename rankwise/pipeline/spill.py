@@ -1,0 +1,76 @@
+"""Tensors parked on disk until they are needed again, so that what a compression holds in
+memory does not grow with the model's depth.
+
+Two things would otherwise pile up, one block at a time: the inputs of every block, which
+the backward walk needs in reverse order (rankwise.pipeline.walk), and each layer's factors,
+which the cut needs once the allocation has seen every layer's spectrum. Each group of
+tensors goes to one safetensors file in a private temporary folder; a group is read back
+whole, or as a prefix of rows (factors of a lower rank), and the folder is removed when
+the spill is closed, also after an error.
+"""
+from __future__ import annotations
+
+import errno
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import RankwiseError
+
+
+class Spill:
+    """A private temporary folder of safetensors files, one per group of tensors."""
+
+    def __init__(self, folder: str | Path | None = None):
+        if folder is not None and not Path(folder).is_dir():
+            raise RankwiseError(f"scratch folder {folder} does not exist")
+        try:
+            self.root = Path(tempfile.mkdtemp(prefix="rankwise-spill-", dir=folder))
+        except OSError as e:
+            raise RankwiseError(f"cannot create a temporary folder in "
+                                f"{folder or tempfile.gettempdir()}: {e.strerror}") from None
+        self.written = 0          # bytes, for the record
+
+    def _path(self, group: str) -> Path:
+        return self.root / f"{group}.safetensors"
+
+    def put(self, group: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Write `tensors` (moved to the CPU, made contiguous) as one group."""
+        from safetensors import SafetensorError
+        from safetensors.torch import save_file
+        host = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+        try:
+            save_file(host, str(self._path(group)))
+        except (OSError, SafetensorError) as e:
+            self._path(group).unlink(missing_ok=True)
+            full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
+            raise RankwiseError(
+                f"no space left in {self.root.parent} for the temporary spill of {group}; free "
+                "space there or point --scratch at a larger folder" if full else
+                f"cannot write the temporary spill {self._path(group)}: {e}") from None
+        self.written += sum(t.numel() * t.element_size() for t in host.values())
+
+    def get(self, group: str, key: str, rows: int | None = None) -> torch.Tensor:
+        """One tensor of a group, or only its first `rows` rows (read without the rest)."""
+        from safetensors import safe_open
+        with safe_open(str(self._path(group)), framework="pt") as f:
+            return f.get_tensor(key) if rows is None else f.get_slice(key)[:rows]
+
+    def take(self, group: str) -> dict[str, torch.Tensor]:
+        """Every tensor of a group, which is then deleted."""
+        from safetensors.torch import load_file
+        path = self._path(group)
+        tensors = load_file(str(path))
+        path.unlink()
+        return tensors
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "Spill":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,256 @@
+"""The block walk: a causal LM's calibration statistics one block at a time, each block's
+handed over as soon as it is complete.
+
+  forward   the first block's inputs are caught once (everything outside the blocks:
+            embeddings, rotary tables, final norm, head, is on the device for the walk);
+            block k visits the device, runs every batch, and its outputs become block
+            k+1's inputs (kept on the device: one boundary at a time). With gradients,
+            each block's inputs are parked on disk (rankwise.pipeline.spill) for the way
+            back; without, the block's statistics are complete here and handed over.
+  top       the last hidden states go through the model's own head (the blocks stubbed
+            out); labels sampled from the model give the gradient with respect to them.
+  backward  blocks in reverse: block k visits the device, is recomputed from its parked
+            inputs and back-propagated from the gradient coming down from block k+1 with
+            the statistics hooks attached; the gradient at its input goes down, and its
+            statistics are handed over. The walk stops at the lowest block it measures.
+
+Handing over is a generator's yield of (the block's targeted layer names, their
+statistics on the device) while the block is still there: the caller decomposes, may cut
+the block at once, and drops the statistics before asking for the next. What the walk
+holds is one block, one boundary of activations (and of gradients), one block's
+statistics: the same at any depth. The statistics equal those of stats.collect on the
+whole model (same sampled labels, same sums; a test checks it).
+
+`recut=True` is the sequential (GPTQ-style) order: a block's outputs are computed after
+the caller has had it, so when the caller cuts it, the blocks above are measured on what
+the cut block really produces.
+
+Under torchrun each process walks its share of the batches (batch i on process i mod
+world, every label still drawn in order so each batch gets the label it gets in one
+process) and `reduce` sums each block's statistics over the processes before handing
+them over.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import stats
+from ..errors import RankwiseError
+from ..models import find_blocks, release_host_memory
+from .placement import Placement
+from .spill import Spill
+
+
+class _Caught(Exception):
+    """Stops a forward pass once the first block's inputs are caught."""
+
+
+def block_inputs(model: nn.Module, batches, forward=stats.lm_logits) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) of the first block's call for every batch: hidden states plus whatever
+    the model hands each block (attention mask, position embeddings)."""
+    _, blocks = find_blocks(model)
+    caught = []
+
+    def catch(module, args, kwargs):
+        caught.append((args, kwargs))
+        raise _Caught
+
+    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    forward(model, batch)
+                except _Caught:
+                    pass
+    finally:
+        handle.remove()
+    if len(caught) != len(batches):
+        raise RankwiseError("the model never called its first block; the block walk needs "
+                            "a model that runs its blocks in order")
+    if not all(args and torch.is_tensor(args[0]) for args, _ in caught):
+        raise RankwiseError("the block walk needs blocks called with the hidden states as "
+                            "their first positional argument")
+    return caught
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, rest: tuple[tuple, dict]
+              ) -> tuple[torch.Tensor, bool]:
+    """(the block's output hidden states, whether the block returns a tuple)."""
+    args, kwargs = rest
+    out = block(hidden, *args, **kwargs)
+    return (out[0], True) if isinstance(out, (tuple, list)) else (out, False)
+
+
+class _Stub(nn.Module):
+    """Stands in for a block at the top: the first returns the hidden states it is given,
+    the others pass theirs through, in the form the real blocks return."""
+
+    def __init__(self, first: bool, as_tuple: bool):
+        super().__init__()
+        self.first, self.as_tuple, self.value = first, as_tuple, None
+
+    def forward(self, hidden, *args, **kwargs):
+        out = self.value if self.first else hidden
+        return (out,) if self.as_tuple else out
+
+
+def _top_gradients(model, blocks, batches, mine, last_hidden, as_tuple, placement, seed):
+    """d(sampled-label loss)/d(last hidden states) for this process's batches, through the
+    model's own head, one window at a time (the logits and their gradient are the largest
+    tensors of the walk); every batch's labels are drawn, in order."""
+    generator = torch.Generator().manual_seed(seed)
+    real = list(blocks)
+    stubs = [_Stub(i == 0, as_tuple) for i in range(len(blocks))]
+    grads, hidden = [], iter(last_hidden)
+    try:
+        for i, stub in enumerate(stubs):
+            blocks[i] = stub
+        for i, ids in enumerate(batches):
+            if i not in mine:
+                torch.rand(ids.numel(), 1, generator=generator)    # that batch's labels
+                continue
+            h = next(hidden)
+            grad = torch.empty_like(h)
+            for w in range(h.shape[0]):
+                part = h[w:w + 1].detach().requires_grad_(True)
+                stubs[0].value = part
+                with torch.enable_grad():
+                    logits = model(input_ids=placement.to_device(ids[w:w + 1]),
+                                   use_cache=False).logits
+                    logits.backward(stats.sample_logit_gradient(logits, generator))
+                grad[w:w + 1] = part.grad
+                del logits
+            grads.append(grad)
+    finally:
+        for i, block in enumerate(real):
+            blocks[i] = block
+    return grads
+
+
+def _owned(prefix: str, count: int, names) -> list[list[str]]:
+    return [[n for n in names if n.startswith(f"{prefix}.{k}." if prefix else f"{k}.")]
+            for k in range(count)]
+
+
+class _Groups:
+    """Which layers of a block read the same input, found once on the first block visited
+    (the blocks are one class) and applied to every block by relative name."""
+
+    def __init__(self):
+        self.relative: dict[str, str] | None = None
+
+    def leader(self, block: nn.Module, block_name: str, owned: list[str], call) -> dict[str, str]:
+        if self.relative is None:
+            every = {n: m for n, m in block.named_modules() if n and _factorable(m)}
+            self.relative = stats.shared_inputs(block, every, call)
+        rel = {name: name[len(block_name) + 1:] for name in owned}
+        first = {}                                   # relative leader -> first owned member
+        for name, r in rel.items():
+            first.setdefault(self.relative.get(r, r), name)
+        return {name: first[self.relative.get(r, r)] for name, r in rel.items()}
+
+
+def _factorable(module: nn.Module) -> bool:
+    from ..layers import is_factorable
+    return is_factorable(module)
+
+
+def walk(model: nn.Module, layers, batches: list[torch.Tensor],
+         placement: Placement, spill: Spill, *, inputs: bool = True,
+         gradients: str | None = None, seed: int = 0, shard: tuple[int, int] = (0, 1),
+         reduce: Callable[[dict], None] | None = None, recut: bool = False,
+         progress: bool = True) -> Iterator[tuple[list[str], dict[str, stats.LayerStats]]]:
+    """Yield (names, statistics) for every block holding targeted `layers` (their names; the
+    modules are looked up when their block is visited, so a layer the caller has replaced
+    is not kept alive) (see the module docstring). shard = (this process, processes);
+    reduce(sums) sums a block's accumulated tensors over the processes in place."""
+    if recut and gradients:
+        raise ValueError("recut walks forward only; gradients need the way back")
+    prefix, blocks = find_blocks(model)
+    owned = _owned(prefix, len(blocks), layers)
+    targeted = [k for k in range(len(blocks)) if owned[k]]
+    if not targeted:
+        return
+    rank, size = shard
+    if len(batches) < size:
+        raise RankwiseError(f"{len(batches)} calibration batches cannot be shared by {size} "
+                            "processes; use more windows or fewer processes")
+    mine = [i for i in range(len(batches)) if i % size == rank]
+    tokens = sum(b.numel() for b in batches)
+    lowest, highest = targeted[0], targeted[-1]
+    last = len(blocks) - 1 if gradients else highest
+    groups = _Groups()
+
+    def accumulator(k, block, hidden, rest, with_gradients):
+        name = f"{prefix}.{k}" if prefix else str(k)
+        leader = groups.leader(block, name, owned[k], lambda: run_block(block, hidden, rest))
+        return stats.Accumulator({n: model.get_submodule(n) for n in owned[k]}, leader, inputs,
+                                 with_gradients)
+
+    def handed_over(k, acc):
+        if reduce is not None:
+            reduce(acc.sums)
+        return list(owned[k]), acc.result(tokens)
+
+    was_training = model.training
+    model.eval()
+    with stats.activation_gradients_only(model):
+        try:
+            with placement.outside(model, blocks):
+                calls = block_inputs(model, [placement.to_device(batches[i]) for i in mine])
+                rest = [(args[1:], kwargs) for args, kwargs in calls]
+                hidden = [args[0] for args, _ in calls]
+                del calls
+                as_tuple = False
+                for k in tqdm(range(last + 1), desc="statistics, forward", unit="block",
+                              disable=not progress):
+                    block = placement.onload(blocks[k])
+                    if gradients and k >= lowest:
+                        spill.put(f"inputs{k}", {str(j): h for j, h in enumerate(hidden)})
+                    acc = accumulator(k, block, hidden[0], rest[0], None) \
+                        if owned[k] and not gradients else None
+                    outs = []
+                    with torch.no_grad(), (acc.attached() if acc else contextlib.nullcontext()):
+                        for h, r in zip(hidden, rest):
+                            out, as_tuple = run_block(block, h, r)
+                            outs.append(None if recut else out)
+                    if acc:
+                        yield handed_over(k, acc)
+                    if recut and k < last:
+                        with torch.no_grad():
+                            outs = [run_block(block, h, r)[0] for h, r in zip(hidden, rest)]
+                    placement.offload(block)
+                    hidden = outs
+                if not gradients:
+                    return
+                grads = _top_gradients(model, blocks, batches, mine, hidden, as_tuple,
+                                       placement, seed)
+                del hidden
+            for k in tqdm(range(last, lowest - 1, -1), desc="statistics, backward",
+                          unit="block", disable=not progress):
+                block = placement.onload(blocks[k])
+                parked = spill.take(f"inputs{k}")
+                stored = [placement.to_device(parked[str(j)]) for j in range(len(rest))]
+                del parked
+                acc = accumulator(k, block, stored[0], rest[0], gradients) if owned[k] else None
+                below = []
+                with torch.enable_grad(), (acc.attached() if acc else contextlib.nullcontext()):
+                    for j, (r, g) in enumerate(zip(rest, grads)):
+                        h = stored[j].requires_grad_(True)
+                        out, _ = run_block(block, h, r)
+                        out.backward(g)
+                        below.append(h.grad if k > lowest else None)
+                        stored[j] = grads[j] = None
+                grads = below
+                if acc:
+                    yield handed_over(k, acc)
+                placement.offload(block)
+        finally:
+            model.train(was_training)
+            release_host_memory()

@@ -1,0 +1,80 @@
+"""What a compression holds does not grow with the model's depth.
+
+The peak is read from glibc's own count of the bytes it has handed out (mallinfo2), sampled
+by a thread while the compression runs, above what was allocated before it started (the
+model itself). The onloaded route is taken on the CPU with every move a real copy, as it
+is between a GPU and the host, so this is the route a GPU takes.
+"""
+import ctypes
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from rankwise import CompressConfig, compress_
+from rankwise.pipeline.placement import Placement
+
+from conftest import tiny_model
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _allocated():
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _Mallinfo2
+    return lambda: (lambda m: m.uordblks + m.hblkhd)(libc.mallinfo2())
+
+
+try:
+    ALLOCATED = _allocated()
+except (OSError, AttributeError):       # not glibc >= 2.33
+    ALLOCATED = None
+
+
+def peak_bytes(run) -> int:
+    """Most bytes allocated at once while `run()` runs, above those allocated before."""
+    base, peak, done = ALLOCATED(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], ALLOCATED())
+            time.sleep(0.0002)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        run()
+    finally:
+        done.set()
+        watcher.join()
+        sys.setswitchinterval(interval)
+    return max(peak[0], ALLOCATED()) - base
+
+
+def compression_peak(blocks: int, placement: Placement, **config) -> int:
+    model = tiny_model("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=blocks,
+                       num_key_value_heads=4)
+    calib = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))
+    return peak_bytes(lambda: compress_(model, CompressConfig(ratio=0.4, **config), calib,
+                                        batch_size=2, progress=False, placement=placement))
+
+
+@pytest.mark.skipif(ALLOCATED is None, reason="needs glibc's mallinfo2")
+@pytest.mark.parametrize("copy", [True, False], ids=["onloaded", "resident"])
+@pytest.mark.parametrize("config", [dict(metric="kfac"), dict(metric="kfac", sequential=True),
+                                    dict(metric="whiten", allocation="uniform")],
+                         ids=["spectrum", "sequential", "uniform"])
+def test_peak_memory_does_not_grow_with_depth(copy, config):
+    placement = Placement("cpu", copy=copy)
+    compression_peak(2, placement, **config)            # first-time allocations of the runtime
+    shallow, deep = (compression_peak(n, placement, **config) for n in (2, 8))
+    # each of the 6 extra blocks holds ~6 MB of statistics and ~2.6 MB of factors: keeping
+    # them all would add ~50 MB; one block's worth of slack is allowed
+    assert deep <= shallow + 4e6, (shallow, deep)
