@@ -100,6 +100,7 @@ class Accumulator:
         self.layers, self.leader, self.inputs, self.gradients = layers, leader, inputs, gradients
         self.both_sides = both_sides
         self.sums: dict[tuple[str, str], torch.Tensor] = {}
+        self._scratch: dict[tuple[str, int], torch.Tensor] = {}
         self.input_cov = {n: self._uses_input_cov(n) for n in layers}
 
     def _wide(self, name: str) -> bool:
@@ -122,18 +123,29 @@ class Accumulator:
             x = x.float()
             if x.is_cuda and total is not None:
                 total.addmm_(x.T, x)
-            else:
-                self._add(kind, name, x.T @ x)
+                return
+            # buffers reused across calls: a fresh large tensor each time costs more in
+            # page faults than the product itself on a CPU
+            product = self._buffer("product", x.shape[-1], x.dtype, x.device)
+            self._add(kind, name, torch.mm(x.T, x, out=product))
+
+    def _buffer(self, role: str, size: int, dtype: torch.dtype, device) -> torch.Tensor:
+        buffer = self._scratch.get((role, size))
+        if buffer is None or buffer.device != device:
+            buffer = self._scratch[role, size] = torch.empty(size, size, dtype=dtype, device=device)
+        return buffer
 
     def _add(self, kind: str, name: str, value: torch.Tensor) -> None:
         """Sums in float32 on a GPU; on the CPU in float64, so that they do not depend on
         the order the batches are added in (one process or several) beyond round-off."""
-        value = value if value.is_cuda else value.to(torch.float64)
         total = self.sums.get((kind, name))
         if total is None:
-            self.sums[kind, name] = value
-        else:
+            self.sums[kind, name] = value.clone() if value.is_cuda else value.to(torch.float64)
+        elif value.dtype == total.dtype or value.dim() == 1:
             total += value
+        else:       # widened in a reused buffer (an in-place mixed-dtype add allocates)
+            total += self._buffer("widened", value.shape[-1], total.dtype,
+                                  value.device).copy_(value)
 
     def _pre_hook(self, name: str):
         leader, input_cov, wide = self.leader[name], self.input_cov[name], self._wide(name)
@@ -185,7 +197,7 @@ class Accumulator:
             for kind in ("output_cov", *GRADIENT_SIDE):
                 setattr(s, kind, self.sums.get((kind, name)))
             out[name] = s
-        self.sums = {}
+        self.sums, self._scratch = {}, {}
         return out
 
 

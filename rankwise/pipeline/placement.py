@@ -3,9 +3,13 @@
 `device` runs the statistics and the decompositions; `home` holds the blocks the rest of the
 time. Onloading is home = cpu, device = cuda: each block visits the device, everything
 outside the blocks (embeddings, final norm, head) stays there for the walk. With home =
-device nothing moves. Every move goes through this object, so a test on the CPU can take
-the route a GPU takes: `copy=True` makes every move a real copy (fresh storage, the source
-freed when nothing else holds it), as a move between two devices is.
+device nothing moves. A visit leaves the home copy of every tensor where it is, and a
+tensor that is still the one that arrived goes back to it without a copy (the walk never
+writes into weights); a tensor created during the visit (the factors of a layer cut on
+the device) is moved home.
+
+Every move goes through this object, so a test on the CPU can take the route a GPU takes:
+`copy=True` makes every move a real copy (fresh storage), as a move between two devices is.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ class Placement:
         self.device = torch.device(device)
         self.home = self.device if home is None else torch.device(home)
         self.copy = copy
+        self._visits: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @classmethod
     def of(cls, model: nn.Module, onload: str | torch.device | None = None) -> "Placement":
@@ -39,27 +44,40 @@ class Placement:
         """A tensor to the CPU memory the walk parks activations in."""
         return t.to("cpu", copy=self.copy)
 
+    @staticmethod
+    def _tensors(module: nn.Module) -> list[torch.Tensor]:
+        return [*module.parameters(), *module.buffers()]
+
+    def _arrive(self, key: int, tensors: list[torch.Tensor]) -> None:
+        self._visits[key] = [(t, t.data) for t in tensors]
+        for t in tensors:
+            t.data = self.to_device(t.data)
+
+    def _leave(self, key: int, tensors: list[torch.Tensor]) -> None:
+        left = {id(t): (t, home) for t, home in self._visits.pop(key, [])}
+        for t in tensors:
+            t0, home = left.get(id(t), (None, None))
+            t.data = home if t0 is t else t.data.to(self.home, copy=self.copy)
+
     def onload(self, module: nn.Module) -> nn.Module:
         if self.moves:
-            module._apply(self.to_device)
+            self._arrive(id(module), self._tensors(module))
         return module
 
     def offload(self, module: nn.Module) -> nn.Module:
         if self.moves:
-            module._apply(lambda t: t.to(self.home, copy=self.copy))
+            self._leave(id(module), self._tensors(module))
         return module
 
     @contextlib.contextmanager
     def outside(self, model: nn.Module, blocks: nn.Module):
         """Every parameter and buffer outside `blocks` on the device for the duration, home
         again afterwards."""
-        inside = {id(t) for t in [*blocks.parameters(), *blocks.buffers()]}
-        moved = [t for t in [*model.parameters(), *model.buffers()]
-                 if id(t) not in inside] if self.moves else []
-        for t in moved:
-            t.data = self.to_device(t.data)
+        inside = {id(t) for t in self._tensors(blocks)}
+        outer = [t for t in self._tensors(model) if id(t) not in inside] if self.moves else []
+        key = id(outer)
+        self._arrive(key, outer)
         try:
             yield
         finally:
-            for t in moved:
-                t.data = t.data.to(self.home, copy=self.copy)
+            self._leave(key, outer)
