@@ -26,14 +26,12 @@ from pathlib import Path
 import torch
 
 from rankwise import plots
-from rankwise.data import (CALIBRATION_TEXT, calibration_windows, evaluation_windows,
-                           read_text, tokenize)
 from rankwise.models import load_model, target_linears
 from rankwise.geometry import SHRINKS
 from rankwise.lab.image_finetune import ImageTask
 from rankwise.lab.vision import accuracy, build_model, fit, load_images
-from rankwise.train import METHODS, PENALTIES, FinetuneConfig, LanguageTask, finetune
-from rankwise.train.distill import DistillTask
+from rankwise.entrypoints.finetune import FinetuneRun, training_task
+from rankwise.train import METHODS, PENALTIES, FinetuneConfig, finetune
 
 from common import Domains, header
 
@@ -42,11 +40,9 @@ def llm(steps: int, out: Path, methods, shrinks, penalty: str, recovery: int | N
         device: str = "cpu", model: str | None = None, objective: str = "lm",
         lr: float = 1e-4) -> None:
     dense, tokenizer, _ = load_model(model)
-    ids = tokenize(tokenizer, read_text(CALIBRATION_TEXT))
-    split = int(ids.numel() * 0.8)
-    calib = calibration_windows(ids[split:], 16, 512, seed=0, what="the held-out validation part")
     domains = Domains(dense, tokenizer)
-    teacher = copy.deepcopy(dense).to(device) if objective == "distill" else None
+    # the data the finetune verb trains on: WikiText-2 validation, its last 20% held out
+    run = FinetuneRun(objective=objective, device=device)
     rows = [("dense", domains.dense, sum(l.weight.numel() for l in target_linears(dense).values()), 0.0)]
     print(f"dense: {domains.dense.cells()}", flush=True)
     runs = [(m, s) for m in methods for s in (shrinks if m == "svt" else [shrinks[0]])]
@@ -55,12 +51,7 @@ def llm(steps: int, out: Path, methods, shrinks, penalty: str, recovery: int | N
         config = FinetuneConfig(method=method, ratio=0.5, metric="kfac", steps=steps,
                                 prox_every=10, lr=lr, shrink=shrink, penalty=penalty,
                                 recovery_steps=steps // 5 if recovery is None else recovery)
-        if objective == "distill":    # the KL to the dense model on the same 2 x 256 windows
-            windows = evaluation_windows(ids[:split], 256)
-            task = DistillTask(teacher, windows, calib, batch_size=2, steps=steps, seed=0,
-                               progress=False)
-        else:
-            task = LanguageTask(ids[:split], calib, batch_size=2, seqlen=256, steps=steps, seed=0)
+        task = training_task(run, dense, tokenizer, steps, device)
         result = finetune(model, task, config, target_linears(model), progress=False)
         scores = domains.score(model.cpu())
         label = f"{method}-{shrink}" + ("-weighted" if penalty == "weighted" else "") \

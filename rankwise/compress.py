@@ -31,7 +31,8 @@ from .allocate import ALLOCATIONS
 from .config import CompressConfig
 from .errors import RankwiseError
 from .evaluate import reference_log_probs
-from .layers import LowRankLinear, linear_shape, linear_weight, max_useful_rank, ranks_of, set_module
+from .layers import (LowRankLinear, held_by, linear_shape, linear_weight, max_useful_rank,
+                     ranks_of, set_module)
 from .models import check_finite, find_blocks, target_linears
 from .pipeline.distributed import Comm
 from .pipeline.placement import Placement
@@ -244,7 +245,7 @@ class _Stage:
         for name, d in zip(mine, geometry.decompose_many(problems, self.config.damping)):
             B = A = None
             if ranks is not None and ranks[name] >= 1:
-                dtype = _dtype(self.layers[name])
+                dtype = held_by(self.layers[name]).dtype
                 B, A = (t.to(dtype) for t in d.factors(ranks[name]))
             out[name] = (d.spectrum.to("cpu"), B, A)
         return out if comm is None else self._shared(names, out, ranks)
@@ -257,7 +258,7 @@ class _Stage:
             spectrum, B, A = mine.get(name, (None, None, None))
             got = [self.comm.broadcast(spectrum, (min(m, n),), torch.float64, owner, "cpu")]
             if ranks is not None and ranks[name] >= 1:
-                dtype, r = _dtype(self.layers[name]), ranks[name]
+                dtype, r = held_by(self.layers[name]).dtype, ranks[name]
                 got += [self.comm.broadcast(B, (m, r), dtype, owner, device),
                         self.comm.broadcast(A, (r, n), dtype, owner, device)]
             out[name] = (*got, None, None)[:3]
@@ -322,10 +323,6 @@ def _cap(layer: nn.Module) -> int:
     m, n = linear_shape(layer)
     top = max_useful_rank(m, n)
     return min(top, layer.rank) if isinstance(layer, LowRankLinear) else top
-
-
-def _dtype(layer: nn.Module) -> torch.dtype:
-    return layer.A.dtype if isinstance(layer, LowRankLinear) else layer.weight.dtype
 
 
 def _cuts(layer, rank: int | None) -> bool:

@@ -14,7 +14,7 @@ from .data import DOMAINS, SELF
 from .errors import RankwiseError
 from .geometry import DEFAULT_DAMPING
 from .metrics import METRICS
-from .options import build, check_bool, check_choice, check_int, check_number, option
+from .options import check_bool, check_choice, check_int, check_number, option
 
 
 @dataclass
@@ -75,10 +75,6 @@ class CompressConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CompressConfig":
-        return build(cls, d, "compression")
 
 
 # measured to generalise best (README, "Calibration that generalises"): every shipped domain

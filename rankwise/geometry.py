@@ -184,7 +184,7 @@ class Decomposition:
         the leading columns of B and rows of A."""
         k = self.spectrum.numel()
         if not 1 <= rank <= k:
-            raise ValueError(f"rank must be in [1, {k}] for a {tuple(self.W.shape)} weight, got {rank}")
+            raise RankwiseError(f"rank must be in [1, {k}] for a {tuple(self.W.shape)} weight, got {rank}")
         Q, R, W = self.basis[:, :rank], self.root, self.W.to(torch.float64)
         if self.left_form:     # W_r = L^{-1/2} U_r U_r^T L^{1/2} W
             B = _apply(R, Q, inverse=True) if R is not None else Q

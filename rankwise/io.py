@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import RankwiseError
-from .export import MODELING_FILE, base_config, hf_config, modeling_source
+from .hf_format import MODELING_FILE, base_config, hf_config, modeling_source
 from .layers import LowRankLinear, linear_shape, ranks_of, set_module
-from .models import check_finite, load_model, model_path
+from .models import DEFAULT_MODEL_NAME, check_finite, load_model, model_path
+from .outputs import Output
+from .version import __version__
 
 MANIFEST = "rankwise.json"
 EVAL_FILE = "eval.json"        # rankwise eval's results, which rankwise report reads
@@ -27,70 +27,41 @@ FORMAT = "rankwise/1"
 
 def _versions() -> dict[str, str]:
     import transformers
-    from . import __version__
     return {"rankwise": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__}
 
 
 def save(model: nn.Module, folder: str | os.PathLike, manifest: dict | None = None,
-         tokenizer=None) -> Path:
-    """Write the model atomically: everything goes to a temporary sibling folder that is
-    renamed into place only once complete, so a failure never leaves a half-written output.
-    An existing rankwise output (or empty folder) at `folder` is replaced."""
+         tokenizer=None, writer: str = "save") -> Path:
+    """Write the model as a rankwise output folder, atomically (rankwise.outputs): an
+    existing folder is replaced only when `writer` wrote it."""
+    out = Output(folder, writer)
+    with out.writing() as tmp:
+        write_model(tmp, model, manifest, tokenizer)
+    return out.path
+
+
+def write_model(folder: Path, model: nn.Module, manifest: dict | None = None,
+                tokenizer=None) -> None:
+    """The files of a rankwise output, into an existing (temporary) folder."""
     from safetensors.torch import save_model
 
-    folder = check_output_folder(folder)
     record = {"format": FORMAT, **(manifest or {}), "ranks": ranks_of(model),
               "versions": _versions()}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        config = hf_config(model, record["ranks"])
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / MODELING_FILE).write_text(modeling_source(config["rankwise_base_model_type"]))
-        save_model(model, str(tmp / WEIGHTS))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(record, indent=2))
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    config = hf_config(model, record["ranks"])
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / MODELING_FILE).write_text(modeling_source(config["rankwise_base_model_type"]))
+    save_model(model, str(folder / WEIGHTS))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    (folder / MANIFEST).write_text(json.dumps(record, indent=2))
 
 
-def save_state(state: dict, path: str | os.PathLike) -> None:
-    """torch.save to a temporary sibling renamed into place: a checkpoint is either the
-    old one or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def check_output_folder(folder: str | os.PathLike) -> Path:
-    """Refuse, before any slow work, an output path that cannot become a rankwise output:
-    an existing file or foreign folder, or a place that cannot be created or written."""
-    folder = Path(folder)
-    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir())
-                                                     or (folder / MANIFEST).exists())):
-        raise RankwiseError(f"refusing to overwrite {folder}: it exists and is not a rankwise output")
-    parent = folder.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise RankwiseError(f"cannot create {folder}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RankwiseError(f"cannot create {folder}: {parent} is not writable")
-    return folder
+def dense_source(manifest: dict) -> str | None:
+    """The model a rankwise output was compressed from, as a model spec (None: the
+    embedded default): the dense reference of its evaluation and the teacher of healing."""
+    origin = manifest.get("source_model")
+    return None if origin == DEFAULT_MODEL_NAME else origin
 
 
 def is_output(path: str | os.PathLike | None) -> bool:

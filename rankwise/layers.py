@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import RankwiseError
+
 
 def dense_params(out_features: int, in_features: int) -> int:
     return out_features * in_features
@@ -42,6 +44,12 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.T if is_conv1d(module) else module.weight
 
 
+def held_by(module: nn.Module) -> torch.Tensor:
+    """The tensor holding a linear layer's parameters, whose dtype and device are the
+    layer's: A for a LowRankLinear, the weight otherwise."""
+    return module.A if isinstance(module, LowRankLinear) else module.weight
+
+
 def params_at(shape: tuple[int, int], rank: int | None) -> int:
     """Parameters of an m x n layer at `rank`; None, or a rank that saves nothing, is dense."""
     m, n = shape
@@ -61,7 +69,7 @@ class LowRankLinear(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
+            raise RankwiseError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.A = nn.Parameter(torch.empty(rank, in_features, **kw))
@@ -73,9 +81,9 @@ class LowRankLinear(nn.Module):
         """Factors in place of an nn.Linear, a Conv1D or a LowRankLinear (bias kept)."""
         rank, (m, n) = A.shape[0], linear_shape(linear)
         if A.shape != (rank, n) or B.shape != (m, rank):
-            raise ValueError(f"factors {tuple(B.shape)} @ {tuple(A.shape)} do not match "
+            raise RankwiseError(f"factors {tuple(B.shape)} @ {tuple(A.shape)} do not match "
                              f"a linear map {m} x {n}")
-        like = linear.A if isinstance(linear, LowRankLinear) else linear.weight
+        like = held_by(linear)
         layer = cls(n, m, rank, linear.bias is not None, device=like.device, dtype=like.dtype)
         with torch.no_grad():
             layer.A.copy_(A)

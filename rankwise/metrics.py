@@ -39,19 +39,19 @@ class Metric:
         out = {}
         if self.inputs:
             if input_cov is None and not (small_left and output_cov is not None):
-                raise ValueError(f"metric {self.name!r} needs the layer's input covariance")
+                raise RankwiseError(f"metric {self.name!r} needs the layer's input covariance")
             out.update(right=input_cov, right_image=output_cov)
         if self.gradients == "diag":
             diag = grad_diag if grad_diag is not None else \
                 (grad_cov.diagonal() if grad_cov is not None else None)
             if diag is None:
-                raise ValueError(f"metric {self.name!r} needs the layer's diagonal Fisher")
+                raise RankwiseError(f"metric {self.name!r} needs the layer's diagonal Fisher")
             out.update(left=diag)
         elif self.gradients == "full":
             if small_left and grad_cov is None:
-                raise ValueError(f"metric {self.name!r} needs the layer's output-gradient covariance")
+                raise RankwiseError(f"metric {self.name!r} needs the layer's output-gradient covariance")
             if not small_left and grad_cov is None and input_grad_cov is None:
-                raise ValueError(f"metric {self.name!r} needs the layer's gradient covariance")
+                raise RankwiseError(f"metric {self.name!r} needs the layer's gradient covariance")
             out.update(left=grad_cov, left_image=input_grad_cov)
         return out
 

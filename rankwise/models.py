@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import RankwiseError
-from .layers import LowRankLinear, is_factorable
+from .layers import held_by, is_factorable
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,7 @@ def target_linears(model: nn.Module, include: str | None = None, exclude: str | 
 
 
 def _float_weight(module: nn.Module) -> bool:
-    weight = module.A if isinstance(module, LowRankLinear) else module.weight
-    return weight.is_floating_point()
+    return held_by(module).is_floating_point()
 
 
 def _holds_a_matrix(module: nn.Module) -> bool:

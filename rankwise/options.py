@@ -13,9 +13,6 @@ from pathlib import Path
 
 from .errors import RankwiseError
 
-_REQUIRED = object()
-
-
 def option(default=None, help: str = "", *, choices=None, required: bool = False,
            positional: bool = False, factory=None, metavar: str | None = None,
            aliases: tuple[str, ...] = ()):
@@ -45,17 +42,6 @@ def default_of(f: dataclasses.Field):
     return None
 
 
-def build(cls, values: dict, what: str):
-    """An instance of `cls` from a mapping of option names (dashes or underscores) to
-    values; unknown names are one clear error."""
-    values = canonical_names(cls, values)
-    known = {f.name for f, _ in fields_of(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise RankwiseError(f"unknown {what} option(s) {unknown}; accepted: {sorted(known)}")
-    return cls(**values)
-
-
 def canonical_names(cls, values: dict) -> dict:
     """Option names with underscores, aliases replaced by the field they stand for."""
     alias = {a: f.name for f, _ in fields_of(cls) for a in f.metadata.get("aliases", ())}
@@ -81,11 +67,6 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise RankwiseError(f"config file {path} must hold a mapping of option: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def write_yaml(config, path: str | Path) -> None:
-    import yaml
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 
 def check_int(name: str, value, low: int = 1) -> int:

@@ -34,11 +34,14 @@ def pyplot():
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    """The figure as a PNG file, written atomically."""
+    import io
+
+    from .outputs import write_file
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     pyplot().close(fig)
-    return path
+    return write_file(path, buffer.getvalue())
 
 
 def training_curves(history, shapes: dict[str, tuple[int, int]], path: str | Path,

@@ -12,14 +12,17 @@ import base64
 import html
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RankwiseError
 from .io import EVAL_FILE, read_manifest
 from .options import option
+from .outputs import write_file
 from .plots import pyplot
+
+
+_SIGNATURE = "<!-- written by rankwise report -->"
 
 
 @dataclass
@@ -152,8 +155,10 @@ document.getElementById("count").textContent = document.querySelectorAll("tbody 
 
 def write_report(config: ReportConfig) -> Path:
     """Write the page for config.runs to config.out (atomically); returns its path."""
-    runs = read_runs(config.runs)
     out = Path(config.out)
+    if out.exists() and (out.is_dir() or _SIGNATURE not in out.read_bytes()[:512].decode(errors="replace")):
+        raise RankwiseError(f"refusing to overwrite {out}: it is not a page rankwise report wrote")
+    runs = read_runs(config.runs)
     head, rows = _rows(runs)
     table = "<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + \
         "</tr></thead><tbody>" + "".join(
@@ -167,6 +172,7 @@ def write_report(config: ReportConfig) -> Path:
         for r in runs if (r.folder / "ranks.png").exists())
     unscored = [r.name for r in runs if r.scores is None]
     page = f"""<!doctype html>
+{_SIGNATURE}
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(config.title)}</title>
 <style>
 body {{ font: 14px system-ui, sans-serif; margin: 2em; color: #222; }}
@@ -191,8 +197,4 @@ Click a column to sort.</p>
 <script>{_SCRIPT}</script>
 </body></html>
 """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return write_file(out, page)

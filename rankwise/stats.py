@@ -96,7 +96,7 @@ class Accumulator:
     def __init__(self, layers: dict[str, nn.Module], leader: dict[str, str], inputs: bool,
                  gradients: str | None, both_sides: bool = False):
         if gradients not in GRADIENT_MODES:
-            raise ValueError(f"gradients must be one of {GRADIENT_MODES}, got {gradients!r}")
+            raise RankwiseError(f"gradients must be one of {GRADIENT_MODES}, got {gradients!r}")
         self.layers, self.leader, self.inputs, self.gradients = layers, leader, inputs, gradients
         self.both_sides = both_sides
         self.sums: dict[tuple[str, str], torch.Tensor] = {}

@@ -151,14 +151,16 @@ def test_finetune_language_model_saves_a_loadable_model(tiny_folder, tmp_path, c
 
 
 def test_finetune_images_and_bad_options(tmp_path, capsys):
-    code, text, _ = run(capsys, "finetune", "--task", "digits", "--method", "hard",
+    out = tmp_path / "images"
+    code, text, _ = run(capsys, "images", "--task", "digits", "--method", "hard",
                         "--ratio", "0.6", "--steps", "6", "--prox-every", "2",
-                        "--recovery-steps", "2", "--pretrain-epochs", "1", "--out", str(tmp_path))
+                        "--recovery-steps", "2", "--pretrain-epochs", "1", "--out", str(out))
     assert code == 0 and "test accuracy" in text
-    code, _, err = run(capsys, "finetune", "--task", "digits", "--ratio", "1.5", "--out", str(tmp_path))
+    assert (out / "training.png").exists() and (out / "history.json").exists()
+    code, _, err = run(capsys, "images", "--ratio", "1.5", "--out", str(out))
     assert code == 2 and err.startswith("rankwise: error: ratio must be in (0, 1)")
-    code, _, err = run(capsys, "finetune", "--task", "digits", "--resume", "--pretrain-epochs", "1",
-                       "--steps", "3", "--recovery-steps", "1", "--out", str(tmp_path))
+    code, _, err = run(capsys, "images", "--resume", "--pretrain-epochs", "1",
+                       "--steps", "3", "--recovery-steps", "1", "--out", str(out))
     assert code == 2 and "no checkpoint to resume from" in err
 
 
@@ -180,7 +182,7 @@ def _values(f, hint):
     elif typing.get_origin(hint) is dict:
         recipe, flag, given = {"q_proj": 3}, "{k_proj: 5}", {"k_proj": 5}
     elif choices:
-        others = [c for c in choices if c != default]
+        others = [c for c in choices if c != default] or [default]   # a one-choice option
         recipe = others[0]
         flag = given = others[1] if len(others) > 1 else default
     elif hint is int:
@@ -251,8 +253,7 @@ def no_slow_load(monkeypatch):
     (["finetune", "--holdout", "1.5", "--out", "{tmp}/o"], "holdout must be in"),
     (["finetune", "--device", "tpu", "--out", "{tmp}/o"], "unknown device"),
     (["finetune", "--resume", "--out", "{tmp}/o"], "no checkpoint to resume from"),
-    (["finetune", "--task", "digits", "--objective", "distill", "--out", "{tmp}/o"],
-     "is for a language model"),
+    (["images", "--pretrain-epochs", "-1", "--out", "{tmp}/o"], "pretrain_epochs must be"),
     (["finetune", "--out", "{tmp}/file/o"], "is a file, not a folder"),
     (["dln", "recover", "--tol", "0"], "tol must be in"),
 ])

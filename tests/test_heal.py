@@ -95,7 +95,7 @@ def test_heal_resumes_to_the_same_state(student_and_teacher, tmp_path):
     result = heal(resumed, _task(teacher, 8), config, ckpt, checkpoint_every=2, resume=True,
                   progress=False)
     assert result.losses == straight.losses
-    with pytest.raises(RankwiseError, match="other heal options"):
+    with pytest.raises(RankwiseError, match="written with other options"):
         heal(resumed, _task(teacher, 8), HealConfig(steps=8, lr=2e-3), ckpt, resume=True,
              progress=False)
 

@@ -21,7 +21,7 @@ def saved(tmp_path, calib):
 def test_save_load_gives_identical_logits(saved, calib):
     model, folder = saved
     assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "rankwise.json",
-                                                  "modeling_rankwise.py"}
+                                                  "modeling_rankwise.py", ".rankwise-output"}
     loaded = load(folder)
     with torch.no_grad():
         assert torch.equal(model(calib).logits, loaded(calib).logits)
@@ -141,9 +141,9 @@ def test_plain_transformers_loads_the_folder_without_rankwise(tmp_path, calib):
 def test_dense_export_is_a_plain_checkpoint_with_the_same_function(saved, tmp_path, calib):
     from transformers import AutoModelForCausalLM
 
-    from rankwise.export import export_dense
+    from rankwise.export import ExportConfig, export
     model, folder = saved
-    out = export_dense(folder, tmp_path / "dense")
+    out = export(ExportConfig(model=str(folder), out=str(tmp_path / "dense")))
     dense = AutoModelForCausalLM.from_pretrained(out)
     assert type(dense).__name__ == "LlamaForCausalLM" and not (out / "modeling_rankwise.py").exists()
     assert not any(isinstance(m, LowRankLinear) for m in dense.modules())

@@ -169,7 +169,7 @@ def test_resume_checks_its_inputs(tiny, lm_task, tmp_path):
     finetune(first, lm_task(4), config, target_linears(first), checkpoint=tmp_path / "x.pt",
              progress=False)
     other = FinetuneConfig(method="hard", steps=4, prox_every=2, recovery_steps=1, lr=0.5)
-    with pytest.raises(RankwiseError, match="another configuration"):
+    with pytest.raises(RankwiseError, match="written with other options"):
         finetune(tiny, lm_task(4), other, target_linears(tiny), checkpoint=tmp_path / "x.pt",
                  resume=True, progress=False)
 
@@ -255,3 +255,18 @@ def test_fisher_metric_trains_with_its_diagonal_root(tiny, lm_task):
                             recovery_steps=1, lr=1e-3)
     result = finetune(tiny, lm_task(4), config, target_linears(tiny), progress=False)
     assert result.achieved_ratio >= 0.4
+
+
+class _Payload:
+    """An object a pickle would rebuild by running code."""
+    def __reduce__(self):
+        return (print, ("code from a checkpoint ran",))
+
+
+def test_a_checkpoint_never_runs_code_from_the_file(tiny, lm_task, tmp_path, capsys):
+    config = FinetuneConfig(method="hard", steps=4, prox_every=2, recovery_steps=1)
+    torch.save({"options": {}, "payload": _Payload()}, tmp_path / "x.pt")
+    with pytest.raises(RankwiseError, match="not a rankwise checkpoint"):
+        finetune(tiny, lm_task(4), config, target_linears(tiny), checkpoint=tmp_path / "x.pt",
+                 resume=True, progress=False)
+    assert "code from a checkpoint ran" not in capsys.readouterr().out

@@ -23,9 +23,10 @@ VERBS = {   # verb: (module, one-line help)
     "eval": ("evaluate", "perplexity and divergence from the dense model"),
     "finetune": ("finetune", "fine-tune under a rank constraint (factors, hard, svt)"),
     "heal": ("heal", "distil a compressed model back toward its dense teacher"),
-    "export": ("export", "write a compressed model as a plain dense checkpoint"),
+    "export": ("export", "write a compressed model in another format (dense checkpoint)"),
     "report": ("report", "one HTML page comparing runs"),
     "dln": ("dln", "deep linear networks vs their compressed form (C-DLN; research lab)"),
+    "images": ("images", "fine-tune an image MLP under a rank constraint (research lab)"),
 }
 
 

@@ -5,16 +5,16 @@ DESCRIPTION = ("Replace the linear layers inside the transformer blocks by low-r
 
 def option_classes():
     from ..config import CalibrationConfig, CompressConfig
-    from ..entrypoints import CompressJob
-    return [CompressJob, CompressConfig, CalibrationConfig]
+    from ..entrypoints import CompressRun
+    return [CompressRun, CompressConfig, CalibrationConfig]
 
 
 def run(configs) -> None:
     from ..config import CalibrationConfig, CompressConfig
-    from ..entrypoints import CompressJob, compress_model
+    from ..entrypoints import CompressRun, compress_model
 
-    job, config = configs[CompressJob], configs[CompressConfig]
-    outcome = compress_model(job.out, job.model, config, configs[CalibrationConfig], job=job)
+    config = configs[CompressConfig]
+    outcome = compress_model(configs[CompressRun], config, configs[CalibrationConfig])
     s = outcome.summary
     kept = sum(r is not None for r in s.ranks.values())
     print(f"compressed {kept}/{len(s.ranks)} layers with {config.metric}: removed "

@@ -1,8 +1,9 @@
-"""rankwise export: a compressed output as a plain dense checkpoint."""
-DESCRIPTION = ("Write a rankwise output as a plain transformers checkpoint of its base "
-               "architecture, every factor pair merged back into a dense weight, for runtimes "
-               "without factorized layers. (The output folder itself already loads with "
-               "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).)")
+"""rankwise export: a compressed output in another format (dense: factors merged back)."""
+DESCRIPTION = ("Write a rankwise output in another format to --out, for runtimes that do not "
+               "load the output folder itself (which plain transformers already loads with "
+               "AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)); "
+               "dense: a plain checkpoint of the base architecture, every factor pair merged "
+               "back into a dense weight.")
 
 
 def option_classes():
@@ -11,6 +12,6 @@ def option_classes():
 
 
 def run(configs) -> None:
-    from ..export import ExportConfig, export_dense
+    from ..export import ExportConfig, export
     config = configs[ExportConfig]
-    print(f"merged factors -> {export_dense(config.model, config.dense)}")
+    print(f"{config.format} export -> {export(config)}")

@@ -1,9 +1,9 @@
 """The pipelines a user runs end to end, from a model spec and config objects to a saved,
 evaluated result; the command-line verbs are thin layers over these."""
-from .compress import CompressJob, CompressOutcome, compress_model
+from .compress import CompressRun, CompressOutcome, compress_model
 from .evaluate import EvalConfig, EvalOutcome, evaluate_model
 from .finetune import finetune_model
 from .heal import HealRun, heal_model
 
-__all__ = ["CompressJob", "CompressOutcome", "EvalConfig", "EvalOutcome", "compress_model", "evaluate_model",
+__all__ = ["CompressRun", "CompressOutcome", "EvalConfig", "EvalOutcome", "compress_model", "evaluate_model",
            "finetune_model", "HealRun", "heal_model"]

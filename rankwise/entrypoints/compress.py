@@ -9,16 +9,17 @@ from ..compress import Summary, compress_
 from ..config import CalibrationConfig, CompressConfig
 from ..data import mixture_windows, parse_sources
 from ..errors import RankwiseError
-from ..io import check_output_folder, open_model, save
+from ..io import open_model, write_model
 from ..models import DEVICES, DTYPES, model_path, resolve_device
 from ..options import check_bool, check_choice, option
+from ..outputs import Output
 from ..pipeline import distributed
 from ..plots import rank_chart
 
 
 @dataclass
-class CompressJob:
-    """Which model to compress and where the result goes."""
+class CompressRun:
+    """Which model to compress, where the result goes, where the work runs."""
     model: str | None = option(None, "Hugging Face model folder, .gguf file or rankwise output "
                                      "(default: the embedded SmolLM2-135M-Instruct)")
     out: str | None = option(None, "output folder (written atomically)", required=True)
@@ -46,23 +47,21 @@ class CompressOutcome:
     manifest: dict
 
 
-def compress_model(out: str | os.PathLike, model: str | os.PathLike | None = None,
-                   config: CompressConfig | None = None,
-                   calibration: CalibrationConfig | None = None, progress: bool = True,
-                   job: CompressJob | None = None) -> CompressOutcome:
-    """Compress the model at `model` (None: the embedded default; a rankwise output is cut
-    further) with `config`, calibrated on `calibration`, and save it to `out` (atomically)
-    with rankwise.json and ranks.png; `job` says where it runs (device, dtype, onloading).
-    Everything cheap to check is checked first."""
+def compress_model(run: CompressRun, config: CompressConfig | None = None,
+                   calibration: CalibrationConfig | None = None,
+                   progress: bool = True) -> CompressOutcome:
+    """Compress the model run.model (None: the embedded default; a rankwise output is cut
+    further) with `config`, calibrated on `calibration`, and write it to run.out
+    (atomically) with rankwise.json and ranks.png. Everything cheap to check is checked
+    first."""
     config = config or CompressConfig()
     calibration = calibration or CalibrationConfig()
-    job = job or CompressJob(model=str(model) if model else None, out=str(out))
-    folder = check_output_folder(out)
-    model_path(model)
-    device = resolve_device(job.device)
+    model = run.model
+    out = Output(run.out, "compress", inputs=[model_path(model)])
+    device = resolve_device(run.device)
     sources = parse_sources(calibration.calib)
-    net, tokenizer, source, _ = open_model(model, dtype=job.dtype)
-    if not job.onload:
+    net, tokenizer, source, _ = open_model(model, dtype=run.dtype)
+    if not run.onload:
         net.to(device)
     windows, drawn = mixture_windows(sources, tokenizer, net, calibration.calib_samples,
                                      calibration.seqlen, calibration.seed,
@@ -70,7 +69,7 @@ def compress_model(out: str | os.PathLike, model: str | os.PathLike | None = Non
                                      progress)
     summary = compress_(net, config, windows, batch_size=calibration.batch_size,
                         seed=calibration.seed, progress=progress,
-                        onload=device if job.onload else None, scratch=job.scratch)
+                        onload=device if run.onload else None, scratch=run.scratch)
     net.cpu()
     manifest = {
         "source_model": source,
@@ -82,7 +81,7 @@ def compress_model(out: str | os.PathLike, model: str | os.PathLike | None = Non
                         "seed": calibration.seed, "batch_size": calibration.batch_size,
                         "tokens": summary.calibration_tokens},
         "seconds": summary.seconds,
-        "run": {"device": device, "dtype": job.dtype, "onload": job.onload,
+        "run": {"device": device, "dtype": run.dtype, "onload": run.onload,
                 "spilled_bytes": summary.spilled_bytes},
     }
     if summary.search is not None:
@@ -90,8 +89,9 @@ def compress_model(out: str | os.PathLike, model: str | os.PathLike | None = Non
                               "generations": summary.search.generations,
                               "evaluations": summary.search.evaluations}
     if distributed.is_leader():      # under torchrun every rank holds the result; one writes
-        folder = save(net, folder, manifest, tokenizer)
-        rank_chart(summary.ranks, summary.shapes, folder / "ranks.png",
-                   f"{config.metric}, {config.allocation}, ratio {summary.achieved_ratio:.3f}")
+        with out.writing() as tmp:
+            write_model(tmp, net, manifest, tokenizer)
+            rank_chart(summary.ranks, summary.shapes, tmp / "ranks.png",
+                       f"{config.metric}, {config.allocation}, ratio {summary.achieved_ratio:.3f}")
     distributed.barrier()
-    return CompressOutcome(folder, summary, manifest)
+    return CompressOutcome(out.path, summary, manifest)

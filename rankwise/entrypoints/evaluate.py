@@ -7,10 +7,11 @@ from pathlib import Path
 
 from ..data import DOMAINS, evaluation_texts, evaluation_windows, tokenize
 from ..evaluate import Report, evaluate, parameter_count
-from ..io import EVAL_FILE, is_output, open_model, read_manifest
+from ..io import EVAL_FILE, dense_source, is_output, open_model, read_manifest
 from ..lm_tasks import STANDARD_ZERO_SHOT, check_tasks, run_tasks
-from ..models import DEFAULT_MODEL_NAME, DEVICES, DTYPES, load_model, model_path, resolve_device
+from ..models import DEVICES, DTYPES, load_model, model_path, resolve_device
 from ..options import check_bool, check_choice, check_int, option
+from ..outputs import write_file
 from ..speed import measure_speed
 
 
@@ -91,8 +92,7 @@ def evaluate_model(config: EvalConfig, progress: bool = True) -> EvalOutcome:
     manifest = read_manifest(config.model) if is_output(config.model) else None
     reference_spec, use_reference = config.reference, True
     if reference_spec is None and manifest is not None:
-        origin = manifest.get("source_model")
-        reference_spec = None if origin == DEFAULT_MODEL_NAME else origin
+        reference_spec = dense_source(manifest)
     elif reference_spec is None or reference_spec.lower() == "none":
         use_reference = False
     if use_reference:
@@ -123,5 +123,5 @@ def evaluate_model(config: EvalConfig, progress: bool = True) -> EvalOutcome:
                 outcome.speed.update({f"{prefix}prefill": s.prefill_tokens_per_s,
                                       f"{prefix}decode": s.decode_tokens_per_s})
     if config.save and manifest is not None:
-        (Path(config.model) / EVAL_FILE).write_text(json.dumps(outcome.to_dict(), indent=2))
+        write_file(Path(config.model) / EVAL_FILE, json.dumps(outcome.to_dict(), indent=2))
     return outcome

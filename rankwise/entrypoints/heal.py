@@ -6,16 +6,17 @@ from pathlib import Path
 
 from ..data import mixture_windows, parse_sources
 from ..errors import RankwiseError
-from ..io import check_output_folder, is_output, open_model, read_manifest, save
-from ..models import DEFAULT_MODEL_NAME, DEVICES, load_model, model_path, resolve_device
+from ..io import dense_source, is_output, open_model, read_manifest, write_model
+from ..models import load_model, model_path, resolve_device
 from ..options import check_int, option
-from ..train.config import check_resume
+from ..outputs import Output
+from ..train.config import TrainingRun
 from ..train.distill import DistillTask
 from ..train.heal import HealConfig, HealResult, heal
 
 
 @dataclass
-class HealRun:
+class HealRun(TrainingRun):
     """Which compressed model to heal, against which teacher, on what text."""
     model: str | None = option(None, "the rankwise output folder to heal", positional=True,
                                required=True)
@@ -26,20 +27,11 @@ class HealRun:
                                            "the output's calibration sources)", metavar="SOURCE")
     windows: int = option(128, "distinct training windows drawn from the sources")
     seqlen: int = option(512, "tokens per window")
-    seed: int = option(0, "seed of the windows and of the batch order")
-    device: str = option("cpu", f"where to train: {DEVICES}")
-    checkpoint: str | None = option(None, "checkpoint file, written every --checkpoint-every "
-                                          "steps and at the end")
-    checkpoint_every: int = option(50, "steps between checkpoints")
-    resume: bool = option(False, "continue from --checkpoint")
 
     def __post_init__(self):
+        super().__post_init__()
         check_int("windows", self.windows)
         check_int("seqlen", self.seqlen, 2)
-        check_int("seed", self.seed, 0)
-        check_int("checkpoint_every", self.checkpoint_every)
-        resolve_device(self.device)
-        check_resume(self.checkpoint, self.resume)
 
 
 @dataclass
@@ -50,16 +42,12 @@ class HealOutcome:
 
 def heal_model(run: HealRun, config: HealConfig, progress: bool = True) -> HealOutcome:
     """Heal the rankwise output run.model against its teacher and save it to run.out."""
-    folder = check_output_folder(run.out)
     model_path(run.model)
     if not is_output(run.model):
         raise RankwiseError(f"{run.model} is not a rankwise output; heal a compressed model")
     manifest = read_manifest(run.model)
-    teacher_spec = run.teacher
-    if teacher_spec is None:
-        origin = manifest.get("source_model")
-        teacher_spec = None if origin == DEFAULT_MODEL_NAME else origin
-    model_path(teacher_spec)
+    teacher_spec = run.teacher if run.teacher is not None else dense_source(manifest)
+    out = Output(run.out, "heal", inputs=[run.model, model_path(teacher_spec)])
     specs = run.calib or [s["source"] for s in manifest.get("calibration", {}).get("sources", [])] \
         or ["wikitext"]
     sources = parse_sources(specs)
@@ -78,4 +66,6 @@ def heal_model(run: HealRun, config: HealConfig, progress: bool = True) -> HealO
                                    "kl_first": result.losses[0] if result.losses else None,
                                    "kl_last": result.losses[-1] if result.losses else None,
                                    "trained_params": result.trained_params}}
-    return HealOutcome(save(student.cpu(), folder, record, tokenizer), result)
+    with out.writing() as tmp:
+        write_model(tmp, student.cpu(), record, tokenizer)
+    return HealOutcome(out.path, result)

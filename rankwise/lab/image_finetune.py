@@ -1,17 +1,35 @@
-"""Fine-tuning under a rank constraint on an image task: a dense MLP is first trained on
-shipped digit images, then trained down to the budget by rankwise.train."""
+"""Fine-tuning under a rank constraint on an image task (`rankwise images`): a dense MLP is
+first trained on shipped digit images, then trained down to the budget by rankwise.train."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..entrypoints.finetune import write_training_outputs
 from ..models import resolve_device, target_linears
-from ..train import FinetuneConfig, FinetuneRun, finetune
-from .vision import accuracy, build_model, fit, load_images
+from ..options import check_int, check_choice, option
+from ..outputs import Output
+from ..train import FinetuneConfig, finetune
+from ..train.config import TrainingRun
+from .vision import DATASETS, accuracy, build_model, fit, load_images
+
+
+@dataclass
+class ImageRun(TrainingRun):
+    """Which images an MLP trains on and where its curves go."""
+    task: str = option("digits", "image data set", choices=DATASETS)
+    batch_size: int = option(128, "images per step")
+    pretrain_epochs: int = option(15, "epochs training the dense MLP first")
+    out: str | None = option(None, "output folder: training.png, history.json", required=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("task", self.task, DATASETS)
+        check_int("batch_size", self.batch_size)
+        check_int("pretrain_epochs", self.pretrain_epochs, 0)
 
 
 class ImageTask:
@@ -50,24 +68,24 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def finetune_images(run: FinetuneRun, config: FinetuneConfig, progress: bool = True) -> str:
+def finetune_images(run: ImageRun, config: FinetuneConfig, progress: bool = True) -> str:
     """Pretrain the dense MLP, fine-tune it down to the budget, write history.json and
     training.png under run.out; returns the report to print."""
     device = resolve_device(run.device)
-    out = Path(run.out)
+    out = Output(run.out, "images")
     data = load_images(run.task, seed=run.seed)
     model = build_model("mlp", data, seed=run.seed)
     fit(model, data, run.pretrain_epochs, torch.optim.Adam(model.parameters(), lr=1e-3),
         seed=run.seed)
     dense_acc = accuracy(model, data.x_test, data.y_test)
     model.to(device)
-    task = ImageTask(data, run.batch_size or 128, config.steps, run.seed)
+    task = ImageTask(data, run.batch_size, config.steps, run.seed)
     result = finetune(model, task, config, target_linears(model, config.include, config.exclude),
                       checkpoint=run.checkpoint, checkpoint_every=run.checkpoint_every,
                       resume=run.resume, progress=progress)
     acc = accuracy(model.cpu(), data.x_test, data.y_test)
-    out.mkdir(parents=True, exist_ok=True)
-    write_training_outputs(result, out)
+    with out.writing() as tmp:
+        write_training_outputs(result, tmp)
     return (f"test accuracy {acc:.4f} (dense {dense_acc:.4f})\n"
             f"{config.method}: {config.steps} steps, removed {result.achieved_ratio:.4f} of the "
-            f"targeted parameters (requested {config.ratio}) in {result.seconds:.0f} s -> {out}")
+            f"targeted parameters (requested {config.ratio}) in {result.seconds:.0f} s -> {out.path}")

@@ -6,11 +6,13 @@ the backward walk needs in reverse order (rankwise.pipeline.walk), and each laye
 which the cut needs once the allocation has seen every layer's spectrum. Each group of
 tensors goes to one safetensors file in a private temporary folder; a group is read back
 whole, or as a prefix of rows (factors of a lower rank), and the folder is removed when
-the spill is closed, also after an error.
+the spill is closed, also after an error; a folder left by a killed process is removed by
+the next spill made beside it.
 """
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,14 +22,27 @@ import torch
 from ..errors import RankwiseError
 
 
+_PREFIX = "rankwise-spill-"
+
+
+def _tidy(folder: Path) -> None:
+    """Remove the spills of processes that are gone (killed before they could)."""
+    from ..outputs import pid_alive
+    for left in folder.glob(f"{_PREFIX}*-*"):
+        pid = left.name[len(_PREFIX):].split("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+
+
 class Spill:
     """A private temporary folder of safetensors files, one per group of tensors."""
 
     def __init__(self, folder: str | Path | None = None):
         if folder is not None and not Path(folder).is_dir():
             raise RankwiseError(f"scratch folder {folder} does not exist")
+        _tidy(Path(folder or tempfile.gettempdir()))
         try:
-            self.root = Path(tempfile.mkdtemp(prefix="rankwise-spill-", dir=folder))
+            self.root = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=folder))
         except OSError as e:
             raise RankwiseError(f"cannot create a temporary folder in "
                                 f"{folder or tempfile.gettempdir()}: {e.strerror}") from None

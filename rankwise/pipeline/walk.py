@@ -171,7 +171,7 @@ def walk(model: nn.Module, layers, batches: list[torch.Tensor],
     is not kept alive) (see the module docstring). shard = (this process, processes);
     reduce(sums) sums a block's accumulated tensors over the processes in place."""
     if recut and gradients:
-        raise ValueError("recut walks forward only; gradients need the way back")
+        raise RankwiseError("recut walks forward only; gradients need the way back")
     prefix, blocks = find_blocks(model)
     owned = _owned(prefix, len(blocks), layers)
     targeted = [k for k in range(len(blocks)) if owned[k]]

@@ -1,4 +1,5 @@
-"""Fine-tuning options: the method (FinetuneConfig) and the run around it (FinetuneRun)."""
+"""Fine-tuning options: the method (FinetuneConfig); the run around it lives with its
+entry point (rankwise.entrypoints.finetune.FinetuneRun, rankwise.lab.image_finetune)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,8 +14,6 @@ from ..options import check_bool, check_choice, check_int, check_number, option
 METHODS = ("factors", "hard", "svt")
 OPTIMIZERS = ("adamw", "sgd")
 PENALTIES = ("nuclear", "weighted")
-TASKS = ("lm", "digits", "mnist")     # a causal LM, or an image data set (rankwise.lab)
-OBJECTIVES = ("lm", "distill")
 
 
 @dataclass
@@ -79,51 +78,20 @@ class FinetuneConfig:
 
 
 @dataclass
-class FinetuneRun:
-    """What a fine-tuning run trains on, where it runs and what it keeps."""
-    task: str = option("lm", "lm (a causal LM) or an image data set (digits, mnist)",
-                       choices=TASKS)
-    model: str | None = option(None, "lm: Hugging Face folder or .gguf (default: the "
-                                     "embedded SmolLM2-135M-Instruct)")
-    text: str | None = option(None, "lm: training text (default: the shipped WikiText-2 "
-                                    "validation split)")
-    batch_size: int | None = option(None, "windows (lm, default 2) or images (default 128) "
-                                          "per step")
-    seqlen: int = option(256, "lm: tokens per training window")
-    objective: str = option("lm", "lm: the training loss: lm (cross-entropy of the text) or "
-                                  "distill (KL to the dense model's next-token distributions, "
-                                  "so no domain adaptation enters the score)",
-                            choices=OBJECTIVES)
-    calib_samples: int = option(16, "lm: calibration windows from the held-out part")
-    calib_seqlen: int = option(512, "lm: tokens per calibration and test window")
-    holdout: float = option(0.2, "lm: final fraction of the training text kept for "
-                                 "calibration, in (0, 1)")
-    eval_windows: int = option(40, "lm: test windows")
-    pretrain_epochs: int = option(15, "images: epochs training the dense MLP first")
+class TrainingRun:
+    """Where a training run runs and how it survives an interruption; the runs of the
+    verbs that train (FinetuneRun, HealRun, the lab's ImageRun) add what they read and
+    write."""
     device: str = option("cpu", f"where to train: {DEVICES}")
-    seed: int = option(0, "seed of batches and sampled labels")
+    seed: int = option(0, "seed of the data and of the batch order")
     checkpoint: str | None = option(None, "checkpoint file, written every --checkpoint-every "
-                                          "steps")
+                                          "steps and at the end")
     checkpoint_every: int = option(50, "steps between checkpoints")
     resume: bool = option(False, "continue from --checkpoint")
-    out: str | None = option(None, "output folder: model (lm), training.png, history.json",
-                             required=True)
 
     def __post_init__(self):
-        check_choice("task", self.task, TASKS)
-        check_choice("objective", self.objective, OBJECTIVES)
-        if self.objective != "lm" and self.task != "lm":
-            raise RankwiseError(f"--objective {self.objective} is for a language model; "
-                                f"the {self.task} task trains on its labels")
-        if self.batch_size is not None:
-            check_int("batch_size", self.batch_size)
-        for name in ("calib_samples", "eval_windows", "checkpoint_every"):
-            check_int(name, getattr(self, name))
-        check_int("seqlen", self.seqlen, 2)
-        check_int("calib_seqlen", self.calib_seqlen, 2)
-        check_int("pretrain_epochs", self.pretrain_epochs, 0)
         check_int("seed", self.seed, 0)
-        self.holdout = check_number("holdout", self.holdout, 0, 1)
+        check_int("checkpoint_every", self.checkpoint_every)
         check_bool("resume", self.resume)
         resolve_device(self.device)
         check_resume(self.checkpoint, self.resume)

@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import RankwiseError
-from ..io import save_state
 from ..layers import LowRankLinear
 from ..options import check_bool, check_int, check_number, option
 from .config import check_resume
+from .runner import Runner, load_checkpoint, training
 
 log = logging.getLogger(__name__)
 
@@ -94,56 +92,31 @@ def heal(model: nn.Module, task, config: HealConfig, checkpoint=None, checkpoint
     and at the end, and `resume` continues from it to the same state."""
     check_resume(checkpoint, resume)
     params = trainable_parameters(model, config)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     result = HealResult(config, trained_params=sum(p.numel() for p in params))
-    start = 0
+    start, elapsed = 0, 0.0
     if resume:
-        state = torch.load(checkpoint, weights_only=False)
-        if state["config"] != asdict(config):
-            raise RankwiseError(f"checkpoint {checkpoint} was written with other heal options; "
-                                "resume with the same options")
+        state = load_checkpoint(checkpoint, asdict(config))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        result.losses, result.seconds, start = state["losses"], state["seconds"], state["step"]
-    model.train()
-    bar = tqdm(range(start, config.steps), desc="healing", unit="step", initial=start,
-               total=config.steps, disable=not progress)
-    for step in bar:
-        if config.seconds is not None and result.seconds >= config.seconds:
-            break
-        t0 = time.perf_counter()
-        loss = task.loss(model, task.batch(step))
-        if not torch.isfinite(loss):
-            raise RankwiseError(f"the distillation loss became {float(loss)} at step {step}; "
-                                f"lower the learning rate (now {config.lr})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        result.seconds += time.perf_counter() - t0
-        result.losses.append(float(loss.detach()))
-        bar.set_postfix(kl=f"{result.losses[-1]:.4f}")
-        if checkpoint is not None and (step + 1) % checkpoint_every == 0:
-            _save(model, optimizer, scheduler, result, step + 1, checkpoint)
-    if checkpoint is not None:
-        _save(model, optimizer, scheduler, result, result.steps, checkpoint)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+        result.losses, elapsed, start = state["losses"], state["seconds"], state["step"]
+    runner = Runner(model, task, config.steps, desc="healing", progress=progress,
+                    seconds=config.seconds, checkpoint=checkpoint,
+                    checkpoint_every=checkpoint_every, elapsed=elapsed)
+    runner.losses = result.losses
+
+    def state(step: int) -> dict:
+        return {"step": step, "options": asdict(config), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "losses": runner.losses, "seconds": runner.seconds}
+    with training(model, params):
+        for step in runner.steps(start, state):
+            runner.step(step, optimizer, scheduler)
+    result.seconds = runner.seconds
     log.info("healed %d parameters for %d steps in %.0f s: KL %.4f -> %.4f",
              result.trained_params, result.steps, result.seconds,
              result.losses[0] if result.losses else math.nan,
              result.losses[-1] if result.losses else math.nan)
     return result
-
-
-def _save(model, optimizer, scheduler, result: HealResult, step: int, path) -> None:
-    save_state({"step": step, "config": asdict(result.config), "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "losses": result.losses, "seconds": result.seconds}, path)

@@ -28,20 +28,18 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import allocate, geometry
 from ..compress import compress_
 from ..config import CompressConfig
-from ..errors import RankwiseError
-from ..io import save_state
 from ..layers import (LowRankLinear, linear_shape, linear_weight, params_at, ranks_of,
                       set_module)
 from .config import FinetuneConfig, check_resume
+from .runner import Runner, load_checkpoint, training
 from .prox import (budget_threshold, cubic_schedule, metric_roots, penalty_weights,
                    removed_loss, thresholded, truncated)
 
@@ -199,46 +197,40 @@ def finetune(model: nn.Module, task, config: FinetuneConfig, layers: dict[str, n
     run = _Run(model, task, config, layers, progress, measure=not resume)
     start = 0
     if resume:
-        start, optimizer_state = _load_checkpoint(run, checkpoint)
+        start, optimizer_state = _resumed(run, checkpoint)
         optimizer = run.make_optimizer()
         optimizer.load_state_dict(optimizer_state)
     else:
         if config.cut_step == 0:
             run.cut()
         optimizer = run.make_optimizer()
-    for p in run.trainable():
-        p.requires_grad_(True)
-    model.train()
-    for step in tqdm(range(start, config.steps), desc=f"fine-tuning ({config.method})",
-                     unit="step", disable=not progress, initial=start, total=config.steps):
+    runner = Runner(model, task, config.steps, desc=f"fine-tuning ({config.method})",
+                    progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
+
+    def state(step: int) -> dict:
+        return {"step": step, "options": asdict(run.config), "ranks": run.ranks(),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "history": [asdict(r) for r in run.history], "nuclear": run.nuclear,
+                "kept_params": run.kept_params,
+                "roots": {k: [None if r is None else (r.half, r.inv_half) for r in v]
+                          for k, v in run.roots.items()}}
+    for step in runner.steps(start, state):
         if step == config.cut_step and step > 0:
             run.cut()
-            for p in run.trainable():
-                p.requires_grad_(True)
             optimizer = run.make_optimizer()
-        loss = run.task.loss(model, run.task.batch(step))
-        if not torch.isfinite(loss):
-            raise RankwiseError(f"the loss became {float(loss)} at step {step}; lower the "
-                                f"learning rate (now {config.lr})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with training(model, run.trainable()):
+            loss = runner.step(step, optimizer)
         # until the cut, the weights are dense but their kept ranks are the last prox's
         params = run.current_params() if step >= config.cut_step else run.kept_params
-        record = StepRecord(step=step, loss=float(loss.detach()), params=params)
+        record = StepRecord(step=step, loss=loss, params=params)
         if config.method == "svt" and config.lam is not None:
             record.objective = record.loss + config.lam * run.nuclear
         if config.method != "factors" and step < config.cut_step and (step + 1) % config.prox_every == 0:
             with torch.no_grad():
                 run.prox(step, record)
         run.history.append(record)
-        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == config.steps):
-            _save_checkpoint(run, optimizer, step + 1, checkpoint)
     if config.cut_step == config.steps:       # no recovery phase: cut at the very end
         run.cut()
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     ranks = run.ranks()
     result = FinetuneResult(config=config, history=run.history, ranks=ranks, shapes=run.shapes,
                             dense_params=run.dense,
@@ -249,30 +241,17 @@ def finetune(model: nn.Module, task, config: FinetuneConfig, layers: dict[str, n
     return result
 
 
-def _save_checkpoint(run: _Run, optimizer, step: int, path) -> None:
-    state = {"step": step, "config": asdict(run.config), "ranks": run.ranks(),
-             "model": run.model.state_dict(), "optimizer": optimizer.state_dict(),
-             "history": [asdict(r) for r in run.history], "nuclear": run.nuclear, "kept_params": run.kept_params,
-             "roots": {k: [None if r is None else (r.half, r.inv_half) for r in v]
-                       for k, v in run.roots.items()}}
-    save_state(state, path)
-
-
-def _load_checkpoint(run: _Run, path) -> tuple[int, dict]:
+def _resumed(run: _Run, path) -> tuple[int, dict]:
     """Restore the run from a checkpoint; returns (next step, optimizer state)."""
-    state = torch.load(path, weights_only=False)
-    saved = {k: v for k, v in state["config"].items() if k in {f.name for f in fields(FinetuneConfig)}}
-    if saved != asdict(run.config):
-        raise RankwiseError(f"checkpoint {path} was written with another configuration; "
-                            "resume with the same options")
-    run.set_ranks(state["ranks"])
-    run.model.load_state_dict(state["model"])
-    run.history = [StepRecord(**r) for r in state["history"]]
-    run.nuclear = state["nuclear"]
-    run.kept_params = state["kept_params"]
+    saved = load_checkpoint(path, asdict(run.config))
+    run.set_ranks(saved["ranks"])
+    run.model.load_state_dict(saved["model"])
+    run.history = [StepRecord(**r) for r in saved["history"]]
+    run.nuclear = saved["nuclear"]
+    run.kept_params = saved["kept_params"]
     run.roots = {k: tuple(None if r is None else geometry.Root(*r) for r in v)
-                 for k, v in state["roots"].items()}
-    return state["step"], state["optimizer"]
+                 for k, v in saved["roots"].items()}
+    return saved["step"], saved["optimizer"]
 
 
 def history_json(result: FinetuneResult) -> str:

@@ -1,0 +1,55 @@
+"""What makes an output folder loadable without rankwise: a config.json of model type
+`rankwise` mapped (auto_map) to the self-contained modeling_rankwise.py written beside it.
+A leaf module: the writer (io) and the exporter (export) both build on it."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from torch import nn
+
+from .errors import RankwiseError
+
+MODELING_FILE = "modeling_rankwise.py"
+AUTO_MAP = {"AutoConfig": "modeling_rankwise.RankwiseConfig",
+            "AutoModelForCausalLM": "modeling_rankwise.RankwiseForCausalLM"}
+_TEMPLATE = Path(__file__).with_name("hf_modeling.py")
+
+
+def base_model_type(config) -> str:
+    return getattr(config, "rankwise_base_model_type", None) or config.model_type
+
+
+def hf_config(model: nn.Module, ranks: dict[str, int]) -> dict:
+    """config.json of a factorized model: the base configuration, model type `rankwise`,
+    the ranks, and the auto_map that points transformers at modeling_rankwise.py."""
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)   # weights are plain floats once saved
+    base = base_model_type(model.config)
+    config.update(model_type="rankwise", architectures=["RankwiseForCausalLM"],
+                  auto_map=AUTO_MAP, rankwise_base_model_type=base, rankwise_ranks=ranks)
+    return config
+
+
+def modeling_source(base: str) -> str:
+    """modeling_rankwise.py for a base model type."""
+    source, count = re.subn(r'^BASE_MODEL_TYPE = ".*?"', f'BASE_MODEL_TYPE = "{base}"',
+                            _TEMPLATE.read_text(), count=1, flags=re.M)
+    assert count == 1, "the modeling template lost its BASE_MODEL_TYPE line"
+    return source
+
+
+def base_config(folder: Path):
+    """The base architecture's config from a folder's config.json (rankwise or plain),
+    built without running the folder's code."""
+    from transformers import AutoConfig
+    try:
+        data = json.loads((folder / "config.json").read_text())
+        base = data.get("rankwise_base_model_type") or data["model_type"]
+        for key in ("model_type", "architectures", "auto_map", "rankwise_base_model_type",
+                    "rankwise_ranks", "transformers_version"):
+            data.pop(key, None)
+        return AutoConfig.for_model(base, **data)
+    except (OSError, ValueError, KeyError) as e:
+        raise RankwiseError(f"{folder / 'config.json'} is missing or invalid: {e}") from None
