@@ -5,10 +5,10 @@ DESCRIPTION = ("Low-dimensional learning dynamics: train a wide deep linear netw
 
 
 def option_classes():
-    from ..lab.experiments import DlnOptions
-    return [DlnOptions]
+    from ..lab.experiments import DlnConfig
+    return [DlnConfig]
 
 
 def run(configs) -> None:
-    from ..lab.experiments import DlnOptions, run_experiment
-    print(run_experiment(configs[DlnOptions]))
+    from ..lab.experiments import DlnConfig, run_experiment
+    print(run_experiment(configs[DlnConfig]))

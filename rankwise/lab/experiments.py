@@ -17,7 +17,7 @@ EXPERIMENTS = ("recover", "subspace", "transfer")
 
 
 @dataclass
-class DlnOptions:
+class DlnConfig:
     experiment: str = option(None, "recover: error vs iteration and time, DLN vs C-DLN "
                                    "(curves.png); subspace: where the wide DLN's updates live "
                                    "(subspace.png); transfer: an MLP or ViT and its compressed "
@@ -56,7 +56,7 @@ class DlnOptions:
         check_number("eps", self.eps, 0)
 
 
-def run_experiment(o: DlnOptions) -> str:
+def run_experiment(o: DlnConfig) -> str:
     """Run one experiment, write its pictures under o.out; returns the report to print."""
     if o.experiment == "transfer":
         return _transfer(o)
@@ -94,7 +94,7 @@ def run_experiment(o: DlnOptions) -> str:
     return f"{dln.table(rows, o.tol)}\n-> {path}"
 
 
-def _transfer(o: DlnOptions) -> str:
+def _transfer(o: DlnConfig) -> str:
     data = load_images(o.data, seed=o.seed)
     original, compressed = run_transfer(data, o.model, width=o.width or 64, epochs=o.epochs,
                                         warmup_steps=o.warmup_steps, alpha=o.alpha or 2.0,
