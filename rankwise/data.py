@@ -9,12 +9,15 @@ any text file, or `self`: windows sampled from the dense model (data-free calibr
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import RankwiseError
+
+log = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).parent / "data"
 DOMAINS = {   # name: (calibration part, evaluation part)
@@ -146,16 +149,32 @@ def evaluation_windows(ids: torch.Tensor, seqlen: int, count: int | None = None,
     return ids[:available * seqlen].view(available, seqlen)
 
 
+def without_self_if_unsampleable(sources: list[Source], model, tokenizer) -> list[Source]:
+    """The default mixture for a model that self-sampling cannot start (no BOS or EOS
+    token inside its vocabulary): the texts alone, with a warning."""
+    if not any(s.is_self for s in sources) or start_token(model, tokenizer) is not None:
+        return sources
+    log.warning("the model has no BOS or EOS token inside its vocabulary to start "
+                "self-sampled calibration from; calibrating on the texts alone")
+    kept = [s for s in sources if not s.is_self]
+    total = sum(s.weight for s in kept)
+    return [Source(s.name, s.weight / total, s.text) for s in kept]
+
+
 def mixture_windows(sources: list[Source], tokenizer, model, count: int, seqlen: int,
                     seed: int = 0, temperature: float = 1.0, top_p: float = 0.95,
-                    progress: bool = True) -> tuple[torch.Tensor, list[dict]]:
+                    progress: bool = True, cache=None, model_key: str | None = None
+                    ) -> tuple[torch.Tensor, list[dict]]:
     """`count` calibration windows split over the sources by weight (source i drawn with
-    seed + i), and a record of what each source gave, for the manifest."""
+    seed + i), and a record of what each source gave, for the manifest. With a `cache`
+    (rankwise.cache.Cache) and the model's content digest `model_key`, sampled windows are
+    kept and reused."""
     parts, record = [], []
     for i, (source, n) in enumerate(zip(sources, split_counts([s.weight for s in sources], count))):
         if source.is_self:
-            windows = sampled_windows(model, n, seqlen, seed + i, temperature, top_p,
-                                      progress=progress)
+            args = dict(count=n, seqlen=seqlen, seed=seed + i, temperature=temperature,
+                        top_p=top_p, start=start_token(model, tokenizer))
+            windows = _cached_samples(model, args, cache, model_key, progress)
             record.append({"source": SELF, "windows": n, "temperature": temperature,
                            "top_p": top_p, "seed": seed + i})
         else:
@@ -166,22 +185,55 @@ def mixture_windows(sources: list[Source], tokenizer, model, count: int, seqlen:
     return torch.cat(parts), record
 
 
+def _cached_samples(model, args: dict, cache, model_key: str | None, progress: bool):
+    """sampled_windows(model, **args), through the cache when there is a key."""
+    from safetensors.torch import load_file, save_file
+    key = {"model": model_key, "sampler": SAMPLER, **args} if model_key else None
+    entry = cache.get("sampled-windows", key) if cache is not None and key else None
+    if entry is not None:
+        return load_file(str(entry / "windows.safetensors"))["windows"]
+    windows = sampled_windows(model, progress=progress, **args)
+    if cache is not None and key:
+        cache.put("sampled-windows", key,
+                  lambda tmp: save_file({"windows": windows}, str(tmp / "windows.safetensors")))
+    return windows
+
+
+def start_token(model, tokenizer=None) -> int | None:
+    """The token self-sampling starts from: the first of the model's (or its tokenizer's)
+    BOS and EOS tokens that lies inside its vocabulary; None when there is none."""
+    vocab = model.get_input_embeddings().num_embeddings
+    candidates = []
+    for owner in (model.config, getattr(model, "generation_config", None), tokenizer):
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(owner, name, None)
+            candidates += value if isinstance(value, (list, tuple)) else [value]
+    return next((t for t in candidates if isinstance(t, int) and 0 <= t < vocab), None)
+
+
+SAMPLER = 1          # the sampler's version, part of the cache key of its windows
+
+
 @torch.no_grad()
 def sampled_windows(model, count: int, seqlen: int, seed: int = 0, temperature: float = 1.0,
-                    top_p: float = 0.95, batch_size: int = 8, start_token: int | None = None,
+                    top_p: float = 0.95, batch_size: int = 8, start: int | None = None,
                     progress: bool = True) -> torch.Tensor:
     """`count` windows of `seqlen` tokens sampled from the model itself (`generate` with
     nucleus sampling at `temperature` and `top_p`, seeded; end-of-sequence suppressed so
-    every window is full), each started from `start_token` (default the model's BOS
-    token), which is not part of the window."""
+    every window is full), each started from the token `start` (default
+    start_token(model)), which is not part of the window. `batch_size` windows are
+    decoded together, with a KV cache; on a CPU the steps cost what reading the weights
+    costs (about 40 ms a step for the 135M model here), so 8 windows of 512 take ~45 s."""
     from tqdm.auto import tqdm
 
-    start = start_token if start_token is not None else next(
-        (t for t in (getattr(model.config, "bos_token_id", None),
-                     getattr(model.config, "eos_token_id", None)) if isinstance(t, int)), None)
-    if start is None:
-        raise RankwiseError("self calibration needs a start token and the model has neither "
-                            "a BOS nor an EOS token; calibrate on a text instead")
+    start = start if start is not None else start_token(model)
+    vocab = model.get_input_embeddings().num_embeddings
+    if start is None or not 0 <= start < vocab:
+        raise RankwiseError(f"self calibration needs a start token inside the vocabulary of "
+                            f"{vocab} and the model has none (BOS, EOS: "
+                            f"{getattr(model.config, 'bos_token_id', None)}, "
+                            f"{getattr(model.config, 'eos_token_id', None)}); calibrate on a "
+                            "text instead")
     device = next(model.parameters()).device
     out = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -197,3 +249,5 @@ def sampled_windows(model, count: int, seqlen: int, seed: int = 0, temperature: 
     from .models import release_host_memory
     release_host_memory()
     return torch.cat(out)
+
+

@@ -43,7 +43,7 @@ def evaluate(model: nn.Module, windows: torch.Tensor,
                 ref_logp = reference[i][rows].to(logp.device).float() \
                     if isinstance(reference, list) else _log_probs(reference, ids).to(logp.device)
                 ref_nll += F.nll_loss(ref_logp, targets, reduction="sum").item()
-                kl += F.kl_div(logp, ref_logp, reduction="sum", log_target=True).item()
+                kl += _kl_sum(ref_logp, logp)
                 agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             bar.update()
     bar.close()
@@ -65,10 +65,20 @@ def reference_log_probs(model: nn.Module, windows: torch.Tensor, batch_size: int
                             disable=not progress)]
 
 
+def _kl_sum(ref_logp: torch.Tensor, logp: torch.Tensor, rows: int = 64) -> float:
+    """sum over positions of KL(ref || model), a few rows at a time (the elementwise terms of
+    a whole window would be three more tensors of the logits' size)."""
+    return sum(F.kl_div(q, p, reduction="sum", log_target=True).item()
+               for q, p in zip(logp.split(rows), ref_logp.split(rows)))
+
+
 def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities (positions x vocabulary), normalised in place: the
+    logits of a window are the largest tensor of an evaluation."""
     ids = ids.to(next(model.parameters()).device)
-    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-    return torch.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
+    logits = model(input_ids=ids, use_cache=False).logits.float()
+    logits.sub_(logits.logsumexp(-1, keepdim=True))
+    return logits[:, :-1].reshape(-1, logits.shape[-1])   # a view for one window
 
 
 def linear_macs(model: nn.Module) -> int:

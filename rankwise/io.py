@@ -69,12 +69,12 @@ def is_output(path: str | os.PathLike | None) -> bool:
 
 
 def open_model(spec: str | os.PathLike | None = None, need_tokenizer: bool = True,
-               dtype: str = "float32"):
+               dtype: str = "float32", cache=None):
     """(model, tokenizer, source, manifest) from a rankwise output folder (manifest: its
     rankwise.json; tokenizer None when the folder has none and none is needed) or anything
     models.load_model takes (manifest None); weights in `dtype`, on the CPU."""
     if not is_output(spec):
-        return (*load_model(spec, dtype), None)
+        return (*load_model(spec, dtype, cache), None)
     from transformers import AutoTokenizer
     folder = model_path(spec)
     model, manifest = load(folder).to(getattr(torch, dtype)), read_manifest(folder)

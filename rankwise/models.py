@@ -48,14 +48,33 @@ def model_path(spec: str | os.PathLike | None) -> Path:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32"):
+def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32", cache=None):
     """Load (model, tokenizer, source) from None (embedded default), a .gguf file or a
     Hugging Face model folder, sharded or not (rankwise outputs: rankwise.io.open_model),
-    on the CPU with its weights in `dtype`, without a second copy in memory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    on the CPU with its weights in `dtype`, without a second copy in memory. A GGUF file
+    is converted once into `cache` (rankwise.cache.Cache), keyed by its content, and read
+    from there by later loads."""
     path = model_path(spec)
-    kw, folder = ({"gguf_file": path.name}, path.parent) if path.is_file() else ({}, path)
+    key = entry = None
+    if path.is_file() and cache is not None:
+        key = {"gguf": cache.digest(path), "dtype": dtype, "transformers": _transformers_version()}
+        entry = cache.get("converted-model", key)
+    if entry is not None:
+        model, tokenizer = _from_pretrained(entry, {}, dtype, path)
+    else:
+        kw, folder = ({"gguf_file": path.name}, path.parent) if path.is_file() else ({}, path)
+        model, tokenizer = _from_pretrained(folder, kw, dtype, path)
+        if key is not None:
+            cache.put("converted-model", key, lambda tmp: _write_converted(model, tokenizer, tmp))
+    model.eval()
+    check_finite(model, str(path))
+    release_host_memory()
+    source = DEFAULT_MODEL_NAME if spec is None else str(path.resolve())
+    return model, tokenizer, source
+
+
+def _from_pretrained(folder: Path, kw: dict, dtype: str, path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
@@ -65,11 +84,24 @@ def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32"):
         what = "a truncated or corrupted GGUF file" if path.is_file() else "not a model folder"
         raise RankwiseError(f"could not load a causal language model from {path} ({what}?): "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    model.eval()
-    check_finite(model, str(path))
-    release_host_memory()
-    source = DEFAULT_MODEL_NAME if spec is None else str(path.resolve())
-    return model, tokenizer, source
+    return model, tokenizer
+
+
+def _write_converted(model: nn.Module, tokenizer, folder: Path) -> None:
+    """A GGUF-loaded model as a plain Hugging Face folder (its weights already floats)."""
+    import json
+
+    from safetensors.torch import save_model
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_model(model, str(folder / "model.safetensors"))
+    tokenizer.save_pretrained(folder)
+
+
+def _transformers_version() -> str:
+    import transformers
+    return transformers.__version__
 
 
 def release_host_memory() -> None:

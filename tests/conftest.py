@@ -18,6 +18,13 @@ def seeded():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """The tests' own cache folder: never the user's."""
+    import os
+    os.environ["RANKWISE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     """A small randomly initialised causal LM of one of FAMILIES."""
     import transformers
@@ -46,7 +53,7 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def word_tokenizer(vocab_size: int = 256):
+def word_tokenizer(vocab_size: int = 256, eos: bool = True):
     """A word-level tokenizer over the shipped calibration text (no download needed)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -57,7 +64,8 @@ def word_tokenizer(vocab_size: int = 256):
         vocab[w] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
+                                   **({"eos_token": "[UNK]"} if eos else {}))
 
 
 def structured_tiny(family: str = "llama", seed: int = 0, **overrides):

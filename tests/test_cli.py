@@ -372,3 +372,25 @@ def test_report_compares_runs_in_a_page_chromium_loads(tiny_folder, tmp_path, ca
                     f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1400",
                     f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
     assert shot.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("family,ids", [("gpt2", dict(bos_token_id=50256, eos_token_id=50256)),
+                                        ("llama", dict(bos_token_id=None, eos_token_id=None))])
+def test_a_model_self_sampling_cannot_start_still_compresses_by_default(family, ids, tmp_path,
+                                                                         capsys, caplog):
+    """EOS outside the vocabulary (as tiny configs built for tests have), or no BOS/EOS at
+    all: the default mixture drops `self` with a warning; asking for it is one sentence."""
+    from conftest import structured_tiny, word_tokenizer
+    folder = tmp_path / "model"
+    structured_tiny(family, **ids).save_pretrained(folder)
+    word_tokenizer(eos=False).save_pretrained(folder)
+    common = ["--model", str(folder), "--calib-samples", "6", "--seqlen", "32", "--metric", "whiten"]
+    code, _, err = run(capsys, "compress", *common, "--out", str(tmp_path / "default"))
+    assert code == 0, err
+    assert "calibrating on the texts alone" in caplog.text
+    sources = json.loads((tmp_path / "default" / "rankwise.json").read_text())["calibration"]["sources"]
+    assert "self" not in [s["source"] for s in sources]
+    code, _, err = run(capsys, "compress", *common, "--calib", "self", "--out", str(tmp_path / "self"))
+    assert code == 2 and err.count("rankwise: error:") == 1 and "Traceback" not in err
+    assert "needs a start token inside the vocabulary" in err
+    assert not (tmp_path / "self").exists()

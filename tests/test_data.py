@@ -55,14 +55,59 @@ def test_a_mixture_draws_each_source_by_weight(tmp_path):
 
 
 def test_self_windows_are_the_models_own_samples(tiny):
-    a = sampled_windows(tiny, 3, 12, seed=1, batch_size=2, start_token=5, progress=False)
-    b = sampled_windows(tiny, 3, 12, seed=1, batch_size=2, start_token=5, progress=False)
+    a = sampled_windows(tiny, 3, 12, seed=1, batch_size=2, start=5, progress=False)
+    b = sampled_windows(tiny, 3, 12, seed=1, batch_size=2, start=5, progress=False)
     assert a.shape == (3, 12) and torch.equal(a, b)
     # a tiny nucleus is greedy decoding
-    greedy = sampled_windows(tiny, 1, 6, seed=3, top_p=1e-6, start_token=5, progress=False)
+    greedy = sampled_windows(tiny, 1, 6, seed=3, top_p=1e-6, start=5, progress=False)
     ids = torch.tensor([[5]])
     with torch.no_grad():
         for t in range(6):
             nxt = tiny(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], 1)
     assert torch.equal(greedy, ids[:, 1:])
+
+
+def test_the_start_token_lies_inside_the_vocabulary():
+    from rankwise.data import start_token
+    from conftest import tiny_model
+    assert start_token(tiny_model("llama")) == 1                       # its BOS
+    outside = tiny_model("gpt2", bos_token_id=50256, eos_token_id=50256)
+    assert start_token(outside) is None
+    with pytest.raises(RankwiseError, match="needs a start token inside the vocabulary of 256"):
+        sampled_windows(outside, 1, 4, progress=False)
+
+
+def test_sampled_windows_are_cached_by_the_models_content(tiny, tmp_path):
+    from rankwise.cache import Cache
+    from rankwise.data import SELF, Source
+    sources = [Source(SELF, 1.0)]
+    cache = Cache(root=tmp_path)
+    first, _ = mixture_windows(sources, None, tiny, 2, 8, seed=1, cache=cache, model_key="a")
+    assert cache.record["sampled-windows"] == "miss"
+    again, _ = mixture_windows(sources, None, tiny, 2, 8, seed=1, cache=cache, model_key="a")
+    assert cache.record["sampled-windows"] == "hit" and torch.equal(first, again)
+    mixture_windows(sources, None, tiny, 2, 8, seed=1, cache=cache, model_key="b")
+    assert cache.record["sampled-windows"] == "miss"                  # another model
+    entry = next(p for p in (tmp_path / "sampled-windows").iterdir()
+                 if (p / "entry.json").read_text().count('"a"'))
+    data = bytearray((entry / "windows.safetensors").read_bytes())
+    data[-1] ^= 0xFF                                                   # one flipped bit
+    (entry / "windows.safetensors").write_bytes(bytes(data))
+    recomputed, _ = mixture_windows(sources, None, tiny, 2, 8, seed=1, cache=cache, model_key="a")
+    assert cache.record["sampled-windows"] == "miss" and torch.equal(recomputed, first)
+    off = Cache(enabled=False, root=tmp_path)
+    mixture_windows(sources, None, tiny, 2, 8, seed=1, cache=off, model_key="a")
+    assert off.record["sampled-windows"] == "off"
+
+
+def test_a_folders_digest_follows_its_content(tmp_path):
+    from rankwise.cache import Cache
+    cache = Cache(root=tmp_path / "cache")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights").write_bytes(b"abc")
+    first = cache.digest(model)
+    assert cache.digest(model) == first
+    (model / "weights").write_bytes(b"abd")
+    assert cache.digest(model) != first

@@ -29,3 +29,16 @@ def test_kfac_on_smollm2_end_to_end(tmp_path):
     loaded = load(folder)
     with torch.no_grad():
         assert torch.equal(model(test[:1]).logits, loaded(test[:1]).logits)
+
+
+def test_the_gguf_is_converted_once_into_the_cache(tmp_path):
+    from rankwise.cache import Cache
+    cache = Cache(root=tmp_path)
+    first, tokenizer, source = load_model(cache=cache)
+    assert cache.record["converted-model"] == "miss"
+    again, again_tokenizer, again_source = load_model(cache=cache)
+    assert cache.record["converted-model"] == "hit" and again_source == source
+    for (name, a), b in zip(first.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    text = read_text(EVALUATION_TEXT)[:20_000]
+    assert torch.equal(tokenize(tokenizer, text), tokenize(again_tokenizer, text))

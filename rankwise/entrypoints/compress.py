@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..compress import Summary, compress_
-from ..config import CalibrationConfig, CompressConfig
-from ..data import mixture_windows, parse_sources
+from ..cache import Cache
+from ..config import DEFAULT_CALIBRATION, CalibrationConfig, CompressConfig
+from ..data import mixture_windows, parse_sources, without_self_if_unsampleable
 from ..errors import RankwiseError
 from ..io import open_model, write_model
 from ..models import DEVICES, DTYPES, model_path, resolve_device
@@ -31,10 +32,15 @@ class CompressRun:
     scratch: str | None = option(None, "folder for the temporary spill of activations and "
                                        "factors, about the size of the model's block weights "
                                        "(default: the system's temporary folder)")
+    cache: bool = option(True, "reuse what an earlier run computed (a GGUF model converted, "
+                               "windows sampled for self calibration) from the user's cache "
+                               "folder ($RANKWISE_CACHE, default ~/.cache/rankwise); "
+                               "--no-cache computes everything afresh")
 
     def __post_init__(self):
         check_choice("dtype", self.dtype, DTYPES)
         check_bool("onload", self.onload)
+        check_bool("cache", self.cache)
         resolve_device(self.device)
         if self.scratch is not None and not os.path.isdir(self.scratch):
             raise RankwiseError(f"scratch folder {self.scratch} does not exist")
@@ -60,13 +66,17 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
     out = Output(run.out, "compress", inputs=[model_path(model)])
     device = resolve_device(run.device)
     sources = parse_sources(calibration.calib)
-    net, tokenizer, source, _ = open_model(model, dtype=run.dtype)
+    cache = Cache(enabled=run.cache)
+    net, tokenizer, source, _ = open_model(model, dtype=run.dtype, cache=cache)
     if not run.onload:
         net.to(device)
+    if calibration.calib == list(DEFAULT_CALIBRATION):     # not chosen: fall back, not fail
+        sources = without_self_if_unsampleable(sources, net, tokenizer)
     windows, drawn = mixture_windows(sources, tokenizer, net, calibration.calib_samples,
                                      calibration.seqlen, calibration.seed,
                                      calibration.self_temperature, calibration.self_top_p,
-                                     progress)
+                                     progress, cache=cache,
+                                     model_key=cache.digest(model_path(model)) if run.cache else None)
     summary = compress_(net, config, windows, batch_size=calibration.batch_size,
                         seed=calibration.seed, progress=progress,
                         onload=device if run.onload else None, scratch=run.scratch)
@@ -82,7 +92,7 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
                         "tokens": summary.calibration_tokens},
         "seconds": summary.seconds,
         "run": {"device": device, "dtype": run.dtype, "onload": run.onload,
-                "spilled_bytes": summary.spilled_bytes},
+                "spilled_bytes": summary.spilled_bytes, "cache": cache.record},
     }
     if summary.search is not None:
         manifest["search"] = {"seed_kl": summary.search.seed_fitness, "kl": summary.search.fitness,

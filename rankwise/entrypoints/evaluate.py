@@ -5,11 +5,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..cache import Cache
 from ..data import DOMAINS, evaluation_texts, evaluation_windows, tokenize
 from ..evaluate import Report, evaluate, parameter_count
 from ..io import EVAL_FILE, dense_source, is_output, open_model, read_manifest
 from ..lm_tasks import STANDARD_ZERO_SHOT, check_tasks, run_tasks
-from ..models import DEVICES, DTYPES, load_model, model_path, resolve_device
+from ..models import DEVICES, DTYPES, load_model, model_path, release_host_memory, resolve_device
 from ..options import check_bool, check_choice, check_int, option
 from ..outputs import write_file
 from ..speed import measure_speed
@@ -42,6 +43,8 @@ class EvalConfig:
                                 "eager) of the model and its reference")
     save: bool = option(True, "write the results to eval.json in a rankwise output folder "
                               "(rankwise report reads them)")
+    cache: bool = option(True, "reuse a GGUF model converted by an earlier run from the "
+                               "user's cache folder (--no-cache converts it afresh)")
 
     def __post_init__(self):
         if isinstance(self.text, str):
@@ -56,7 +59,7 @@ class EvalConfig:
         check_int("windows", self.windows)
         check_int("seqlen", self.seqlen, 2)
         check_int("batch_size", self.batch_size)
-        for name in ("full", "ranks", "speed", "save"):
+        for name in ("full", "ranks", "speed", "save", "cache"):
             check_bool(name, getattr(self, name))
         check_choice("dtype", self.dtype, DTYPES)
         resolve_device(self.device)
@@ -98,13 +101,16 @@ def evaluate_model(config: EvalConfig, progress: bool = True) -> EvalOutcome:
     if use_reference:
         model_path(reference_spec)
     device = resolve_device(config.device)
-    model, tokenizer, source, _ = open_model(config.model, dtype=config.dtype)
+    cache = Cache(enabled=config.cache)
+    model, tokenizer, source, _ = open_model(config.model, dtype=config.dtype, cache=cache)
     model.to(device)
-    reference = load_model(reference_spec, config.dtype)[0].to(device) if use_reference else None
+    reference = load_model(reference_spec, config.dtype, cache)[0].to(device) \
+        if use_reference else None
     reports, shapes = {}, {}
     for name, text in texts.items():
         windows = evaluation_windows(tokenize(tokenizer, text), config.seqlen,
                                      None if config.full else config.windows, what=name)
+        release_host_memory()      # what tokenizing a whole text left in the allocator
         reports[name] = evaluate(model, windows, reference, batch_size=config.batch_size,
                                  progress=progress)
         shapes[name] = tuple(windows.shape)

@@ -5,6 +5,7 @@ import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..cache import Cache
 from ..data import (CALIBRATION_TEXT, EVALUATION_TEXT, calibration_windows, evaluation_windows,
                     read_text, tokenize)
 from ..evaluate import Report, evaluate, reference_log_probs
@@ -80,7 +81,7 @@ def finetune_model(run: FinetuneRun, config: FinetuneConfig,
     model, and save it to run.out with history.json and training.png."""
     out = Output(run.out, "finetune", inputs=[model_path(run.model), run.text])
     device = resolve_device(run.device)
-    model, tokenizer, source = load_model(run.model)
+    model, tokenizer, source = load_model(run.model, cache=Cache(enabled=run.cache))
     test = evaluation_windows(tokenize(tokenizer, read_text(EVALUATION_TEXT)), run.calib_seqlen,
                               run.eval_windows)
     ref = reference_log_probs(model, test, progress=progress)

@@ -88,11 +88,15 @@ class TrainingRun:
                                           "steps and at the end")
     checkpoint_every: int = option(50, "steps between checkpoints")
     resume: bool = option(False, "continue from --checkpoint")
+    cache: bool = option(True, "reuse what an earlier run computed (a GGUF model converted, "
+                               "windows sampled for self calibration) from the user's cache "
+                               "folder (--no-cache computes everything afresh)")
 
     def __post_init__(self):
         check_int("seed", self.seed, 0)
         check_int("checkpoint_every", self.checkpoint_every)
         check_bool("resume", self.resume)
+        check_bool("cache", self.cache)
         resolve_device(self.device)
         check_resume(self.checkpoint, self.resume)
 
