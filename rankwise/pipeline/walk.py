@@ -251,6 +251,7 @@ def walk(model: nn.Module, layers, batches: list[torch.Tensor],
                 if acc:
                     yield handed_over(k, acc)
                 placement.offload(block)
+                release_host_memory(collect=False)   # or the freed activations pile up
         finally:
             model.train(was_training)
             release_host_memory()
