@@ -1,11 +1,11 @@
 """Speed as users measure it: `generate`, without autograd, eager or on the fast path
-(a static KV cache and torch.compile).
+(a static KV cache and compiled decoding steps).
 
 Eager decoding of a small model is dominated by per-token framework overhead (Python and
 one kernel launch per op), not by the weights, so fewer multiply-adds hardly show. The
-fast path fixes every shape (static cache) so that torch.compile can trace the forward
-once per shape into one graph; what is left is the work itself, which is where a
-factorized model is cheaper.
+fast path fixes every shape (static cache) so that torch.compile can trace a decoding step
+once into one graph; what is left is the work itself, which is where a factorized model
+is cheaper.
 """
 from __future__ import annotations
 
@@ -18,13 +18,27 @@ from torch import nn
 
 
 def accelerate(model: nn.Module, compile: bool = True, mode: str | None = None) -> nn.Module:
-    """The fast path for `model.generate`: a static KV cache (every step the same shapes)
-    and, with `compile`, torch.compile of the forward (inductor; `mode` as torch.compile
-    takes it, e.g. "reduce-overhead" for CUDA graphs on a GPU). The first generate call of
-    each new shape compiles (tens of seconds); later ones are fast. Returns the model."""
-    model.generation_config.cache_implementation = "static"
+    """The fast path for `model.generate`: a static KV cache (every decoding step the same
+    shapes) and, with `compile`, the decoding steps compiled by transformers' own hook
+    (`generation_config.compile_config`), on every device, CPU included. `mode` as
+    torch.compile takes it: "reduce-overhead" replays each step as a CUDA graph on a GPU
+    (and is plain inductor on a CPU); None = "default". The prompt's forward stays eager
+    (its shape changes with every prompt). The first generate call compiles (tens of
+    seconds); later ones are fast. Returns the model.
+
+    The forward itself is never wrapped in torch.compile: generate compiles it once more
+    for a static cache on a GPU, and a compiled function called from inside a CUDA graph
+    of another one is what overwrote the graphs' outputs."""
+    from transformers import CompileConfig
+    config = model.generation_config
+    config.cache_implementation = "static"
     if compile:
-        model.forward = torch.compile(model.forward, mode=mode, dynamic=False)
+        config.compile_config = CompileConfig(fullgraph=False, dynamic=False,
+                                              mode=mode or "default")
+        config.compile_config._compile_all_devices = True   # transformers' own switch for CPUs
+        config.disable_compile = False
+    else:
+        config.disable_compile = True
     return model
 
 

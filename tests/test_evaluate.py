@@ -28,6 +28,25 @@ def test_the_fast_path_generates_what_eager_generates(tiny):
     fast = accelerate(copy.deepcopy(tiny), compile=False)
     assert fast.generation_config.cache_implementation == "static"
     assert torch.equal(fast.generate(ids, max_new_tokens=6, do_sample=False), eager)
+    assert not hasattr(fast, "_compiled_call")
+
+
+def test_compiled_decoding_of_a_factored_model_generates_what_eager_generates(tiny):
+    """The route a GPU takes: transformers compiles the decoding step itself (CUDA graphs
+    with "reduce-overhead" there); the forward is not wrapped a second time."""
+    import copy
+
+    from rankwise import CompressConfig, accelerate, compress_
+    factored = copy.deepcopy(tiny)
+    compress_(factored, CompressConfig(metric="svd", ratio=0.4, allocation="uniform"),
+              progress=False)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        eager = factored.generate(ids, max_new_tokens=6, do_sample=False)
+        fast = accelerate(factored, mode="reduce-overhead")
+        assert fast.forward.__func__ is type(fast).forward     # not wrapped
+        assert torch.equal(fast.generate(ids, max_new_tokens=6, do_sample=False), eager)
+    assert hasattr(fast, "_compiled_call")                     # transformers compiled the steps
 
 
 def test_perplexity_kl_and_agreement_by_hand(tiny, heldout):
