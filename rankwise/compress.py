@@ -31,6 +31,7 @@ from .allocate import ALLOCATIONS
 from .config import CompressConfig
 from .errors import RankwiseError
 from .evaluate import reference_log_probs
+from .fusion import fuse_causal_lm
 from .layers import (LowRankLinear, held_by, linear_shape, linear_weight, max_useful_rank,
                      ranks_of, set_module)
 from .models import check_finite, find_blocks, target_linears
@@ -77,7 +78,9 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
     through the blocks already cut. onload: a device (e.g. "cuda") that the blocks visit one
     at a time while the model stays where it is (placement: the same, spelled out;
     rankwise.pipeline.placement). scratch: the folder for the temporary spill (default:
-    the system's). Returns a Summary with the per-layer ranks and the achieved ratio.
+    the system's). Factored layers that read the same input (q/k/v, gate/up) are then
+    fused for inference (layers.Siblings). Returns a Summary with the per-layer ranks and
+    the achieved ratio.
     """
     if precomputed is not None and (config.steps > 1 or config.sequential):
         raise RankwiseError("precomputed statistics describe the dense model; they cannot "
@@ -110,6 +113,7 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
             predicted, searched = stage.run(config.ratio * step / config.steps, calib, spill,
                                             precomputed, fitness if step == config.steps else None)
         spilled = spill.written
+    fuse_causal_lm(model)
     t_total = time.perf_counter() - t0
 
     ranks = ranks_of(model, shapes)

@@ -21,14 +21,16 @@ def base_model_type(config) -> str:
     return getattr(config, "rankwise_base_model_type", None) or config.model_type
 
 
-def hf_config(model: nn.Module, ranks: dict[str, int]) -> dict:
+def hf_config(model: nn.Module, ranks: dict[str, int], siblings: list[list[str]]) -> dict:
     """config.json of a factorized model: the base configuration, model type `rankwise`,
-    the ranks, and the auto_map that points transformers at modeling_rankwise.py."""
+    the ranks, the groups of factored layers that read one input (fused for inference when
+    loaded), and the auto_map that points transformers at modeling_rankwise.py."""
     config = model.config.to_dict()
     config.pop("quantization_config", None)   # weights are plain floats once saved
     base = base_model_type(model.config)
     config.update(model_type="rankwise", architectures=["RankwiseForCausalLM"],
-                  auto_map=AUTO_MAP, rankwise_base_model_type=base, rankwise_ranks=ranks)
+                  auto_map=AUTO_MAP, rankwise_base_model_type=base, rankwise_ranks=ranks,
+                  rankwise_siblings=siblings)
     return config
 
 
@@ -48,7 +50,7 @@ def base_config(folder: Path):
         data = json.loads((folder / "config.json").read_text())
         base = data.get("rankwise_base_model_type") or data["model_type"]
         for key in ("model_type", "architectures", "auto_map", "rankwise_base_model_type",
-                    "rankwise_ranks", "transformers_version"):
+                    "rankwise_ranks", "rankwise_siblings", "transformers_version"):
             data.pop(key, None)
         return AutoConfig.for_model(base, **data)
     except (OSError, ValueError, KeyError) as e:

@@ -14,7 +14,8 @@ from torch import nn
 
 from .errors import RankwiseError
 from .hf_format import MODELING_FILE, base_config, hf_config, modeling_source
-from .layers import LowRankLinear, linear_shape, ranks_of, set_module
+from .fusion import fuse_siblings
+from .layers import LowRankLinear, fused_groups, linear_shape, ranks_of, set_module
 from .models import DEFAULT_MODEL_NAME, check_finite, load_model, model_path
 from .outputs import Output
 from .version import __version__
@@ -48,7 +49,7 @@ def write_model(folder: Path, model: nn.Module, manifest: dict | None = None,
 
     record = {"format": FORMAT, **(manifest or {}), "ranks": ranks_of(model),
               "versions": _versions()}
-    config = hf_config(model, record["ranks"])
+    config = hf_config(model, record["ranks"], fused_groups(model))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / MODELING_FILE).write_text(modeling_source(config["rankwise_base_model_type"]))
     save_model(model, str(folder / WEIGHTS))
@@ -135,6 +136,7 @@ def load(folder: str | os.PathLike) -> nn.Module:
         raise RankwiseError(f"{folder / WEIGHTS} does not match the manifest: "
                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     check_finite(model, str(folder / WEIGHTS))
+    fuse_siblings(model, json.loads((folder / "config.json").read_text()).get("rankwise_siblings", []))
     return model.eval()
 
 

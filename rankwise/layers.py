@@ -1,6 +1,9 @@
-"""LowRankLinear (a linear map stored as two thin factors, y = B (A x) + bias), the
-parameter count of a layer at any rank, and swapping modules in a model."""
+"""LowRankLinear (a linear map stored as two thin factors, y = B (A x) + bias), sibling
+fusion of factored layers that read one input, the parameter count of a layer at any rank,
+and swapping modules in a model."""
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -58,6 +61,14 @@ def params_at(shape: tuple[int, int], rank: int | None) -> int:
     return factored_params(m, n, rank)
 
 
+# Sibling fusion from this many input rows (tokens x sequences): there the products are
+# compute-bound and one wide matmul beats several thin ones; below (decoding a few
+# sequences) the work is reading the weights, the same bytes either way, and the fused
+# path's bookkeeping costs more than the matmul launches it saves (measured on a CPU:
+# README, Speed).
+FUSE_FROM_ROWS = 64
+
+
 class LowRankLinear(nn.Module):
     """Drop-in replacement for nn.Linear with weight B @ A of rank `rank`.
 
@@ -75,6 +86,7 @@ class LowRankLinear(nn.Module):
         self.A = nn.Parameter(torch.empty(rank, in_features, **kw))
         self.B = nn.Parameter(torch.empty(out_features, rank, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        self.register_state_dict_post_hook(_own_storage)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, A: torch.Tensor, B: torch.Tensor) -> "LowRankLinear":
@@ -92,7 +104,14 @@ class LowRankLinear(nn.Module):
                 layer.bias.copy_(linear.bias)
         return layer
 
+    _siblings: "Siblings | None" = None      # set by Siblings: layers reading the same input
+    _sibling_index = 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self._siblings
+        if group is not None and x.numel() >= FUSE_FROM_ROWS * x.shape[-1] and \
+                not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return F.linear(group.first_factor(self._sibling_index, x), self.B, self.bias)
         return F.linear(F.linear(x, self.A), self.B, self.bias)
 
     @property
@@ -112,6 +131,97 @@ class LowRankLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, bias={self.bias is not None}")
+
+
+class Siblings:
+    """Factored layers that read the same input tensor (q/k/v, gate/up): their `A` factors
+    are slices of one stacked matrix, so the first factors of the group run as one matmul
+    (a wider, better-used kernel and one read of the input instead of several), then each
+    layer's own `B`.
+
+    Only without autograd, outside torch.compile (training and compiled graphs take each
+    layer's two matmuls as before) and for inputs of at least FUSE_FROM_ROWS rows (a
+    prompt, a batch), and only when the layers are called one after another on the very
+    same tensor; any other call computes the stacked product afresh. Each `A`
+    stays the layer's own parameter (a view of the stack), so training, state dicts and
+    saved folders see unfused layers; a move or copy that gives an `A` storage of its own
+    is noticed and the stack rebuilt."""
+
+    def __init__(self, members: list[LowRankLinear]):
+        self.members = list(members)
+        self.everyone = (1 << len(self.members)) - 1
+        self._forget()
+        self._stack()
+        for i, m in enumerate(self.members):
+            m._siblings, m._sibling_index = self, i
+
+    def _forget(self):
+        self.x, self.x_version, self.h, self.served = None, None, None, 0
+
+    def _stack(self):
+        ends = torch.tensor([m.A.shape[0] for m in self.members]).cumsum(0).tolist()
+        self.bounds = list(zip([0] + ends[:-1], ends))
+        with torch.no_grad(), torch.inference_mode(False):   # a tensor training may use
+            stacked = torch.cat([m.A.detach() for m in self.members])
+        for m, (lo, hi) in zip(self.members, self.bounds):
+            m.A.data = stacked[lo:hi]
+        self.stacked = stacked
+        row = stacked.stride(0) * stacked.element_size()
+        self.layout = [(stacked.data_ptr() + lo * row, hi - lo) for lo, hi in self.bounds]
+
+    def _stacked_still(self) -> bool:
+        """Every A still the slice of the stack it was made (a move, a cast, a copy or a
+        new parameter gives it storage of its own)."""
+        for m, (ptr, rows) in zip(self.members, self.layout):
+            A = m._parameters["A"]
+            if A.data_ptr() != ptr or A.shape[0] != rows:
+                return False
+        return True
+
+    def first_factor(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Member i's A x, from the stacked product for this input (computed on the first
+        call with it)."""
+        version = -1 if x.is_inference() else x._version
+        if x is not self.x or version != self.x_version or self.served >> i & 1:
+            if not self._stacked_still():
+                self._stack()
+            self.x, self.x_version, self.h, self.served = x, version, F.linear(x, self.stacked), 0
+        self.served |= 1 << i
+        lo, hi = self.bounds[i]
+        h = self.h[..., lo:hi]
+        if self.served == self.everyone:        # every sibling has its share: hold nothing
+            self._forget()
+        return h
+
+    def __deepcopy__(self, memo):
+        """A copy of the model gets its own group, stacked again on its first fused call
+        (a deep copy gives every parameter storage of its own)."""
+        twin = Siblings.__new__(Siblings)
+        memo[id(self)] = twin
+        twin.members = [copy.deepcopy(m, memo) for m in self.members]
+        twin.bounds, twin.everyone = self.bounds, self.everyone
+        twin.layout = [(0, -1)] * len(self.members)
+        twin._forget()
+        return twin
+
+
+def _own_storage(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """A fused layer's A is a slice of its group's stack: a state dict gets its own copy
+    (safetensors and save_pretrained refuse tensors that share memory)."""
+    if module._siblings is not None and prefix + "A" in state_dict:
+        state_dict[prefix + "A"] = state_dict[prefix + "A"].clone()
+
+
+def fused_groups(model: nn.Module) -> list[list[str]]:
+    """The installed sibling groups, by layer name."""
+    names = {id(m): n for n, m in model.named_modules()}
+    seen, groups = set(), []
+    for m in model.modules():
+        group = getattr(m, "_siblings", None)
+        if isinstance(m, LowRankLinear) and group is not None and id(group) not in seen:
+            seen.add(id(group))
+            groups.append([names[id(x)] for x in group.members])
+    return groups
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -1,10 +1,11 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from rankwise import CompressConfig, RankwiseError, compress_, load, save
-from rankwise.layers import LowRankLinear
+from rankwise.layers import LowRankLinear, fused_groups
 
 from conftest import structured_tiny
 
@@ -128,14 +129,21 @@ def test_plain_transformers_loads_the_folder_without_rankwise(tmp_path, calib):
         "    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)\n"
         "    assert type(model).__name__ == 'RankwiseForCausalLM'\n"
         "    with torch.no_grad():\n"
-        "        torch.save(model(input_ids=ids).logits, folder + '/hf_logits.pt')\n")
+        "        torch.save(model(input_ids=ids).logits, folder + '/hf_logits.pt')\n"
+        "    fused = sum(getattr(m, '_siblings', None) is not None for m in model.modules())\n"
+        "    open(folder + '/fused.txt', 'w').write(str(fused))\n")
     env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules"),
            "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
     for folder in folders:
+        model = load(folder)
         with torch.no_grad():
-            mine = load(folder)(input_ids=calib).logits
+            mine = model(input_ids=calib).logits
         assert torch.equal(torch.load(f"{folder}/hf_logits.pt"), mine), folder
+        fused = sum(len(g) for g in fused_groups(model))   # the same layers fused both ways
+        assert int(Path(folder, "fused.txt").read_text()) == fused, folder
+        if folder.endswith("llama"):
+            assert fused > 0
 
 
 def test_dense_export_is_a_plain_checkpoint_with_the_same_function(saved, tmp_path, calib):
