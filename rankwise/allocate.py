@@ -11,24 +11,43 @@ from .errors import RankwiseError
 from .layers import dense_params, max_useful_rank, params_at
 
 
+TILE, TILE_FROM = 64, 1024     # rank_multiple 0: ranks in steps of 64 from 1024 wide
+
+
+def rank_multiples(shapes: dict[str, tuple[int, int]], rank_multiple: int) -> dict[str, int]:
+    """Each layer's rank step: `rank_multiple`, or for 0 (auto) 64 where the layer's smaller
+    side is at least 1024 and 1 below. A GPU's matmul kernels work in tiles of 64 or 128,
+    so a rank of 172 pays for 192 or 256; from 1024 wide a step of 64 is at most 1/16 of the
+    side, and narrower layers (the 135M's 576) keep exact ranks, where a step of 64 would
+    cost quality for speed a small model does not need."""
+    if rank_multiple:
+        return {name: rank_multiple for name in shapes}
+    return {name: TILE if min(shape) >= TILE_FROM else 1 for name, shape in shapes.items()}
+
+
+def _per_layer(shapes, multiple: int | dict[str, int]) -> dict[str, int]:
+    return multiple if isinstance(multiple, dict) else {name: multiple for name in shapes}
+
+
 def uniform_ranks(shapes: dict[str, tuple[int, int]], ratio: float,
-                  multiple: int = 1) -> dict[str, int | None]:
+                  multiple: int | dict[str, int] = 1) -> dict[str, int | None]:
     """Every layer loses the same fraction `ratio` of its parameters (rounded down to a
-    whole rank, or a whole multiple of `multiple`, so the achieved ratio is at least the
-    requested one). None = keep dense."""
+    whole rank, or a whole multiple of its `multiple`, so the achieved ratio is at least
+    the requested one). None = keep dense."""
+    step = _per_layer(shapes, multiple)
     ranks = {}
     for name, (m, n) in shapes.items():
         top = max_useful_rank(m, n)
-        r = min(int((1 - ratio) * m * n // (m + n)), top) // multiple * multiple
-        ranks[name] = r or (multiple if multiple <= max(top, 1) else None)
+        r = min(int((1 - ratio) * m * n // (m + n)), top) // step[name] * step[name]
+        ranks[name] = r or (step[name] if step[name] <= max(top, 1) else None)
     budget = (1 - ratio) * sum(dense_params(m, n) for m, n in shapes.values())
     while kept_params(shapes, ranks) > budget:     # layers rounded up to one multiple
-        name = max((k for k, r in ranks.items() if r and r > multiple),
+        name = max((k for k, r in ranks.items() if r and r > step[k]),
                    key=lambda k: ranks[k] * sum(shapes[k]), default=None)
         if name is None:
             raise RankwiseError(f"ratio {ratio} cannot be reached with ranks that are "
-                                f"multiples of {multiple}")
-        ranks[name] -= multiple
+                                f"multiples of {sorted(set(step.values()))}")
+        ranks[name] -= step[name]
     return ranks
 
 
@@ -55,7 +74,8 @@ def achieved_ratio(shapes: dict[str, tuple[int, int]], ranks: dict[str, int | No
 
 
 def spectrum_ranks(shapes: dict[str, tuple[int, int]], spectra: dict[str, torch.Tensor],
-                   ratio: float, min_rank: int = 1, multiple: int = 1) -> dict[str, int | None]:
+                   ratio: float, min_rank: int = 1,
+                   multiple: int | dict[str, int] = 1) -> dict[str, int | None]:
     """Global allocation from the per-direction loss spectra (descending, per layer).
 
     Each layer picks, for a price `lam` per parameter, the option minimising
@@ -65,11 +85,13 @@ def spectrum_ranks(shapes: dict[str, tuple[int, int]], spectra: dict[str, torch.
     bisected to the largest spend within the budget; the leftover is then spent greedily on
     the directions with the most predicted loss per parameter. The spectra must be in the
     same units for every layer (unnormalised statistics over the same tokens). With
-    `multiple` > 1 a layer chooses among ranks that are multiples of it (kernel-friendly
-    shapes) and the leftover is spent `multiple` ranks at a time.
+    `multiple` > 1 (one for all, or {layer: multiple}) a layer chooses among ranks that are
+    multiples of its own (kernel-friendly shapes) and the leftover is spent that many ranks
+    at a time.
     """
     budget = (1 - ratio) * sum(dense_params(m, n) for m, n in shapes.values())
-    options = {name: _LayerOptions(shapes[name], spectra[name], min_rank, multiple)
+    step = _per_layer(shapes, multiple)
+    options = {name: _LayerOptions(shapes[name], spectra[name], min_rank, step[name])
                for name in shapes}
 
     def choose(lam: float) -> dict[str, int | None]:

@@ -159,15 +159,21 @@ class _Stage:
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {name: linear_shape(l) for name, l in self.layers.items()}
 
+    def _ranks(self, spectra: dict[str, torch.Tensor], ratio: float) -> dict[str, int | None]:
+        """The allocation's ranks, in each layer's rank steps, with the explicit overrides."""
+        c, shapes = self.config, self.shapes
+        multiples = allocate.rank_multiples(shapes, c.rank_multiple)
+        return allocate.apply_rank_pattern(
+            self.allocation.choose(shapes, spectra, ratio, c.min_rank, multiples),
+            shapes, c.rank_pattern)
+
     def run(self, ratio: float, calib, spill: Spill, precomputed, fitness
             ) -> tuple[float, SearchResult | None]:
         """Cut to `ratio`; returns (predicted loss of the cut, search result or None)."""
         c, layers = self.config, self.layers
         known = None
         if not self.allocation.needs_spectra:
-            known = allocate.apply_rank_pattern(
-                self.allocation.choose(self.shapes, {}, ratio, c.min_rank, c.rank_multiple),
-                self.shapes, c.rank_pattern)
+            known = self._ranks({}, ratio)
         # what each block's decompositions leave: the cut itself (ranks known), factors at
         # every rank the allocation or the search may choose, or (sequential) the spectra
         park_factors = known is None and (not c.sequential or self.allocation.searched)
@@ -192,9 +198,7 @@ class _Stage:
             del block_stats
         ranks, searched = known, None
         if known is None:
-            ranks = allocate.apply_rank_pattern(
-                self.allocation.choose(self.shapes, spectra, ratio, c.min_rank, c.rank_multiple),
-                self.shapes, c.rank_pattern)
+            ranks = self._ranks(spectra, ratio)
         if fitness is not None:
             searched = self._search(ranks, spill, fitness)
             ranks = searched.ranks

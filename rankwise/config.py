@@ -28,8 +28,10 @@ class CompressConfig:
     allocation: str = option("spectrum", "per-layer ranks: " + "; ".join(
         f"{a.name} = {a.help}" for a in ALLOCATIONS.values()), choices=ALLOCATIONS)
     min_rank: int = option(1, "smallest rank the spectrum allocation may give a layer")
-    rank_multiple: int = option(1, "every rank a multiple of this (64 or 128 suit GPU matmul "
-                                   "kernels); the spectrum allocation chooses among multiples")
+    rank_multiple: int = option(0, "every rank a multiple of this (64 or 128 suit GPU matmul "
+                                   "kernels); 0 = 64 for layers at least 1024 wide on both "
+                                   "sides, exact ranks below; the spectrum allocation chooses "
+                                   "among multiples")
     steps: int = option(1, "reach the ratio in this many cuts, re-measuring the statistics "
                            "on the partly compressed model before each (1: one cut)")
     sequential: bool = option(False, "cut block by block, each block's input statistics "
@@ -49,9 +51,10 @@ class CompressConfig:
         check_choice("metric", self.metric, METRICS)
         self.ratio = check_number("ratio", self.ratio, 0, 1)
         check_choice("allocation", self.allocation, ALLOCATIONS)
-        for name in ("steps", "min_rank", "rank_multiple", "search_generations",
-                     "search_windows", "search_offspring"):
+        for name in ("steps", "min_rank", "search_generations", "search_windows",
+                     "search_offspring"):
             check_int(name, getattr(self, name))
+        check_int("rank_multiple", self.rank_multiple, low=0)
         check_bool("sequential", self.sequential)
         if self.sequential and not METRICS[self.metric].inputs:
             raise RankwiseError(f"sequential mode re-measures the layers' inputs, which metric "

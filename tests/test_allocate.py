@@ -94,3 +94,18 @@ def test_rank_multiples_meet_the_budget(multiple, allocation):
     assert achieved_ratio(SHAPES, ranks) >= 0.4
     step = multiple * max(m + n for m, n in SHAPES.values()) / sum(m * n for m, n in SHAPES.values())
     assert achieved_ratio(SHAPES, ranks) - 0.4 <= (len(SHAPES) if allocation == "uniform" else 1) * step
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "spectrum"])
+def test_by_default_layers_from_1024_wide_get_ranks_in_tiles_of_64(allocation):
+    from rankwise.allocate import ALLOCATIONS, rank_multiples
+    shapes = {"q": (2048, 2048), "k": (256, 2048), "up": (5632, 2048), "down": (2048, 5632),
+              "small": (576, 1536)}
+    multiples = rank_multiples(shapes, 0)
+    assert multiples == {"q": 64, "k": 1, "up": 64, "down": 64, "small": 1}
+    assert rank_multiples(shapes, 16) == dict.fromkeys(shapes, 16)
+    ranks = ALLOCATIONS[allocation].choose(shapes, random_spectra(shapes, seed=3), 0.4,
+                                           multiple=multiples)
+    assert all(ranks[k] is None or ranks[k] % multiples[k] == 0 for k in shapes)
+    assert 0.4 <= achieved_ratio(shapes, ranks) <= 0.4 + 64 * 7680 / sum(m * n for m, n in shapes.values())
+    assert any(ranks[k] is not None and ranks[k] % 64 for k in ("k", "small"))
