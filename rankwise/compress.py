@@ -286,8 +286,9 @@ class _Stage:
         return search_ranks(self.model, self.layers, lambda name, rank: self._parked(spill, name, rank),
                             self.shapes, ranks, *fitness, generations=c.search_generations,
                             seconds=c.search_seconds, offspring=c.search_offspring,
-                            min_rank=c.min_rank, caps=caps, seed=self.seed,
-                            progress=self.progress)
+                            min_rank=c.min_rank, caps=caps,
+                            multiples=allocate.rank_multiples(self.shapes, c.rank_multiple),
+                            seed=self.seed, progress=self.progress)
 
     def _sequential_cut(self, ranks, calib, spill: Spill) -> float:
         """Block by block in order: each block's input side measured on what the blocks

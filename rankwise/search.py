@@ -79,10 +79,12 @@ class Budget:
     parameters between layers without exceeding the parent's spend."""
 
     def __init__(self, shapes: dict[str, tuple[int, int]], caps: dict[str, int | None],
-                 min_rank: int):
-        self.shapes, self.min_rank = shapes, min_rank
-        self.top = {k: max_useful_rank(m, n) if caps.get(k) is None else caps[k]
-                    for k, (m, n) in shapes.items()}
+                 min_rank: int, multiples: dict[str, int] | None = None):
+        self.shapes = shapes
+        self.step = {k: (multiples or {}).get(k, 1) for k in shapes}   # ranks in these steps
+        self.low = {k: -(-min_rank // s) * s for k, s in self.step.items()}
+        self.top = {k: (max_useful_rank(m, n) if caps.get(k) is None else caps[k])
+                    // self.step[k] * self.step[k] for k, (m, n) in shapes.items()}
         self.can_be_dense = {k: caps.get(k) is None for k in shapes}
 
     def params(self, name: str, rank: int | None) -> int:
@@ -103,12 +105,14 @@ class Budget:
             before = self.params(donor, child[donor])
             r = self.top[donor] if child[donor] is None else child[donor]
             m, n = self.shapes[donor]
-            child[donor] = max(self.min_rank, r - max(1, round(quantum / (m + n))))
+            step = self.step[donor]
+            cut = -(-max(1, round(quantum / (m + n))) // step) * step
+            child[donor] = max(min(self.low[donor], r), r - cut)
             slack += before - self.params(donor, child[donor])
             slack = self._grow(child, receiver, slack)
         while True:      # spend what rounding left on layers it still fits
             fits = [k for k in names if child[k] is not None and child[k] < self.top[k]
-                    and sum(self.shapes[k]) <= slack]
+                    and sum(self.shapes[k]) * self.step[k] <= slack]
             if not fits:
                 return child
             slack = self._grow(child, rng.choice(fits), slack)
@@ -117,7 +121,8 @@ class Budget:
         if child[name] is None:
             return slack
         m, n = self.shapes[name]
-        gain = min(slack // (m + n), self.top[name] - child[name])
+        step = self.step[name]
+        gain = min(slack // (m + n), self.top[name] - child[name]) // step * step
         child[name] += gain
         slack -= gain * (m + n)
         if child[name] == self.top[name] and self.can_be_dense[name]:
@@ -132,15 +137,17 @@ def search_ranks(model: nn.Module, layers: dict[str, nn.Module], factors,
                  windows: torch.Tensor, reference: list[torch.Tensor], *,
                  generations: int = 50, offspring: int = 8, survivors: int = 2,
                  seconds: float | None = None, min_rank: int = 1, batch_size: int = 1,
-                 caps: dict[str, int | None] | None = None, seed: int = 0,
+                 caps: dict[str, int | None] | None = None,
+                 multiples: dict[str, int] | None = None, seed: int = 0,
                  progress: bool = True) -> SearchResult:
     """Search per-layer ranks around `seed_ranks` (same parameter budget) minimising the KL
     to the dense model's `reference` log-probabilities (one tensor per batch of
     `batch_size` windows). `caps`: largest rank per layer (a layer already factorized may
-    not grow back). Stops after `generations` or `seconds`. The model is left as it was."""
+    not grow back); `multiples`: each layer's rank step (allocate.rank_multiples). Stops
+    after `generations` or `seconds`. The model is left as it was."""
     t0 = time.perf_counter()
     rng = random.Random(seed)
-    budget = Budget(shapes, caps or {}, min_rank)
+    budget = Budget(shapes, caps or {}, min_rank, multiples)
     candidates = _Candidates(model, layers, factors, windows, reference, batch_size)
     quantum = 8 * sorted(m + n for m, n in shapes.values())[len(shapes) // 2]
     try:

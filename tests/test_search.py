@@ -22,6 +22,24 @@ def test_mutations_never_exceed_the_parents_spend():
         parent, spend = child, budget.total(child)
 
 
+def test_mutations_keep_each_layers_rank_multiple():
+    shapes = {"q": (2048, 2048), "k": (256, 2048), "up": (5632, 2048), "down": (2048, 5632)}
+    multiples = {"q": 64, "k": 1, "up": 64, "down": 64}
+    budget = Budget(shapes, caps={}, min_rank=1, multiples=multiples)
+    rng = random.Random(2)
+    parent = {"q": 640, "k": 77, "up": None, "down": 1024}
+    spend = budget.total(parent)
+    moved = set()
+    for _ in range(300):
+        child = budget.mutate(parent, rng, quantum=40_000, moves=rng.randint(1, 3))
+        assert budget.total(child) <= spend
+        assert all(r is None or (r % multiples[k] == 0 and r <= budget.top[k])
+                   for k, r in child.items())
+        moved |= {k for k in child if child[k] != parent[k]}
+        parent, spend = child, budget.total(child)
+    assert moved == set(shapes)
+
+
 def test_capped_layers_never_grow_back():
     shapes = {"a": (64, 64), "b": (64, 64)}
     budget = Budget(shapes, caps={"a": 4}, min_rank=1)
