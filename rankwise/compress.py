@@ -34,7 +34,7 @@ from .evaluate import reference_log_probs
 from .fusion import fuse_causal_lm
 from .layers import (LowRankLinear, held_by, linear_shape, linear_weight, max_useful_rank,
                      ranks_of, set_module)
-from .models import check_finite, find_blocks, target_linears
+from .models import check_finite, names_by_block, target_linears
 from .pipeline.distributed import Comm
 from .pipeline.placement import Placement
 from .pipeline.spill import Spill
@@ -222,7 +222,7 @@ class _Stage:
         """(names, statistics) block by block: walked, given, or none (svd)."""
         t0 = time.perf_counter()
         if precomputed is not None or not self.metric.needs_calibration:
-            for names in _by_block(self.model, self.layers):
+            for names in filter(None, names_by_block(self.model, self.layers)):
                 yield names, {n: precomputed[n] for n in names} if precomputed else {}
             return
         comm = self.comm
@@ -316,14 +316,6 @@ class _Stage:
         log.info("sequential cut: inputs re-measured block by block in %.1f s",
                  time.perf_counter() - t0)
         return predicted
-
-
-def _by_block(model: nn.Module, layers: dict[str, nn.Module]) -> list[list[str]]:
-    """The targeted layer names grouped by the block that holds them, in order."""
-    prefix, blocks = find_blocks(model)
-    groups = [[n for n in layers if n.startswith(f"{prefix}.{k}." if prefix else f"{k}.")]
-              for k in range(len(blocks))]
-    return [g for g in groups if g]
 
 
 def _cap(layer: nn.Module) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 
 from .layers import LowRankLinear, Siblings, fused_groups
@@ -46,7 +47,6 @@ def unfuse_siblings(model: nn.Module) -> None:
 def fuse_causal_lm(model: nn.Module) -> list[list[str]]:
     """Discover and fuse the sibling groups of a transformers model from one forward of two
     tokens; a model without input embeddings is left as it is."""
-    import torch
     embed = getattr(model, "get_input_embeddings", lambda: None)()
     if embed is None or not any(isinstance(m, LowRankLinear) for m in model.modules()):
         return []

@@ -141,6 +141,14 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def names_by_block(model: nn.Module, names) -> list[list[str]]:
+    """The given module names grouped by the block that holds them: one list per block, in
+    order (empty for a block that holds none)."""
+    prefix, blocks = find_blocks(model)
+    return [[n for n in names if n.startswith(f"{prefix}.{k}." if prefix else f"{k}.")]
+            for k in range(len(blocks))]
+
+
 def target_linears(model: nn.Module, include: str | None = None, exclude: str | None = None,
                    filter_fn: Callable[[nn.Module, str], bool] | None = None
                    ) -> dict[str, nn.Module]:

@@ -90,8 +90,8 @@ def shared_inputs(module: nn.Module, layers: dict[str, nn.Module], call) -> dict
 
 
 class Accumulator:
-    """Sums of one set of layers' statistics, fed by hooks, where the activations are. `leader` maps each layer to the first layer reading its input
-    (shared_inputs)."""
+    """Sums of one set of layers' statistics, fed by hooks, where the activations are.
+    `leader` maps each layer to the first layer reading its input (shared_inputs)."""
 
     def __init__(self, layers: dict[str, nn.Module], leader: dict[str, str], inputs: bool,
                  gradients: str | None, both_sides: bool = False):

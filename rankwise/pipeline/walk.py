@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 
 from .. import stats
 from ..errors import RankwiseError
-from ..models import find_blocks, release_host_memory
+from ..layers import is_factorable
+from ..models import find_blocks, names_by_block, release_host_memory
 from .placement import Placement
 from .spill import Spill
 
@@ -133,11 +134,6 @@ def _top_gradients(model, blocks, batches, mine, last_hidden, as_tuple, placemen
     return grads
 
 
-def _owned(prefix: str, count: int, names) -> list[list[str]]:
-    return [[n for n in names if n.startswith(f"{prefix}.{k}." if prefix else f"{k}.")]
-            for k in range(count)]
-
-
 class _Groups:
     """Which layers of a block read the same input, found once on the first block visited
     (the blocks are one class) and applied to every block by relative name."""
@@ -147,18 +143,13 @@ class _Groups:
 
     def leader(self, block: nn.Module, block_name: str, owned: list[str], call) -> dict[str, str]:
         if self.relative is None:
-            every = {n: m for n, m in block.named_modules() if n and _factorable(m)}
+            every = {n: m for n, m in block.named_modules() if n and is_factorable(m)}
             self.relative = stats.shared_inputs(block, every, call)
         rel = {name: name[len(block_name) + 1:] for name in owned}
         first = {}                                   # relative leader -> first owned member
         for name, r in rel.items():
             first.setdefault(self.relative.get(r, r), name)
         return {name: first[self.relative.get(r, r)] for name, r in rel.items()}
-
-
-def _factorable(module: nn.Module) -> bool:
-    from ..layers import is_factorable
-    return is_factorable(module)
 
 
 def walk(model: nn.Module, layers, batches: list[torch.Tensor],
@@ -173,7 +164,7 @@ def walk(model: nn.Module, layers, batches: list[torch.Tensor],
     if recut and gradients:
         raise RankwiseError("recut walks forward only; gradients need the way back")
     prefix, blocks = find_blocks(model)
-    owned = _owned(prefix, len(blocks), layers)
+    owned = names_by_block(model, layers)
     targeted = [k for k in range(len(blocks)) if owned[k]]
     if not targeted:
         return
