@@ -3,19 +3,21 @@ agreement on WikiText-2 test, for each metric x ratio (uniform ratio) and more k
 
 Bench settings: SmolLM2-135M-Instruct, calibration 32 x 512 tokens (default: the package's
 default mixture, seed 0; --calib for other sources), evaluation
-40 x 512 tokens of each domain's evaluation part. Statistics are collected once per kind
-(forward-only for whiten; forward + backward for fisher/kfac) and their time is charged to
-every metric that uses them.
+40 x 512 tokens of each domain's evaluation part. Statistics of the one-shot rows are
+collected once per kind (forward-only for whiten; forward + backward for fisher/kfac) and
+their time is charged to every metric that uses them; every other row measures its own.
 
     python bench/quality.py [--metrics svd whiten fisher kfac] [--ratios 0.2 0.4]
                             [--spectrum-ratios 0.2 0.4 0.6] [--steps 4 --steps-ratios 0.2 0.4]
                             [--search-ratios 0.4 --search-seconds 1200]
-                            [--rows spectrum@0.2x4+seq search@0.2x4 ...]
+                            [--rows spectrum@0.2 spectrum@0.2+anchored:r0 ...]
 
-Every kfac row beyond the uniform grid is ALLOCATION@RATIO[xSTEPS][+seq]: allocation
-uniform, spectrum or search, STEPS cuts with re-measured statistics, +seq for the
-sequential (block-by-block) cut. --spectrum-ratios, --steps-ratios and --search-ratios
-are shorthands for spectrum@R, spectrum@RxSTEPS and search@R.
+Every kfac row beyond the uniform grid is ALLOCATION@RATIO[xSTEPS][+anchored[:rN][:lrX][:mixM]]:
+allocation uniform, spectrum or search, STEPS cuts with re-measured statistics, one-shot
+unless +anchored (the two-stream cut, N refinement steps at learning rate X, anchor mix M;
+defaults: the package's). --spectrum-ratios, --steps-ratios and --search-ratios are
+shorthands for one-shot spectrum@R, spectrum@RxSTEPS and search@R. Each anchored row
+prints its blocks' refinement loss before and after.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def main():
                    help="calibration windows, beyond --calib-samples, that the search scores "
                         "candidates on")
     p.add_argument("--rows", nargs="*", default=[], type=_row,
-                   help="more kfac rows, each ALLOCATION@RATIO[xSTEPS][+seq]")
+                   help="more kfac rows, each ALLOCATION@RATIO[xSTEPS][+anchored[:rN][:lrX][:mixM]]")
     p.add_argument("--calib", nargs="+", default=list(DEFAULT_CALIBRATION),
                    help="calibration sources NAME[:WEIGHT] (domains, files, self); default "
                         "the package's: " + " ".join(DEFAULT_CALIBRATION))
@@ -77,11 +79,12 @@ def main():
     calib = with_fitness[:args.calib_samples]
     domains = Domains(dense, tokenizer, args.windows, args.seqlen)
 
-    runs = [(metric, "uniform", ratio, 1, False) for ratio in args.ratios
+    oneshot = dict(cut="oneshot")
+    runs = [(metric, "uniform", ratio, 1, oneshot) for ratio in args.ratios
             for metric in args.metrics]
-    runs += [("kfac", "spectrum", ratio, 1, False) for ratio in args.spectrum_ratios]
-    runs += [("kfac", "spectrum", ratio, args.steps, False) for ratio in args.steps_ratios]
-    runs += [("kfac", "search", ratio, 1, False) for ratio in args.search_ratios]
+    runs += [("kfac", "spectrum", ratio, 1, oneshot) for ratio in args.spectrum_ratios]
+    runs += [("kfac", "spectrum", ratio, args.steps, oneshot) for ratio in args.steps_ratios]
+    runs += [("kfac", "search", ratio, 1, oneshot) for ratio in args.search_ratios]
     runs += [("kfac", *row) for row in args.rows]
 
     # one-shot rows share one statistics pass per kind; the others measure their own
@@ -92,15 +95,14 @@ def main():
         collected[gradients] = stats.collect(dense, layers, calib.split(4), gradients=gradients)
         stat_seconds[gradients] = time.perf_counter() - t0
     rows = [("dense", "-", "-", domains.dense, 0.0, 0.0)]
-    for metric, allocation, ratio, steps, sequential in runs:
+    for metric, allocation, ratio, steps, cut in runs:
         model = copy.deepcopy(dense)
         kind = _pass(metric)
         config = CompressConfig(metric=metric, ratio=ratio, allocation=allocation, steps=steps,
-                                sequential=sequential, damping=args.damping,
-                                search_generations=10_000,
+                                damping=args.damping, search_generations=10_000,
                                 search_seconds=args.search_seconds,
-                                search_windows=args.search_windows)
-        if _shares_statistics((metric, allocation, ratio, steps, sequential)):
+                                search_windows=args.search_windows, **cut)
+        if _shares_statistics((metric, allocation, ratio, steps, cut)):
             summary = compress_(model, config, precomputed=collected.get(kind), progress=False)
             seconds = summary.seconds["projection"] + stat_seconds.get(kind, 0.0)
         else:
@@ -111,29 +113,49 @@ def main():
             print(f"  search: fitness KL {summary.search.seed_fitness:.4f} -> "
                   f"{summary.search.fitness:.4f} in {summary.search.generations} generations",
                   flush=True)
-        allocation += (f"x{steps}" if steps > 1 else "") + ("+seq" if sequential else "")
+        for block, (before, after) in summary.refinement.items():
+            print(f"  block {block:2d} refined: metric loss {before:.4g} -> {after:.4g} "
+                  f"({100 * (after / before - 1):+.1f}%)", flush=True)
+        label = allocation + (f"x{steps}" if steps > 1 else "") + _cut_label(config)
         scores = domains.score(model)
-        rows.append((metric, allocation, f"{summary.achieved_ratio:.3f}", scores, seconds,
+        rows.append((metric, label, f"{summary.achieved_ratio:.3f}", scores, seconds,
                      summary.seconds["projection"]))
-        print(f"  {metric} {allocation} @ {ratio}: {scores.cells()}", flush=True)
+        print(f"  {metric} {label} @ {ratio}: {scores.cells()} ({seconds:.0f} s; "
+              f"{ {k: round(v, 1) for k, v in summary.seconds.items()} })", flush=True)
         del model
 
     print(f"\nSmolLM2-135M-Instruct; evaluation {domains.describe()} tokens; calibration "
           f"{calib.shape[0]} x {calib.shape[1]} from {drawn}; damping {args.damping}; torch "
           f"threads {torch.get_num_threads()}")
-    print(f"{'metric':8s} {'allocation':16s} {'ratio':>6s} {header()} {'compress s':>11s} "
+    print(f"{'metric':8s} {'recipe':28s} {'ratio':>6s} {header()} {'compress s':>11s} "
           f"{'(project s)':>11s}")
     for metric, alloc, ratio, scores, secs, proj in rows:
-        print(f"{metric:8s} {alloc:16s} {ratio:>6s} {scores.cells()} {secs:11.1f} {proj:11.1f}")
+        print(f"{metric:8s} {alloc:28s} {ratio:>6s} {scores.cells()} {secs:11.1f} {proj:11.1f}")
 
 
-def _row(spec: str) -> tuple[str, float, int, bool]:
-    match = re.fullmatch(r"(uniform|spectrum|search)@([0-9.]+)(?:x(\d+))?(\+seq)?", spec)
+def _row(spec: str) -> tuple[str, float, int, dict]:
+    match = re.fullmatch(r"(uniform|spectrum|search)@([0-9.]+)(?:x(\d+))?"
+                         r"(\+anchored((?::(?:r\d+|lr[0-9.e-]+|mix[0-9.]+))*))?", spec)
     if match is None:
-        raise argparse.ArgumentTypeError(f"bad row {spec!r}; expected ALLOCATION@RATIO[xSTEPS][+seq], "
-                                         f"e.g. spectrum@0.2x4+seq")
-    allocation, ratio, steps, sequential = match.groups()
-    return allocation, float(ratio), int(steps or 1), sequential is not None
+        raise argparse.ArgumentTypeError(
+            f"bad row {spec!r}; expected ALLOCATION@RATIO[xSTEPS][+anchored[:rN][:lrX][:mixM]], "
+            f"e.g. spectrum@0.2+anchored:r16")
+    allocation, ratio, steps, anchored, options = match.groups()
+    cut = dict(cut="anchored" if anchored else "oneshot")
+    names = {"r": ("refine_steps", int), "lr": ("refine_lr", float), "mix": ("anchor_mix", float)}
+    for option in filter(None, (options or "").split(":")):
+        key = re.match(r"[a-z]+", option).group()
+        name, kind = names[key]
+        cut[name] = kind(option[len(key):])
+    return allocation, float(ratio), int(steps or 1), cut
+
+
+def _cut_label(config: CompressConfig) -> str:
+    if config.cut == "oneshot":
+        return ""
+    return f"+anchored:r{config.refine_steps}" + \
+        (f":lr{config.refine_lr:g}" if config.refine_lr != CompressConfig.refine_lr else "") + \
+        (f":mix{config.anchor_mix:g}" if config.anchor_mix != 1 else "")
 
 
 def _pass(metric: str) -> str | None:
@@ -143,9 +165,9 @@ def _pass(metric: str) -> str | None:
 
 
 def _shares_statistics(run) -> bool:
-    metric, allocation, _, steps, sequential = run
+    metric, allocation, _, steps, cut = run
     return METRICS[metric].needs_calibration and allocation != "search" and steps == 1 \
-        and not sequential
+        and cut["cut"] == "oneshot"
 
 
 if __name__ == "__main__":

@@ -71,7 +71,9 @@ def one(args) -> dict:
     import torch
 
     from rankwise import CompressConfig, compress_
+    from rankwise.compress import Execution
     from rankwise.models import release_host_memory
+    from rankwise.pipeline.placement import Placement
     model, calib = build(args)
     if not args.onload:
         model.to(args.device)
@@ -82,19 +84,20 @@ def one(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     release_host_memory()
     rss_before = _reset_peak_rss()
-    config = CompressConfig(metric="kfac", ratio=args.ratio, allocation=args.allocation)
+    config = CompressConfig(metric="kfac", ratio=args.ratio, allocation=args.allocation,
+                            cut=args.cut)
+    execution = Execution(args.batch_size,
+                          placement=Placement.of(model, args.device if args.onload else None))
     t0 = time.perf_counter()
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities) as prof:
-            summary = compress_(model, config, calib, batch_size=args.batch_size, progress=False,
-                                onload=args.device if args.onload else None)
+            summary = compress_(model, config, calib, progress=False, execution=execution)
         key = "cuda_time_total" if cuda else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=25), file=sys.stderr)
     else:
-        summary = compress_(model, config, calib, batch_size=args.batch_size, progress=False,
-                            onload=args.device if args.onload else None)
+        summary = compress_(model, config, calib, progress=False, execution=execution)
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -103,6 +106,7 @@ def one(args) -> dict:
             "dtype": args.dtype, "onload": args.onload, "tokens": calib.numel(),
             "wall_s": wall, "statistics_s": summary.seconds["statistics"],
             "projection_s": summary.seconds["projection"],
+            "anchored_s": summary.seconds["anchored"],
             "peak_rss_gib": peak_rss, "rss_before_gib": rss_before,
             "model_gib": model_bytes / 2**30,
             "peak_device_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -120,6 +124,9 @@ def main():
     p.add_argument("--onload", action="store_true", help="model on the CPU, blocks visit --device")
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--allocation", default="spectrum", choices=("uniform", "spectrum"))
+    p.add_argument("--cut", default="anchored", choices=("oneshot", "anchored"),
+                   help="anchored adds the two-stream walk and the refinement (column "
+                        "'anchored s/block')")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
@@ -134,7 +141,8 @@ def main():
     for layers in args.layers:
         argv = [sys.executable, __file__, "--child", "--model", args.model, "--layers", str(layers),
                 "--device", args.device, "--dtype", args.dtype, "--ratio", str(args.ratio),
-                "--allocation", args.allocation, "--calib-samples", str(args.calib_samples),
+                "--allocation", args.allocation, "--cut", args.cut,
+                "--calib-samples", str(args.calib_samples),
                 "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size)] + \
             (["--onload"] if args.onload else []) + (["--profile"] if args.profile else [])
         done = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
@@ -146,15 +154,17 @@ def main():
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"\n{args.model} ({args.dtype}) on {where}, torch {torch.__version__}; kfac, "
-          f"{args.allocation}, ratio {args.ratio}; {args.calib_samples} x {args.seqlen} "
+          f"{args.allocation}, {args.cut} cut, ratio {args.ratio}; {args.calib_samples} x {args.seqlen} "
           f"calibration tokens, batch {args.batch_size}; onload {args.onload}")
-    print(f"{'blocks':>6s} {'stats s/block':>14s} {'proj s/block':>13s} {'wall s':>8s} "
+    print(f"{'blocks':>6s} {'stats s/block':>14s} {'proj s/block':>13s} "
+          f"{'anchored s/block':>17s} {'wall s':>8s} "
           f"{'peak device GiB':>16s} {'peak RSS GiB':>13s} {'RSS - model GiB':>16s} "
           f"{'spilled GiB':>12s}   (RSS: while compressing)")
     for r in rows:
         device = f"{r['peak_device_gib']:.2f}" if r["peak_device_gib"] is not None else "-"
         print(f"{r['layers']:6d} {r['statistics_s'] / r['layers']:14.2f} "
-              f"{r['projection_s'] / r['layers']:13.2f} {r['wall_s']:8.1f} {device:>16s} "
+              f"{r['projection_s'] / r['layers']:13.2f} {r['anchored_s'] / r['layers']:17.2f} "
+              f"{r['wall_s']:8.1f} {device:>16s} "
               f"{r['peak_rss_gib']:13.2f} {r['peak_rss_gib'] - r['model_gib']:16.2f} "
               f"{r['spilled_gib']:12.2f}")
 

@@ -1,23 +1,29 @@
 """compress_(model, config, calib): statistics -> decompositions -> allocation -> cut.
 
-A stage is a composition of three parts, each chosen once:
-  statistics  where each block's statistics come from: the block walk (rankwise.pipeline
-              .walk: one block at a time, on the device the placement names, shared by
-              torchrun processes), statistics given by the caller, or none (svd);
-  cut         as each block's statistics arrive its layers are decomposed (on the device,
-              batched) and the statistics dropped; with ranks known up front (uniform) the
-              layers are cut at once, otherwise each layer's spectrum is kept and its
-              factors at every rank it could be given are parked on disk
-              (rankwise.pipeline.spill) until the allocation has seen every spectrum;
-              sequential mode instead parks the gradient side of the statistics and cuts
-              block by block on inputs re-measured through the blocks already cut;
-  allocation  the registry record's own `choose` (rankwise.allocate), refined by the
-              search when the record asks for it.
-Memory therefore holds one block's statistics and decompositions at a time, whatever the
-depth; no decomposition is computed twice for one cut.
+A compression is `config.steps` cuts, each made by one plan chosen once:
+  Immediate   ranks known up front (uniform, explicit): each block's layers are decomposed
+              and cut as its statistics arrive from the walk;
+  Parked      ranks from every layer's spectrum (spectrum, search): each layer's spectrum
+              is kept and its factors at every rank the allocation could give it parked on
+              disk (rankwise.pipeline.spill) until the allocation, and the search, have
+              seen them all; the cut reads back only the kept rows;
+  Anchored    ranks as one of the two above would choose them, from a first statistics walk
+              that also parks each layer's gradient side and each block's output Fisher;
+              then block by block on the compressed stream (rankwise.pipeline.streams):
+              each layer fitted to reproduce the dense model's output from the inputs the
+              already-compressed model gives it (geometry.anchored), then each block's
+              factors refined toward the dense block's output (rankwise.train.refine).
+Every plan answers the same three questions: what the statistics walk must collect
+(`wants`), what to do with a block's statistics as they arrive (`block`), and what to do
+at the end (`finish`). The walks only move data; one process is a Comm that does nothing.
+What a compression holds is one block's statistics and decompositions at a time, whatever
+the depth. A layer is decomposed once per walk that measures it: Immediate and Parked
+once, Anchored twice (the dense model's spectra for the allocation, then the anchored
+problem on the compressed stream).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -38,9 +44,11 @@ from .models import check_finite, names_by_block, target_linears
 from .pipeline.distributed import Comm
 from .pipeline.placement import Placement
 from .pipeline.spill import Spill
-from .pipeline.walk import walk
+from .pipeline.streams import BlockStream, GroupInputs, walk_streams
+from .pipeline.walk import BlockStatistics, Route, Wants, walk
 from .search import SearchResult, search_ranks
-from .stats import GRADIENT_SIDE, INPUT_SIDE, LayerStats
+from .stats import GRADIENT_SIDE, LayerStats
+from .train.refine import refine_block
 
 log = logging.getLogger(__name__)
 
@@ -59,33 +67,42 @@ class Summary:
     seconds: dict[str, float] = field(default_factory=dict)
     search: SearchResult | None = None
     spilled_bytes: int = 0                # written to the scratch folder
+    plan: str = ""                        # how the last cut went: immediate, parked, anchored
+    refinement: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # block -> its refinement loss (metric-weighted output error) before and after
 
 
-def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None = None,
-              batch_size: int = 4, seed: int = 0, progress: bool = True,
-              precomputed: dict[str, LayerStats] | None = None,
+@dataclass
+class Execution:
+    """How compress_ runs rather than what it computes: calibration windows per forward
+    pass, the seed of the sampled labels and of the refinement's batches, where the work
+    runs (default: where the model is; Placement.of(model, "cuda") onloads one block at a
+    time) and the folder of the temporary spill (default: the system's)."""
+    batch_size: int = 4
+    seed: int = 0
+    placement: Placement | None = None
+    scratch: str | None = None
+
+
+def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None = None, *,
               filter_fn: Callable[[nn.Module, str], bool] | None = None,
-              onload: str | torch.device | None = None, scratch: str | None = None,
-              placement: Placement | None = None) -> Summary:
+              precomputed: dict[str, LayerStats] | None = None, progress: bool = True,
+              execution: Execution | None = None) -> Summary:
     """Replace the targeted linear layers of `model` in place by low-rank factors.
 
     calib: LongTensor (num_windows, seqlen) of calibration token ids; needed by every metric
-    but `svd`. precomputed: statistics from `stats.collect` on this model, used instead of
-    calib (e.g. to try several ratios; one-step compression only). filter_fn(module,
-    name): narrows the targets beyond config.include / exclude. With `config.steps = k` the
-    ratio is reached in k stages, the statistics measured again on the partly compressed
-    model before each. With `config.sequential` each block is cut on inputs re-measured
-    through the blocks already cut. onload: a device (e.g. "cuda") that the blocks visit one
-    at a time while the model stays where it is (placement: the same, spelled out;
-    rankwise.pipeline.placement). scratch: the folder for the temporary spill (default:
-    the system's). Factored layers that read the same input (q/k/v, gate/up) are then
-    fused for inference (layers.Siblings). Returns a Summary with the per-layer ranks and
-    the achieved ratio.
+    but `svd`. filter_fn(module, name): narrows the targets beyond config.include /
+    exclude. precomputed: statistics from `stats.collect` on this model, used instead of
+    calib (e.g. to try several ratios; one one-shot cut only). With `config.steps = k` the
+    ratio is reached in k cuts, the statistics measured again on the partly compressed
+    model before each (an anchored cut still anchors to the model as it was given).
+    Factored layers that read the same input (q/k/v, gate/up) are then fused for inference
+    (layers.Siblings). Returns a Summary with the per-layer ranks and the achieved ratio.
     """
-    if precomputed is not None and (config.steps > 1 or config.sequential):
-        raise RankwiseError("precomputed statistics describe the dense model; they cannot "
-                            "be reused across the stages of a multi-step or sequential "
-                            "compression")
+    execution = execution or Execution()
+    if precomputed is not None and (config.steps > 1 or config.cut != "oneshot"):
+        raise RankwiseError("precomputed statistics describe the dense model; they serve one "
+                            "one-shot cut only (--steps 1 --cut oneshot)")
     t0 = time.perf_counter()
     # names only: a reference to a layer would keep its dense weight alive after the cut
     shapes = {name: linear_shape(l) for name, l in
@@ -94,7 +111,6 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
     metric = metrics.get(config.metric)
     if metric.needs_calibration and precomputed is None and (calib is None or calib.numel() == 0):
         raise RankwiseError(f"metric {metric.name!r} needs calibration data")
-    placement = placement or Placement.of(model, onload)
     allocation = ALLOCATIONS[config.allocation]
     fitness = None
     if allocation.searched:
@@ -105,13 +121,18 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
         log.warning("only %d calibration tokens for layers up to %d wide: the covariances are "
                     "rank-deficient and %s projections degrade badly; use more windows",
                     tokens, max(max(s) for s in shapes.values()), metric.name)
-    stage = _Stage(model, config, metric, placement, Comm.current(), batch_size, seed, progress)
-    predicted, searched = 0.0, None
-    with Spill(scratch) as spill:
+    placement = execution.placement or Placement.of(model)
+    seconds = {"statistics": 0.0, "anchored": 0.0, "refinement": 0.0}
+    outcome = _Outcome()
+    with Spill(execution.scratch) as spill:
+        route = Route(placement, spill, Comm.current(), progress)
+        originals = _Originals(model, list(shapes), spill) \
+            if config.cut == "anchored" and config.steps > 1 else None
         for step in range(1, config.steps + 1):
-            stage.layers = {name: model.get_submodule(name) for name in shapes}
-            predicted, searched = stage.run(config.ratio * step / config.steps, calib, spill,
-                                            precomputed, fitness if step == config.steps else None)
+            cut = _Cut(model, config, metric, route, list(shapes), execution, seconds)
+            plan = _plan(cut, config.ratio * step / config.steps,
+                         fitness if step == config.steps else None, calib, originals)
+            outcome = _run(plan, cut, calib, precomputed)
         spilled = spill.written
     fuse_causal_lm(model)
     t_total = time.perf_counter() - t0
@@ -121,12 +142,14 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
                       achieved_ratio=allocate.achieved_ratio(shapes, ranks), ranks=ranks,
                       shapes=shapes, dense_params=sum(m * n for m, n in shapes.values()),
                       compressed_params=allocate.kept_params(shapes, ranks),
-                      calibration_tokens=tokens, predicted_loss=predicted,
-                      seconds={"statistics": stage.seconds["statistics"],
-                               "projection": t_total - stage.seconds["statistics"],
-                               "total": t_total}, search=searched, spilled_bytes=spilled)
-    log.info("compressed %d layers with %s: ratio %.4f achieved (%.4f requested) in %.1f s",
-             len(shapes), config.metric, summary.achieved_ratio, config.ratio, t_total)
+                      calibration_tokens=tokens, predicted_loss=outcome.predicted,
+                      seconds={**seconds, "projection": t_total - seconds["statistics"]
+                               - seconds["anchored"], "total": t_total},
+                      search=outcome.searched, spilled_bytes=spilled, plan=outcome.plan,
+                      refinement=outcome.refinement)
+    log.info("compressed %d layers with %s (%s cut): ratio %.4f achieved (%.4f requested) "
+             "in %.1f s", len(shapes), config.metric, summary.plan, summary.achieved_ratio,
+             config.ratio, t_total)
     return summary
 
 
@@ -142,24 +165,45 @@ def _hold_out(model, calib, windows: int, progress: bool):
                                                         progress=progress))
 
 
-class _Stage:
-    """One cut of the model to a ratio: statistics block by block, decompositions as they
-    arrive, the allocation, the cut (see the module docstring)."""
+@dataclass
+class _Outcome:
+    plan: str = ""
+    predicted: float = 0.0                  # the cut's predicted loss
+    searched: SearchResult | None = None
+    refinement: dict[int, tuple[float, float]] = field(default_factory=dict)
 
-    def __init__(self, model, config: CompressConfig, metric: metrics.Metric,
-                 placement: Placement, comm: Comm | None, batch_size: int, seed: int,
-                 progress: bool):
-        self.model, self.config, self.metric, self.placement = model, config, metric, placement
-        self.comm, self.batch_size, self.seed, self.progress = comm, batch_size, seed, progress
+
+def _plan(cut: "_Cut", ratio: float, fitness, calib, originals) -> "_Plan":
+    """The one plan a cut takes (see the module docstring)."""
+    if cut.config.cut == "anchored":
+        return Anchored(cut, ratio, fitness, calib, originals)
+    if cut.allocation.needs_spectra:
+        return Parked(cut, ratio, fitness)
+    return Immediate(cut, cut.ranks({}, ratio))
+
+
+def _run(plan: "_Plan", cut: "_Cut", calib, precomputed) -> _Outcome:
+    for block in cut.statistics(plan.wants, calib, precomputed):
+        plan.block(block)
+    return plan.finish()
+
+
+class _Cut:
+    """What every plan of one cut shares: the model and its targeted layers, the recipe,
+    the route the work takes, and what is done to layers (decompose, swap)."""
+
+    def __init__(self, model: nn.Module, config: CompressConfig, metric: metrics.Metric,
+                 route: Route, names: list[str], execution: Execution, seconds: dict):
+        self.model, self.config, self.metric, self.route = model, config, metric, route
+        self.execution, self.seconds = execution, seconds
         self.allocation = ALLOCATIONS[config.allocation]
-        self.layers: dict[str, nn.Module] = {}
-        self.seconds = {"statistics": 0.0}
+        self.layers = {name: model.get_submodule(name) for name in names}
 
     @property
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {name: linear_shape(l) for name, l in self.layers.items()}
 
-    def _ranks(self, spectra: dict[str, torch.Tensor], ratio: float) -> dict[str, int | None]:
+    def ranks(self, spectra: dict[str, torch.Tensor], ratio: float) -> dict[str, int | None]:
         """The allocation's ranks, in each layer's rank steps, with the explicit overrides."""
         c, shapes = self.config, self.shapes
         multiples = allocate.rank_multiples(shapes, c.rank_multiple)
@@ -167,112 +211,67 @@ class _Stage:
             self.allocation.choose(shapes, spectra, ratio, c.min_rank, multiples),
             shapes, c.rank_pattern)
 
-    def run(self, ratio: float, calib, spill: Spill, precomputed, fitness
-            ) -> tuple[float, SearchResult | None]:
-        """Cut to `ratio`; returns (predicted loss of the cut, search result or None)."""
-        c, layers = self.config, self.layers
-        known = None
-        if not self.allocation.needs_spectra:
-            known = self._ranks({}, ratio)
-        # what each block's decompositions leave: the cut itself (ranks known), factors at
-        # every rank the allocation or the search may choose, or (sequential) the spectra
-        park_factors = known is None and (not c.sequential or self.allocation.searched)
-        park_gradients = c.sequential and self.metric.gradients is not None
-        spectra, predicted = {}, 0.0
-        measured = not (c.sequential and known is not None and not park_gradients)
-        for names, block_stats in (self._statistics(calib, spill, precomputed) if measured else ()):
-            for name in names if park_gradients else ():
-                spill.put(f"gradients.{name}", {k: v for k, v in block_stats[name].matrices(
-                    GRADIENT_SIDE).items() if v is not None})
-            if c.sequential and known is not None:
-                continue
-            wanted = [n for n in names if known is None or _cuts(layers[n], known[n])]
-            at = known if known is not None else \
-                {n: _cap(layers[n]) for n in wanted} if park_factors else None
-            for name, (spectrum, B, A) in self._decomposed(wanted, block_stats, at).items():
-                spectra[name] = spectrum
-                if known is not None:
-                    predicted += self._swap(name, known[name], B, A, spectrum)
-                elif B is not None:
-                    spill.put(f"factors.{name}", {"B_t": B.T, "A": A})
-            del block_stats
-        ranks, searched = known, None
-        if known is None:
-            ranks = self._ranks(spectra, ratio)
-        if fitness is not None:
-            searched = self._search(ranks, spill, fitness)
-            ranks = searched.ranks
-        if c.sequential:
-            predicted = self._sequential_cut(ranks, calib, spill)
-        elif known is None:
-            for name, rank in ranks.items():
-                if _cuts(layers[name], rank):
-                    predicted += self._swap(name, rank, *self._parked(spill, name, rank),
-                                            spectra[name])
-        return predicted, searched
+    def batches(self, calib) -> list[torch.Tensor]:
+        return list(calib.split(self.execution.batch_size))
 
-    @staticmethod
-    def _parked(spill: Spill, name: str, rank: int):
-        """(B, A) of rank `rank` from a layer's parked factors (only those rows are read)."""
-        return (spill.get(f"factors.{name}", "B_t", rank).T,
-                spill.get(f"factors.{name}", "A", rank))
-
-    def _statistics(self, calib, spill: Spill, precomputed
-                    ) -> Iterator[tuple[list[str], dict[str, LayerStats]]]:
-        """(names, statistics) block by block: walked, given, or none (svd)."""
+    def statistics(self, wants: Wants, calib, precomputed) -> Iterator[BlockStatistics]:
+        """Block by block: walked, given, or none (svd)."""
         t0 = time.perf_counter()
         if precomputed is not None or not self.metric.needs_calibration:
-            for names in filter(None, names_by_block(self.model, self.layers)):
-                yield names, {n: precomputed[n] for n in names} if precomputed else {}
+            for k, names in enumerate(names_by_block(self.model, self.layers)):
+                if names:
+                    yield BlockStatistics(k, names, {n: precomputed[n] for n in names}
+                                          if precomputed else {})
             return
-        comm = self.comm
-        source = walk(self.model, self.layers, list(calib.split(self.batch_size)),
-                      self.placement, spill, inputs=self.metric.inputs,
-                      gradients=self.metric.gradients, seed=self.seed,
-                      shard=comm.shard if comm else (0, 1),
-                      reduce=comm.all_reduce if comm else None, progress=self.progress)
-        for item in source:
+        for block in walk(self.model, self.layers, self.batches(calib), self.route, wants):
             self.seconds["statistics"] += time.perf_counter() - t0
-            yield item
+            yield block
             t0 = time.perf_counter()
         self.seconds["statistics"] += time.perf_counter() - t0
 
-    def _decomposed(self, names: list[str], block_stats: dict[str, LayerStats],
-                    ranks: dict[str, int] | None) -> dict[str, tuple]:
-        """{name: (spectrum on the CPU, B, A)} of a block's layers, with factors of rank
-        ranks[name] (None: spectra only). Under torchrun the layers are spread over the
-        processes and broadcast from their owners."""
-        comm, out = self.comm, {}
-        mine = names if comm is None else names[comm.rank::comm.size]
-        problems = []
-        for name in mine:
-            layer = self.layers[name]
-            W = self.placement.to_device(linear_weight(layer).detach())
-            matrices = block_stats[name].matrices() if name in block_stats else {}
-            problems.append((W, self.metric.statistics(linear_shape(layer), **matrices)))
+    def wants(self, **more) -> Wants:
+        return Wants(inputs=self.metric.inputs, gradients=self.metric.gradients,
+                     seed=self.execution.seed, **more)
+
+    def solve(self, names: list[str], problem: Callable[[str], tuple[torch.Tensor, dict]],
+              ranks: dict[str, int] | None) -> dict[str, tuple]:
+        """{name: (spectrum on the CPU, B, A)} of the layers' projection problems (problem(name)
+        = (W, decompose's keyword arguments)), with factors of rank ranks[name] (None:
+        spectra only); the same-sized ones decomposed in one batch. Under torchrun the
+        layers are spread over the processes (each forms only its own problems) and
+        broadcast from their owners."""
+        comm, out = self.route.comm, {}
+        mine = names[comm.rank::comm.size]
+        problems = [problem(n) for n in mine]
         for name, d in zip(mine, geometry.decompose_many(problems, self.config.damping)):
             B = A = None
             if ranks is not None and ranks[name] >= 1:
                 dtype = held_by(self.layers[name]).dtype
                 B, A = (t.to(dtype) for t in d.factors(ranks[name]))
             out[name] = (d.spectrum.to("cpu"), B, A)
-        return out if comm is None else self._shared(names, out, ranks)
+        return self._shared(names, out, ranks)
+
+    def problem(self, name: str, stats: LayerStats | None) -> tuple[torch.Tensor, dict]:
+        """A layer's plain projection problem in the metric."""
+        layer = self.layers[name]
+        W = self.route.placement.to_device(linear_weight(layer).detach())
+        return W, self.metric.statistics(linear_shape(layer), **(stats.matrices() if stats else {}))
 
     def _shared(self, names: list[str], mine: dict, ranks: dict[str, int] | None) -> dict:
         """Every process's decompositions of a block, broadcast from their owners."""
-        out, device = {}, self.placement.device
+        comm, out, device = self.route.comm, {}, self.route.placement.device
         for j, name in enumerate(names):
-            owner, (m, n) = j % self.comm.size, linear_shape(self.layers[name])
+            owner, (m, n) = j % comm.size, linear_shape(self.layers[name])
             spectrum, B, A = mine.get(name, (None, None, None))
-            got = [self.comm.broadcast(spectrum, (min(m, n),), torch.float64, owner, "cpu")]
+            got = [comm.broadcast(spectrum, (min(m, n),), torch.float64, owner, "cpu")]
             if ranks is not None and ranks[name] >= 1:
                 dtype, r = held_by(self.layers[name]).dtype, ranks[name]
-                got += [self.comm.broadcast(B, (m, r), dtype, owner, device),
-                        self.comm.broadcast(A, (r, n), dtype, owner, device)]
+                got += [comm.broadcast(B, (m, r), dtype, owner, device),
+                        comm.broadcast(A, (r, n), dtype, owner, device)]
             out[name] = (*got, None, None)[:3]
         return out
 
-    def _swap(self, name: str, rank: int, B, A, spectrum) -> float:
+    def swap(self, name: str, rank: int, B, A, spectrum) -> float:
         """Put the rank-`rank` factors in place of the layer (whose dense weight is then
         freed); the predicted loss of the cut."""
         new = LowRankLinear.from_linear(self.layers[name], A[:rank], B[:, :rank])
@@ -280,52 +279,197 @@ class _Stage:
         self.layers[name] = new
         return float(spectrum[rank:].sum())
 
-    def _search(self, ranks, spill: Spill, fitness) -> SearchResult:
-        c = self.config
-        caps = {k: l.rank for k, l in self.layers.items() if isinstance(l, LowRankLinear)}
-        return search_ranks(self.model, self.layers, lambda name, rank: self._parked(spill, name, rank),
-                            self.shapes, ranks, *fitness, generations=c.search_generations,
+    def cuts(self, name: str, rank: int | None) -> bool:
+        """A layer is cut when given a rank, and only ever further."""
+        layer = self.layers[name]
+        return rank is not None and not (isinstance(layer, LowRankLinear) and rank >= layer.rank)
+
+    def cap(self, name: str) -> int:
+        """The largest rank a layer can be given: one that still saves parameters, and never
+        more than it has (a factored layer is only ever cut further)."""
+        layer = self.layers[name]
+        top = max_useful_rank(*linear_shape(layer))
+        return min(top, layer.rank) if isinstance(layer, LowRankLinear) else top
+
+
+class _Plan:
+    """One way a cut goes: what the walk collects, each block's statistics as they arrive,
+    the end."""
+    wants: Wants
+
+    def block(self, block: BlockStatistics) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> _Outcome:
+        raise NotImplementedError
+
+
+class Immediate(_Plan):
+    """Ranks known up front: each block is cut as soon as its statistics arrive."""
+
+    def __init__(self, cut: _Cut, ranks: dict[str, int | None]):
+        self.cut, self.known, self.predicted = cut, ranks, 0.0
+        self.wants = cut.wants()
+
+    def block(self, block: BlockStatistics) -> None:
+        cut = self.cut
+        wanted = [n for n in block.names if cut.cuts(n, self.known[n])]
+        problem = lambda n: cut.problem(n, block.layers.get(n))      # noqa: E731
+        for name, (spectrum, B, A) in cut.solve(wanted, problem, self.known).items():
+            self.predicted += cut.swap(name, self.known[name], B, A, spectrum)
+
+    def finish(self) -> _Outcome:
+        return _Outcome("immediate", self.predicted)
+
+
+class Parked(_Plan):
+    """Ranks from every layer's spectrum: spectra kept, factors parked on disk up to each
+    layer's cap (or not at all, `park=False`: spectra only), allocated (and searched) at
+    the end, then cut from the parked rows."""
+
+    def __init__(self, cut: _Cut, ratio: float, fitness, park: bool = True):
+        self.cut, self.ratio, self.fitness, self.park = cut, ratio, fitness, park
+        self.spectra: dict[str, torch.Tensor] = {}
+        self.wants = cut.wants()
+
+    def block(self, block: BlockStatistics) -> None:
+        cut = self.cut
+        problem = lambda n: cut.problem(n, block.layers.get(n))      # noqa: E731
+        caps = {n: cut.cap(n) for n in block.names} if self.park else None
+        for name, (spectrum, B, A) in cut.solve(block.names, problem, caps).items():
+            self.spectra[name] = spectrum
+            if B is not None:
+                cut.route.spill.put(f"factors.{name}", {"B_t": B.T, "A": A})
+
+    def chosen(self) -> tuple[dict[str, int | None], SearchResult | None]:
+        """The allocation's ranks, refined by the search when it runs."""
+        ranks = self.cut.ranks(self.spectra, self.ratio)
+        if self.fitness is None:
+            return ranks, None
+        searched = self._search(ranks)
+        return searched.ranks, searched
+
+    def finish(self) -> _Outcome:
+        ranks, searched = self.chosen()
+        predicted = sum(self.cut.swap(name, rank, *self._parked(name, rank), self.spectra[name])
+                        for name, rank in ranks.items() if self.cut.cuts(name, rank))
+        return _Outcome("parked", predicted, searched)
+
+    def _parked(self, name: str, rank: int):
+        """(B, A) of rank `rank` from a layer's parked factors (only those rows are read)."""
+        spill = self.cut.route.spill
+        return (spill.get(f"factors.{name}", "B_t", rank).T,
+                spill.get(f"factors.{name}", "A", rank))
+
+    def _search(self, ranks) -> SearchResult:
+        cut, c = self.cut, self.cut.config
+        caps = {k: l.rank for k, l in cut.layers.items() if isinstance(l, LowRankLinear)}
+        return search_ranks(cut.model, cut.layers, self._parked, cut.shapes, ranks,
+                            *self.fitness, generations=c.search_generations,
                             seconds=c.search_seconds, offspring=c.search_offspring,
                             min_rank=c.min_rank, caps=caps,
-                            multiples=allocate.rank_multiples(self.shapes, c.rank_multiple),
-                            seed=self.seed, progress=self.progress)
-
-    def _sequential_cut(self, ranks, calib, spill: Spill) -> float:
-        """Block by block in order: each block's input side measured on what the blocks
-        already cut produce, its gradient side as parked by the walk, then the cut. Every
-        process measures every batch here, so each decomposes alone."""
-        t0, predicted, comm = time.perf_counter(), 0.0, self.comm
-        blocks = walk(self.model, self.layers, list(calib.split(self.batch_size)),
-                      self.placement, spill, inputs=True, gradients=None, recut=True,
-                      progress=self.progress)
-        self.comm = None
-        try:
-            for names, fresh in blocks:
-                wanted = [n for n in names if _cuts(self.layers[n], ranks[n])]
-                block_stats = {}
-                for name in wanted:
-                    parked = spill.take(f"gradients.{name}") if self.metric.gradients else {}
-                    block_stats[name] = LayerStats(
-                        tokens=fresh[name].tokens, **fresh[name].matrices(INPUT_SIDE),
-                        **{k: v.to(self.placement.device) for k, v in parked.items()})
-                at = {n: ranks[n] for n in wanted}
-                for name, (spectrum, B, A) in self._decomposed(wanted, block_stats, at).items():
-                    predicted += self._swap(name, ranks[name], B, A, spectrum)
-        finally:
-            self.comm = comm
-        log.info("sequential cut: inputs re-measured block by block in %.1f s",
-                 time.perf_counter() - t0)
-        return predicted
+                            multiples=allocate.rank_multiples(cut.shapes, c.rank_multiple),
+                            seed=cut.execution.seed, progress=cut.route.progress)
 
 
-def _cap(layer: nn.Module) -> int:
-    """The largest rank a layer can be given: one that still saves parameters, and never
-    more than it has (a factored layer is only ever cut further)."""
-    m, n = linear_shape(layer)
-    top = max_useful_rank(m, n)
-    return min(top, layer.rank) if isinstance(layer, LowRankLinear) else top
+class Anchored(_Plan):
+    """Ranks as Immediate or Parked would choose them; then the two-stream walk, each group
+    of layers cut in the anchored metric and each block refined (module docstring)."""
+
+    def __init__(self, cut: _Cut, ratio: float, fitness, calib, originals: "_Originals | None"):
+        self.cut, self.calib, self.originals = cut, calib, originals
+        self.choice = Parked(cut, ratio, fitness, park=fitness is not None) \
+            if cut.allocation.needs_spectra else None
+        self.known = None if self.choice else cut.ranks({}, ratio)
+        refines = cut.config.refine_steps > 0 and cut.metric.gradients == "full"
+        self.wants = Wants(inputs=self.choice is not None, gradients=cut.metric.gradients,
+                           output_fisher=refines, seed=cut.execution.seed)
+        self.fisher: dict[int, bool] = {}
+
+    def block(self, block: BlockStatistics) -> None:
+        if self.choice is not None:
+            self.choice.block(block)
+        spill = self.cut.route.spill
+        for name in block.names:
+            side = {k: v for k, v in block.layers[name].matrices(GRADIENT_SIDE).items()
+                    if v is not None}
+            if side:
+                spill.put(f"gradients.{name}", side)
+        if block.output_fisher is not None:
+            spill.put(f"output_fisher.{block.index}", {"F": block.output_fisher})
+            self.fisher[block.index] = True
+
+    def finish(self) -> _Outcome:
+        ranks, searched = self.choice.chosen() if self.choice else (self.known, None)
+        cut, c = self.cut, self.cut.config
+        outcome = _Outcome("anchored", 0.0, searched)
+        t0 = time.perf_counter()
+        names = [n for n in cut.layers]
+        for event in walk_streams(cut.model, names, cut.batches(self.calib), cut.route,
+                                  self._reference):
+            if isinstance(event, GroupInputs):
+                outcome.predicted += self._cut_group(event, ranks)
+            elif c.refine_steps:
+                t1 = time.perf_counter()
+                outcome.refinement[event.index] = self._refine(event)
+                cut.seconds["refinement"] += time.perf_counter() - t1
+        cut.seconds["anchored"] += time.perf_counter() - t0
+        return outcome
+
+    def _reference(self, k: int, block: nn.Module) -> nn.Module:
+        """The dense block k: a copy of the block before its cut, with the layers as
+        compress_ found them when an earlier cut has replaced them."""
+        ref = copy.deepcopy(block)
+        if self.originals is not None:
+            self.originals.restore(ref, block, self.cut.model, self.cut.route.placement.device)
+        return ref
+
+    def _cut_group(self, group: GroupInputs, ranks: dict[str, int | None]) -> float:
+        cut = self.cut
+        wanted = [n for n in group.names if cut.cuts(n, ranks[n])]
+        if not wanted:
+            return 0.0
+        spill, device = cut.route.spill, cut.route.placement.device
+        root = geometry.psd_root(group.cov, cut.config.anchor_damping)
+
+        def problem(name):
+            layer = cut.layers[name]
+            side = {k: v.to(device) for k, v in spill.read(f"gradients.{name}").items()} \
+                if cut.metric.gradients else {}
+            return geometry.anchored(linear_weight(layer).detach(), group.cov, group.cross, root,
+                                     mix=cut.config.anchor_mix,
+                                     **cut.metric.output_side(linear_shape(layer), **side))
+        solved = cut.solve(wanted, problem, ranks)
+        for name in group.names:
+            spill.drop(f"gradients.{name}")
+        return sum(cut.swap(name, ranks[name], B, A, spectrum)
+                   for name, (spectrum, B, A) in solved.items())
+
+    def _refine(self, stream: BlockStream) -> tuple[float, float]:
+        cut, c = self.cut, self.cut.config
+        fisher = cut.route.spill.take(f"output_fisher.{stream.index}")["F"].to(
+            cut.route.placement.device) if self.fisher.get(stream.index) else None
+        windows = c.refine_windows or stream.total * cut.execution.batch_size
+        return refine_block(stream, fisher, c.refine_steps, c.refine_lr, cut.route.comm,
+                            cut.execution.seed, -(-windows // cut.execution.batch_size))
 
 
-def _cuts(layer, rank: int | None) -> bool:
-    """A layer is cut when given a rank, and only ever further."""
-    return rank is not None and not (isinstance(layer, LowRankLinear) and rank >= layer.rank)
+class _Originals:
+    """The targeted layers as compress_ found them, parked on disk: the dense reference of
+    the anchored cuts after the first (when the model holds their earlier cuts)."""
+
+    def __init__(self, model: nn.Module, names: list[str], spill: Spill):
+        self.spill, self.skeletons = spill, {}
+        for name in names:
+            layer = model.get_submodule(name)
+            spill.put(f"original.{name}", layer.state_dict())
+            self.skeletons[name] = copy.deepcopy(layer).to("meta")
+
+    def restore(self, ref: nn.Module, block: nn.Module, model: nn.Module, device) -> None:
+        """Put the original layers of `block` (a block of `model`) into its copy `ref`."""
+        within = {id(m): n for n, m in block.named_modules()}
+        for name, module in model.named_modules():
+            if id(module) in within and name in self.skeletons:
+                layer = copy.deepcopy(self.skeletons[name]).to_empty(device=device)
+                layer.load_state_dict(self.spill.read(f"original.{name}"))
+                set_module(ref, within[id(module)], layer)

@@ -14,7 +14,15 @@ from .data import DOMAINS, SELF
 from .errors import RankwiseError
 from .geometry import DEFAULT_DAMPING
 from .metrics import METRICS
-from .options import check_bool, check_choice, check_int, check_number, option
+from .options import check_choice, check_int, check_number, option
+
+
+CUTS = {
+    "oneshot": "every layer projected from the dense model's statistics, all at once",
+    "anchored": "block by block: each layer fitted to reproduce the dense model's output "
+                "from the inputs the already-compressed blocks give it, then each block's "
+                "factors refined toward the dense block's output",
+}
 
 
 @dataclass
@@ -34,9 +42,23 @@ class CompressConfig:
                                    "among multiples")
     steps: int = option(1, "reach the ratio in this many cuts, re-measuring the statistics "
                            "on the partly compressed model before each (1: one cut)")
-    sequential: bool = option(False, "cut block by block, each block's input statistics "
-                                     "re-measured on the outputs of the blocks already cut "
-                                     "(whiten, kfac)")
+    cut: str | None = option(None, "how layers are fitted: " + "; ".join(
+        f"{name} = {text}" for name, text in CUTS.items()) + " (default: anchored for the "
+        "metrics that measure inputs, whiten and kfac; oneshot for svd and fisher)",
+        choices=CUTS)
+    anchor_mix: float = option(1.0, "anchored cut: the target of each layer, from its own "
+                                    "output on the compressed stream (0, the sequential "
+                                    "fit) to the dense model's output (1), in [0, 1]")
+    anchor_damping: float = option(1e-2, "anchored cut: ridge of each layer's regression "
+                                         "onto the compressed stream, toward the dense "
+                                         "weight (times the input covariance's mean "
+                                         "eigenvalue), in (0, 1)")
+    refine_steps: int = option(32, "anchored cut: optimizer steps that train each block's "
+                                   "factors toward the dense block's output after its cut "
+                                   "(0: none)")
+    refine_lr: float = option(5e-4, "anchored cut: Adam learning rate of the refinement")
+    refine_windows: int | None = option(None, "anchored cut: calibration windows the "
+                                              "refinement trains on (default: all)")
     rank_pattern: dict[str, int] = option(
         help="explicit {regex: rank} overrides (peft-style), e.g. '{q_proj: 16}'",
         factory=dict, metavar="YAML")
@@ -55,10 +77,20 @@ class CompressConfig:
                      "search_offspring"):
             check_int(name, getattr(self, name))
         check_int("rank_multiple", self.rank_multiple, low=0)
-        check_bool("sequential", self.sequential)
-        if self.sequential and not METRICS[self.metric].inputs:
-            raise RankwiseError(f"sequential mode re-measures the layers' inputs, which metric "
-                                f"{self.metric!r} does not use; use whiten or kfac")
+        if self.cut is None:
+            self.cut = "anchored" if METRICS[self.metric].inputs else "oneshot"
+        check_choice("cut", self.cut, CUTS)
+        if self.cut == "anchored" and not METRICS[self.metric].inputs:
+            raise RankwiseError(f"the anchored cut fits each layer on the inputs the "
+                                f"compressed model gives it, which metric {self.metric!r} "
+                                "does not measure; use whiten or kfac, or --cut oneshot")
+        self.anchor_mix = check_number("anchor_mix", self.anchor_mix, 0, 1, low_open=False,
+                                       high_open=False)
+        self.anchor_damping = check_number("anchor_damping", self.anchor_damping, 0, 1)
+        check_int("refine_steps", self.refine_steps, low=0)
+        self.refine_lr = check_number("refine_lr", self.refine_lr, 0)
+        if self.refine_windows is not None:
+            check_int("refine_windows", self.refine_windows)
         if self.search_seconds is not None:
             self.search_seconds = check_number("search_seconds", self.search_seconds, 0)
         if ALLOCATIONS[self.allocation].searched and self.metric == "svd":

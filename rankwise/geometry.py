@@ -21,6 +21,33 @@ eigendecomposition of the larger covariance is ever computed (e.g. down_proj's 1
 input covariance), and only the root of the side in use is damped. The eigenvalues of the
 Gram matrix are S^2, the loss of dropping each direction in the metric: the spectrum rank
 allocation spends.
+
+Anchored projection (`anchored`). Compressing the blocks below a layer changes what it
+reads: on calibration token t it sees x_c(t) from the compressed model where the dense
+model saw x_d(t). Fit its factors to reproduce the *dense* layer's output on the *dense*
+stream from the compressed one, in the same K-FAC metric (the second-order KL of the
+layer's output error e = W_r x_c - W x_d):
+
+    sum_t e^T G e = tr(G W_r C W_r^T) - 2 tr(G W_r X W^T) + tr(G W D W^T),
+    C = sum x_c x_c^T,  X = sum x_c x_d^T (the cross-covariance),  D = sum x_d x_d^T.
+
+Completing the square with W* = W X^T C^{-1} (the regression of the dense outputs on the
+compressed inputs) gives
+
+    sum_t e^T G e = || G^{1/2} (W_r - W*) C^{1/2} ||_F^2 + const,
+
+so the best rank-r W_r is the ordinary projection of W* in the metric (G, C), and its
+spectrum the loss of dropping each direction beyond the best full-rank fit. The damping
+lambda I that every covariance here gets is a ridge toward the dense weight: adding
+lambda ||G^{1/2} (W_r - W)||_F^2 to the objective gives W* = W (X^T + lambda I)(C + lambda I)^{-1}
+in the metric (G, C + lambda I), so a direction the compressed stream hardly visits keeps
+the dense map instead of a regression coefficient fitted to round-off (a cut value
+projection leaves the next layer's inputs rank-deficient). With equal streams X = C and
+W* = W exactly: the plain K-FAC projection. Only the sides the small form needs are formed:
+W* C W*^T = Z Z^T with Z = W (X^T + lambda I) C^{-1/2} (m x m) for m <= n, and W*^T G W* =
+M^T (W^T G W) M with M = (X^T + lambda I) C^{-1} (n x n) for m > n, so G itself (m x m) is
+never needed there. `mix` in [0, 1] blends the target from the compressed stream's own
+outputs (0: X replaced by C, the sequential fit, W* = W) to the dense ones (1).
 """
 from __future__ import annotations
 
@@ -76,7 +103,8 @@ def eigh(S: torch.Tensor, floor: torch.Tensor | float | None = None, rtol: float
     S = S.to(torch.float64)
     S = (S + S.mT) / 2
     if not float32:
-        return torch.linalg.eigh(S)
+        lam, Q = torch.linalg.eigh(S)
+        return lam, _signed(Q)
     Q = torch.linalg.eigh(S.float())[1].double()
     Q = Q @ (1.5 * torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device) - 0.5 * (Q.mT @ Q))
     SQ = S @ Q
@@ -92,7 +120,15 @@ def eigh(S: torch.Tensor, floor: torch.Tensor | float | None = None, rtol: float
         lam, Q = lam.clone(), Q.clone()
         lam[bad], Q[bad] = lam64, Q64
     order = lam.argsort(-1)
-    return lam.gather(-1, order), Q.gather(-1, order[..., None, :].expand_as(Q))
+    return lam.gather(-1, order), _signed(Q.gather(-1, order[..., None, :].expand_as(Q)))
+
+
+def _signed(Q: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors with the sign that makes each one's largest entry positive: the same
+    factors whichever solver (and process) produced them, which matters to anything that
+    trains them afterwards (Adam is not invariant to a flipped factor pair)."""
+    top = Q.abs().argmax(-2, keepdim=True)
+    return Q * torch.sign(Q.gather(-2, top)).clamp_min(0).mul(2).sub(1)
 
 
 def psd_root(S: torch.Tensor, damping: float = DEFAULT_DAMPING) -> Root:
@@ -111,11 +147,15 @@ def _check_finite(S: torch.Tensor) -> None:
                             "activations or gradients on the calibration data")
 
 
-def _roots(stats: list[torch.Tensor], damping: float) -> list[Root]:
-    """psd_root of each statistic, the same-sized matrices decomposed in one batch."""
+def _roots(stats: list, damping: float) -> list[Root]:
+    """psd_root of each statistic (a Root given is kept as it is), the same-sized matrices
+    decomposed in one batch."""
     out: list[Root | None] = [None] * len(stats)
     by_size: dict[int, list[int]] = {}
     for i, S in enumerate(stats):
+        if isinstance(S, Root):
+            out[i] = S
+            continue
         _check_finite(S)
         if S.dim() == 1:
             lam = S.to(torch.float64).clamp_min(0)
@@ -254,6 +294,30 @@ def decompose_many(problems: list[tuple[torch.Tensor, dict]],
     return [Decomposition(W=W, basis=Q, spectrum=lam, left_form=left_form,
                           root=roots.get(id(S)) if S is not None else None)
             for (W, _), left_form, S, (lam, Q) in zip(problems, forms, stats, spectra)]
+
+
+def anchored(W: torch.Tensor, cov: torch.Tensor, cross: torch.Tensor, cov_root: Root,
+             left: torch.Tensor | None = None, left_image: torch.Tensor | None = None,
+             mix: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """The anchored problem as an ordinary one (see the module docstring): (W*, keyword
+    arguments of `decompose` / `decompose_many` for W*).
+
+    cov: the compressed stream's input covariance C; cross: X = sum x_c x_d^T (n x n);
+    cov_root: psd_root(C, damping) (one Root serves every layer reading that input);
+    left / left_image: the output side as for `decompose` (G, or W^T G W for m > n). mix:
+    1 anchors to the dense stream, 0 to the compressed stream's own outputs."""
+    W64 = W.to(torch.float64)
+    C = cov.to(torch.float64)
+    damped = cov_root.half @ cov_root.half                  # C + lambda I
+    target = damped + mix * (cross.to(torch.float64).T - C)  # X^T + lambda I at mix 1
+    Z = W64 @ target @ cov_root.inv_half
+    W_star = Z @ cov_root.inv_half
+    m, n = W.shape
+    if m <= n:
+        return W_star, dict(left=left, right=cov_root, right_image=Z @ Z.T)
+    M = target @ cov_root.inv_half @ cov_root.inv_half
+    K = left_image.to(torch.float64) if left_image is not None else W64.T @ _weigh(left, W64)
+    return W_star, dict(right=cov_root, left_image=M.T @ K @ M)
 
 
 def project(W: torch.Tensor, rank: int, left: torch.Tensor | None = None,

@@ -41,6 +41,15 @@ class Metric:
             if input_cov is None and not (small_left and output_cov is not None):
                 raise RankwiseError(f"metric {self.name!r} needs the layer's input covariance")
             out.update(right=input_cov, right_image=output_cov)
+        out.update(self.output_side(shape, grad_cov, input_grad_cov, grad_diag))
+        return out
+
+    def output_side(self, shape: tuple[int, int], grad_cov=None, input_grad_cov=None,
+                    grad_diag=None) -> dict:
+        """The output side alone (left = G or diag G, left_image = W^T G W), as
+        geometry.decompose and geometry.anchored take it; empty without gradients."""
+        small_left = shape[0] <= shape[1]
+        out = {}
         if self.gradients == "diag":
             diag = grad_diag if grad_diag is not None else \
                 (grad_cov.diagonal() if grad_cov is not None else None)

@@ -89,6 +89,54 @@ def shared_inputs(module: nn.Module, layers: dict[str, nn.Module], call) -> dict
     return leader
 
 
+class Sums:
+    """Named sums of x^T y over tokens, where the activations are: float32 on a GPU (TF32
+    products for 16-bit activations), float64 on the CPU, so that they do not depend on the
+    order the batches are added in (one process or several) beyond round-off. `totals` is
+    what a walk all-reduces across processes."""
+
+    def __init__(self):
+        self.totals: dict = {}
+        self._scratch: dict[tuple, torch.Tensor] = {}
+
+    def gram(self, key, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Add x^T y (x^T x without y) over every token of x, y (..., features)."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        y = x if y is None else y.detach().reshape(-1, y.shape[-1])
+        total = self.totals.get(key)
+        with _exact_tf32(x):
+            x, y = x.float(), y.float()
+            if x.is_cuda and total is not None:
+                total.addmm_(x.T, y)
+                return
+            # buffers reused across calls: a fresh large tensor each time costs more in
+            # page faults than the product itself on a CPU
+            product = self._buffer("product", (x.shape[-1], y.shape[-1]), x.dtype, x.device)
+            self.add(key, torch.mm(x.T, y, out=product))
+
+    def _buffer(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device
+                ) -> torch.Tensor:
+        buffer = self._scratch.get((role, shape))
+        if buffer is None or buffer.device != device:
+            buffer = self._scratch[role, shape] = torch.empty(shape, dtype=dtype, device=device)
+        return buffer
+
+    def add(self, key, value: torch.Tensor) -> None:
+        total = self.totals.get(key)
+        if total is None:
+            self.totals[key] = value.clone() if value.is_cuda else value.to(torch.float64)
+        elif value.dtype == total.dtype or value.dim() == 1:
+            total += value
+        else:       # widened in a reused buffer (an in-place mixed-dtype add allocates)
+            total += self._buffer("widened", tuple(value.shape), total.dtype,
+                                  value.device).copy_(value)
+
+    def pop(self) -> dict:
+        """The totals; the sums let go of them and of their buffers."""
+        totals, self.totals, self._scratch = self.totals, {}, {}
+        return totals
+
+
 class Accumulator:
     """Sums of one set of layers' statistics, fed by hooks, where the activations are.
     `leader` maps each layer to the first layer reading its input (shared_inputs)."""
@@ -99,8 +147,7 @@ class Accumulator:
             raise RankwiseError(f"gradients must be one of {GRADIENT_MODES}, got {gradients!r}")
         self.layers, self.leader, self.inputs, self.gradients = layers, leader, inputs, gradients
         self.both_sides = both_sides
-        self.sums: dict[tuple[str, str], torch.Tensor] = {}
-        self._scratch: dict[tuple[str, int], torch.Tensor] = {}
+        self.sums = Sums()
         self.input_cov = {n: self._uses_input_cov(n) for n in layers}
 
     def _wide(self, name: str) -> bool:
@@ -117,35 +164,7 @@ class Accumulator:
 
     def gram(self, kind: str, name: str, x: torch.Tensor) -> None:
         """Add x^T x over every token of x (..., features) to the (kind, name) sum."""
-        x = x.detach().reshape(-1, x.shape[-1])
-        total = self.sums.get((kind, name))
-        with _exact_tf32(x):
-            x = x.float()
-            if x.is_cuda and total is not None:
-                total.addmm_(x.T, x)
-                return
-            # buffers reused across calls: a fresh large tensor each time costs more in
-            # page faults than the product itself on a CPU
-            product = self._buffer("product", x.shape[-1], x.dtype, x.device)
-            self._add(kind, name, torch.mm(x.T, x, out=product))
-
-    def _buffer(self, role: str, size: int, dtype: torch.dtype, device) -> torch.Tensor:
-        buffer = self._scratch.get((role, size))
-        if buffer is None or buffer.device != device:
-            buffer = self._scratch[role, size] = torch.empty(size, size, dtype=dtype, device=device)
-        return buffer
-
-    def _add(self, kind: str, name: str, value: torch.Tensor) -> None:
-        """Sums in float32 on a GPU; on the CPU in float64, so that they do not depend on
-        the order the batches are added in (one process or several) beyond round-off."""
-        total = self.sums.get((kind, name))
-        if total is None:
-            self.sums[kind, name] = value.clone() if value.is_cuda else value.to(torch.float64)
-        elif value.dtype == total.dtype or value.dim() == 1:
-            total += value
-        else:       # widened in a reused buffer (an in-place mixed-dtype add allocates)
-            total += self._buffer("widened", value.shape[-1], total.dtype,
-                                  value.device).copy_(value)
+        self.sums.gram((kind, name), x)
 
     def _pre_hook(self, name: str):
         leader, input_cov, wide = self.leader[name], self.input_cov[name], self._wide(name)
@@ -172,7 +191,7 @@ class Accumulator:
         return hook
 
     def _output_grad(self, name: str, wide: bool, g: torch.Tensor) -> None:
-        self._add("grad_diag", name, g.detach().float().square().reshape(-1, g.shape[-1]).sum(0))
+        self.sums.add(("grad_diag", name), g.detach().float().square().reshape(-1, g.shape[-1]).sum(0))
         if self.gradients == "full" and not wide:
             self.gram("grad_cov", name, g)
 
@@ -190,14 +209,13 @@ class Accumulator:
 
     def result(self, tokens: int) -> dict[str, LayerStats]:
         """Per-layer statistics; the accumulator lets go of them."""
-        out = {}
+        out, sums = {}, self.sums.pop()
         for name in self.layers:
             s = LayerStats(tokens=tokens)
-            s.input_cov = self.sums.get(("input_cov", self.leader[name]))
+            s.input_cov = sums.get(("input_cov", self.leader[name]))
             for kind in ("output_cov", *GRADIENT_SIDE):
-                setattr(s, kind, self.sums.get((kind, name)))
+                setattr(s, kind, sums.get((kind, name)))
             out[name] = s
-        self.sums, self._scratch = {}, {}
         return out
 
 

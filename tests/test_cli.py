@@ -38,13 +38,24 @@ def test_compress_then_eval_end_to_end(tiny_folder, tmp_path, capsys):
     assert "model.layers.0.self_attn.q_proj" in text
 
 
-def test_sequential_multi_step_compression_is_recorded(tiny_folder, tmp_path, capsys):
+def test_anchored_multi_step_compression_is_recorded(tiny_folder, tmp_path, capsys):
     out = tmp_path / "out"
     code, _, _ = run(capsys, *compress_args(tiny_folder, out, "--ratio", "0.4", "--allocation",
-                                            "spectrum", "--steps", "2", "--sequential"))
+                                            "spectrum", "--steps", "2", "--refine-steps", "3"))
     manifest = json.loads((out / "rankwise.json").read_text())
-    assert code == 0 and manifest["config"]["sequential"] and manifest["config"]["steps"] == 2
+    assert code == 0 and manifest["config"]["cut"] == "anchored" and manifest["plan"] == "anchored"
+    assert manifest["config"]["steps"] == 2 and manifest["config"]["refine_steps"] == 3
+    refinement = manifest["refinement"]
+    assert sorted(refinement) == ["0", "1"]
+    assert all(r["after"] <= r["before"] for r in refinement.values())
     assert ranks_of(load(out)) == manifest["ranks"] and 0.4 <= manifest["achieved_ratio"] < 0.5
+
+
+def test_the_default_cut_follows_the_metric(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, _ = run(capsys, *compress_args(tiny_folder, out, "--metric", "svd"))
+    manifest = json.loads((out / "rankwise.json").read_text())
+    assert code == 0 and manifest["config"]["cut"] == "oneshot" and "refinement" not in manifest
 
 
 def test_recipe_file_is_read_and_command_line_wins(tiny_folder, tmp_path, capsys):
@@ -62,7 +73,7 @@ def test_recipe_file_is_read_and_command_line_wins(tiny_folder, tmp_path, capsys
     (["--include", "no-such-layer"], "no linear layers match"),
     (["--calib-text", "/no/such/file.txt"], "text file not found"),
     (["--seqlen", "1000000000"], "shorter than one window"),
-    (["--metric", "svd", "--sequential"], "sequential mode re-measures the layers' inputs"),
+    (["--metric", "svd", "--cut", "anchored"], "anchored cut fits each layer on the inputs"),
 ])
 def test_bad_input_is_one_sentence_and_leaves_no_output(tiny_folder, tmp_path, capsys, extra, message):
     out = tmp_path / "out"

@@ -5,6 +5,7 @@ import torch
 
 from rankwise import CompressConfig, RankwiseError, compress_, evaluate, load, save
 from rankwise.allocate import ALLOCATIONS
+from rankwise.compress import Execution
 from rankwise.evaluate import parameter_count
 from rankwise.layers import ranks_of
 from rankwise.metrics import METRICS
@@ -59,7 +60,7 @@ def test_metric_allocation_family_matrix(family, metric, allocation, calib, tmp_
     assert all(name.startswith(prefix + ".") for name in layers)   # never embeddings / lm_head
     dense_logits = model(calib[:2]).logits
     dense_count = parameter_count(model)
-    config = CompressConfig(metric=metric, ratio=0.4, allocation=allocation,
+    config = CompressConfig(metric=metric, ratio=0.4, allocation=allocation, refine_steps=2,
                             search_generations=2, search_offspring=2, search_windows=2)
     summary = compress_(model, config, calib, progress=False)
     step = max(m + n for m, n in summary.shapes.values()) / summary.dense_params
@@ -177,16 +178,18 @@ def test_walked_statistics_equal_the_whole_models(family, calib):
     from rankwise import stats
     from rankwise.pipeline.placement import Placement
     from rankwise.pipeline.spill import Spill
-    from rankwise.pipeline.walk import walk
+    from rankwise.pipeline.distributed import ONE_PROCESS
+    from rankwise.pipeline.walk import Route, Wants, walk
     model = structured_tiny(family)
     layers = target_linears(model)
     batches = list(calib.split(4))
     for gradients in (None, "full"):
         whole = stats.collect(model, layers, batches, gradients=gradients, seed=3, progress=False)
         with Spill() as spill:
-            walked = {name: s for names, block in walk(
-                model, layers, batches, Placement("cpu", copy=True), spill, gradients=gradients,
-                seed=3, progress=False) for name, s in block.items()}
+            route = Route(Placement("cpu", copy=True), spill, ONE_PROCESS, progress=False)
+            walked = {name: s for block in walk(model, layers, batches, route,
+                                                Wants(gradients=gradients, seed=3))
+                      for name, s in block.layers.items()}
         assert walked.keys() == whole.keys()
         for name, s in whole.items():
             for kind, value in s.matrices().items():
@@ -202,7 +205,8 @@ def test_onloaded_compression_equals_the_resident_ones(calib):
     config = CompressConfig(metric="kfac", ratio=0.4, allocation="spectrum", steps=2)
     a, b = copy.deepcopy(dense), copy.deepcopy(dense)
     sa = compress_(a, config, calib, progress=False)
-    sb = compress_(b, config, calib, progress=False, placement=Placement("cpu", copy=True))
+    sb = compress_(b, config, calib, progress=False,
+                   execution=Execution(placement=Placement("cpu", copy=True)))
     assert sa.ranks == sb.ranks
     with torch.no_grad():
         torch.testing.assert_close(a(calib).logits, b(calib).logits)

@@ -11,9 +11,13 @@ from safetensors.torch import load_file
 from rankwise.cli import main
 
 
-@pytest.mark.parametrize("extra", [["--allocation", "spectrum"],
-                                   ["--allocation", "uniform", "--steps", "2", "--sequential"]])
+@pytest.mark.parametrize("extra", [["--allocation", "spectrum", "--cut", "oneshot"],
+                                   ["--allocation", "uniform", "--steps", "2",
+                                    "--refine-steps", "4", "--refine-lr", "1e-4"]])
 def test_two_gloo_processes_equal_one(tiny_folder, tmp_path, extra):
+    """Equal up to round-off: each process sums its share of the batches, so the sums (and
+    what is decomposed from them) differ in the last bits; the refinement takes the same
+    steps in both."""
     args = ["compress", "--model", str(tiny_folder), "--metric", "kfac", "--ratio", "0.4",
             "--calib-samples", "6", "--seqlen", "32", "--batch-size", "2", *extra]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
@@ -25,10 +29,14 @@ def test_two_gloo_processes_equal_one(tiny_folder, tmp_path, extra):
     assert result.stdout.count("compressed ") == 1           # rank 0 alone reports
     one, two = (json.loads((tmp_path / f / "rankwise.json").read_text()) for f in ("one", "two"))
     assert one["ranks"] == two["ranks"]
+    for block, record in one.get("refinement", {}).items():
+        assert record["after"] < record["before"]
+        assert two["refinement"][block]["after"] == pytest.approx(record["after"], rel=1e-3)
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3,
+                                   atol=1e-4 * float(a[key].abs().max()), msg=key)
 
 
 ROUTED = r'''
@@ -37,6 +45,7 @@ import torch, torch.distributed as dist
 sys.path.insert(0, {tests!r})
 from conftest import structured_tiny
 from rankwise import CompressConfig, compress_
+from rankwise.compress import Execution
 from rankwise.pipeline import distributed
 
 dist.init_process_group("gloo")
@@ -67,8 +76,8 @@ class Checked:
 distributed.Comm.current = classmethod(lambda cls: cls(rank, size, to_backend, Checked()))
 model = structured_tiny("llama")
 calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
-summary = compress_(model, CompressConfig(metric="kfac", ratio=0.4), calib, batch_size=2,
-                    progress=False)
+summary = compress_(model, CompressConfig(metric="kfac", ratio=0.4, refine_steps=4), calib,
+                    progress=False, execution=Execution(batch_size=2))
 assert Checked.calls > 0
 if rank == 0:
     torch.save({{"ranks": summary.ranks, "state": model.state_dict()}}, {out!r})
@@ -81,6 +90,7 @@ def test_every_collective_takes_the_backends_device_tensors(tmp_path):
     the result is one process's."""
     from conftest import structured_tiny
     from rankwise import CompressConfig, compress_
+    from rankwise.compress import Execution
     script = tmp_path / "routed.py"
     script.write_text(ROUTED.format(tests=str(Path(__file__).parent), out=str(tmp_path / "two.pt")))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -89,8 +99,8 @@ def test_every_collective_takes_the_backends_device_tensors(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     model = structured_tiny("llama")
     calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
-    one = compress_(model, CompressConfig(metric="kfac", ratio=0.4), calib, batch_size=2,
-                    progress=False)
+    one = compress_(model, CompressConfig(metric="kfac", ratio=0.4, refine_steps=4), calib,
+                    progress=False, execution=Execution(batch_size=2))
     two = torch.load(tmp_path / "two.pt")
     assert two["ranks"] == one.ranks
     for key, value in model.state_dict().items():

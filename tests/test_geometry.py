@@ -114,3 +114,88 @@ def test_factors_are_balanced_and_rank_is_validated():
     torch.testing.assert_close(f.B.norm(dim=0), f.A.norm(dim=1))
     with pytest.raises(ValueError, match="rank must be"):
         geometry.project(W, 9)
+
+
+# products of roots from float32 eigendecompositions agree to about the check's tolerance
+EIGH_ACCURACY = 2 * geometry.EIGH_RTOL
+
+
+def _streams(m, n, tokens=60, seed=7):
+    """Dense-stream inputs, compressed-stream inputs (the dense ones perturbed), an output
+    gradient covariance and a weight, all float64."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, -2, n, dtype=torch.float64)
+    Xd = torch.randn(n, tokens, generator=g, dtype=torch.float64) * scales[:, None]
+    Xc = Xd + 0.3 * torch.randn(n, tokens, generator=g, dtype=torch.float64) * scales[:, None]
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    return W, Xd, Xc, spd(m, seed + 1)
+
+
+def _anchored_factors(W, Xd, Xc, G, rank, mix=1.0, damping=0.0):
+    C = Xc @ Xc.T
+    left_image = W.T @ G @ W
+    W_star, kw = geometry.anchored(W, C, Xc @ Xd.T, geometry.psd_root(C, damping), left=G,
+                                   left_image=left_image, mix=mix)
+    if W.shape[0] > W.shape[1]:
+        kw.pop("left", None)
+    d = geometry.decompose(W_star, damping=damping, **kw)
+    B, A = d.factors(rank)
+    return B @ A, d.spectrum
+
+
+def _anchored_error(W_r, W, Xd, Xc, G):
+    """sum_t e^T G e with e = W_r x_c - W x_d: what the anchored projection minimises."""
+    E = W_r @ Xc - W @ Xd
+    return float((E * (G @ E)).sum())
+
+
+def _alternating_least_squares(W, Xd, Xc, G, rank, iterations=3000):
+    """min over rank-`rank` B A of sum_t e^T G e by alternating exact least squares from a
+    random start: an independent brute-force optimum (reduced-rank regression has no
+    spurious local minima)."""
+    g = torch.Generator().manual_seed(11)
+    Y, A = W @ Xd, torch.randn(rank, W.shape[1], generator=g, dtype=torch.float64)
+    XXt = Xc @ Xc.T
+    for _ in range(iterations):
+        P = A @ Xc
+        B = torch.linalg.solve(P @ P.T, P @ Y.T).T
+        A = torch.linalg.solve(B.T @ G @ B, B.T @ G @ Y @ Xc.T) @ torch.linalg.inv(XXt)
+    return B @ A
+
+
+@pytest.mark.parametrize("shape", [(8, 12), (12, 8)])
+def test_anchored_projection_is_the_brute_force_least_squares_optimum(shape):
+    W, Xd, Xc, G = _streams(*shape)
+    rank = 3
+    W_r, spectrum = _anchored_factors(W, Xd, Xc, G, rank)
+    brute = _alternating_least_squares(W, Xd, Xc, G, rank)
+    ours, best = _anchored_error(W_r, W, Xd, Xc, G), _anchored_error(brute, W, Xd, Xc, G)
+    assert ours <= best * (1 + 1e-7) and ours == pytest.approx(best, rel=1e-6)
+    # at full rank: the unconstrained least-squares map of x_c to the dense outputs (to
+    # the accuracy of the float32 eigendecompositions the float64 check accepts)
+    full, _ = _anchored_factors(W, Xd, Xc, G, min(shape))
+    lstsq = torch.linalg.lstsq(Xc.T, (W @ Xd).T).solution.T
+    torch.testing.assert_close(full, lstsq, rtol=EIGH_ACCURACY, atol=EIGH_ACCURACY)
+    # the dropped spectrum is what the cut costs beyond the best full-rank fit
+    excess = ours - _anchored_error(full, W, Xd, Xc, G)
+    assert excess == pytest.approx(float(spectrum[rank:].sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(8, 12), (12, 8)])
+def test_anchored_projection_with_equal_streams_is_the_kfac_projection(shape):
+    W, Xd, _, G = _streams(*shape)
+    C = Xd @ Xd.T
+    anchored, _ = _anchored_factors(W, Xd, Xd, G, 3)
+    plain = geometry.project(W, 3, damping=0.0, **metric_stats("kfac", G, C))
+    torch.testing.assert_close(anchored, plain.B @ plain.A, rtol=EIGH_ACCURACY,
+                               atol=EIGH_ACCURACY)
+
+
+def test_anchored_mix_zero_fits_the_compressed_streams_own_outputs(shape=(8, 12)):
+    """mix 0 is the sequential fit: the K-FAC projection of W itself in the compressed
+    stream's covariance, whatever the dense stream was."""
+    W, Xd, Xc, G = _streams(*shape)
+    sequential, _ = _anchored_factors(W, Xd, Xc, G, 3, mix=0.0)
+    plain = geometry.project(W, 3, damping=0.0, **metric_stats("kfac", G, Xc @ Xc.T))
+    torch.testing.assert_close(sequential, plain.B @ plain.A, rtol=EIGH_ACCURACY,
+                               atol=EIGH_ACCURACY)

@@ -29,7 +29,8 @@ def test_kl_to_teacher_full_and_top_k():
 @pytest.fixture
 def student_and_teacher(tiny, calib):
     teacher = copy.deepcopy(tiny)
-    compress_(tiny, CompressConfig(metric="kfac", ratio=0.6, allocation="uniform"), calib, progress=False)
+    compress_(tiny, CompressConfig(metric="kfac", ratio=0.6, allocation="uniform", cut="oneshot"),
+              calib, progress=False)
     return tiny, teacher
 
 

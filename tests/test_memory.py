@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from rankwise import CompressConfig, compress_
+from rankwise.compress import Execution
 from rankwise.pipeline.placement import Placement
 
 from conftest import tiny_model
@@ -63,14 +64,16 @@ def compression_peak(blocks: int, placement: Placement, **config) -> int:
                        num_key_value_heads=4)
     calib = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))
     return peak_bytes(lambda: compress_(model, CompressConfig(ratio=0.4, **config), calib,
-                                        batch_size=2, progress=False, placement=placement))
+                                        progress=False,
+                                        execution=Execution(batch_size=2, placement=placement)))
 
 
 @pytest.mark.skipif(ALLOCATED is None, reason="needs glibc's mallinfo2")
 @pytest.mark.parametrize("copy", [True, False], ids=["onloaded", "resident"])
-@pytest.mark.parametrize("config", [dict(metric="kfac"), dict(metric="kfac", sequential=True),
-                                    dict(metric="whiten", allocation="uniform")],
-                         ids=["spectrum", "sequential", "uniform"])
+@pytest.mark.parametrize("config", [dict(metric="kfac", cut="oneshot"),
+                                    dict(metric="kfac", refine_steps=4),
+                                    dict(metric="whiten", allocation="uniform", cut="oneshot")],
+                         ids=["spectrum", "anchored (two streams, refined)", "uniform"])
 def test_peak_memory_does_not_grow_with_depth(copy, config):
     placement = Placement("cpu", copy=copy)
     compression_peak(2, placement, **config)            # first-time allocations of the runtime

@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..compress import Summary, compress_
+from ..compress import Execution, Summary, compress_
 from ..cache import Cache
 from ..config import DEFAULT_CALIBRATION, CalibrationConfig, CompressConfig
 from ..data import mixture_windows, parse_sources, without_self_if_unsampleable
@@ -15,6 +15,7 @@ from ..models import DEVICES, DTYPES, model_path, resolve_device
 from ..options import check_bool, check_choice, option
 from ..outputs import Output
 from ..pipeline import distributed
+from ..pipeline.placement import Placement
 from ..plots import rank_chart
 
 
@@ -77,9 +78,9 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
                                      calibration.self_temperature, calibration.self_top_p,
                                      progress, cache=cache,
                                      model_key=cache.digest(model_path(model)) if run.cache else None)
-    summary = compress_(net, config, windows, batch_size=calibration.batch_size,
-                        seed=calibration.seed, progress=progress,
-                        onload=device if run.onload else None, scratch=run.scratch)
+    placement = Placement.of(net, device if run.onload else None)
+    summary = compress_(net, config, windows, progress=progress, execution=Execution(
+        calibration.batch_size, calibration.seed, placement, run.scratch))
     net.cpu()
     manifest = {
         "source_model": source,
@@ -91,9 +92,13 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
                         "seed": calibration.seed, "batch_size": calibration.batch_size,
                         "tokens": summary.calibration_tokens},
         "seconds": summary.seconds,
+        "plan": summary.plan,
         "run": {"device": device, "dtype": run.dtype, "onload": run.onload,
                 "spilled_bytes": summary.spilled_bytes, "cache": cache.record},
     }
+    if summary.refinement:
+        manifest["refinement"] = {str(k): {"before": before, "after": after}
+                                  for k, (before, after) in summary.refinement.items()}
     if summary.search is not None:
         manifest["search"] = {"seed_kl": summary.search.seed_fitness, "kl": summary.search.fitness,
                               "generations": summary.search.generations,

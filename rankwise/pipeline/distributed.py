@@ -60,7 +60,8 @@ def backend_device() -> torch.device:
 class Comm:
     """The collectives a compression uses, on the backend's device. `to_backend` moves a
     tensor there (default: to backend_device()); `ops` is torch.distributed or a stand-in
-    with all_reduce and broadcast."""
+    with all_reduce and broadcast. One process is a Comm of size 1, whose collectives do
+    nothing, so callers never ask whether there are others."""
 
     def __init__(self, rank: int, size: int,
                  to_backend: Callable[[torch.Tensor], torch.Tensor] | None = None, ops=None):
@@ -70,10 +71,9 @@ class Comm:
         self.to_backend = to_backend or (lambda t: t.to(backend_device()))
 
     @classmethod
-    def current(cls) -> "Comm | None":
-        """The running process group's Comm, None for one process."""
-        rank, size = world()
-        return cls(rank, size) if size > 1 else None
+    def current(cls) -> "Comm":
+        """The running process group's Comm (size 1 for one process)."""
+        return cls(*world())
 
     @property
     def shard(self) -> tuple[int, int]:
@@ -81,7 +81,9 @@ class Comm:
 
     def all_reduce(self, sums: dict) -> None:
         """Sum every tensor of `sums` over the processes, in place, in a fixed key order."""
-        for key in sorted(sums):
+        if self.size == 1:
+            return
+        for key in sorted(sums, key=str):
             t = self.to_backend(sums[key])
             self.ops.all_reduce(t)
             if t is not sums[key]:
@@ -90,7 +92,24 @@ class Comm:
     def broadcast(self, t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
                   owner: int, like: str | torch.device) -> torch.Tensor:
         """`t` from `owner` (the others pass None) to every process, then on device `like`."""
+        if self.size == 1:
+            return t.to(like)
         buffer = self.to_backend(t.to(dtype).contiguous()) if self.rank == owner else \
             self.to_backend(torch.empty(shape, dtype=dtype))
         self.ops.broadcast(buffer, owner)
         return buffer.to(like)
+
+    def all_reduce_gradients(self, params: list[torch.Tensor]) -> None:
+        """Sum the parameters' gradients over the processes (a parameter without one counts
+        as zeros: a process that computed no loss this step)."""
+        if self.size == 1:
+            return
+        grads = {}
+        for i, p in enumerate(params):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads[i] = p.grad
+        self.all_reduce(grads)
+
+
+ONE_PROCESS = Comm(0, 1)     # the collectives of a process alone: each does nothing

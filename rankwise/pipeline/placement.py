@@ -4,9 +4,10 @@
 time. Onloading is home = cpu, device = cuda: each block visits the device, everything
 outside the blocks (embeddings, final norm, head) stays there for the walk. With home =
 device nothing moves. A visit leaves the home copy of every tensor where it is, and a
-tensor that is still the one that arrived goes back to it without a copy (the walk never
-writes into weights); a tensor created during the visit (the factors of a layer cut on
-the device) is moved home.
+tensor that is still the one that arrived, unwritten, goes back to it without a copy; a
+tensor written during the visit (factors a block refinement trained) is copied back into
+its home copy, and one created during the visit (the factors of a layer cut on the
+device) is moved home.
 
 Every move goes through this object, so a test on the CPU can take the route a GPU takes:
 `copy=True` makes every move a real copy (fresh storage), as a move between two devices is.
@@ -25,7 +26,7 @@ class Placement:
         self.device = torch.device(device)
         self.home = self.device if home is None else torch.device(home)
         self.copy = copy
-        self._visits: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._visits: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
 
     @classmethod
     def of(cls, model: nn.Module, onload: str | torch.device | None = None) -> "Placement":
@@ -49,15 +50,21 @@ class Placement:
         return [*module.parameters(), *module.buffers()]
 
     def _arrive(self, key: int, tensors: list[torch.Tensor]) -> None:
-        self._visits[key] = [(t, t.data) for t in tensors]
         for t in tensors:
-            t.data = self.to_device(t.data)
+            home = t.data
+            t.data = self.to_device(home)
+            self._visits.setdefault(key, []).append((t, home, t._version))
 
     def _leave(self, key: int, tensors: list[torch.Tensor]) -> None:
-        left = {id(t): (t, home) for t, home in self._visits.pop(key, [])}
+        left = {id(t): (t, home, version) for t, home, version in self._visits.pop(key, [])}
         for t in tensors:
-            t0, home = left.get(id(t), (None, None))
-            t.data = home if t0 is t else t.data.to(self.home, copy=self.copy)
+            t0, home, version = left.get(id(t), (None, None, None))
+            if t0 is not t:                          # created during the visit
+                t.data = t.data.to(self.home, copy=self.copy)
+                continue
+            if t._version != version:                # written during the visit
+                home.copy_(t.data)
+            t.data = home
 
     def onload(self, module: nn.Module) -> nn.Module:
         if self.moves:

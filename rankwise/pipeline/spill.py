@@ -73,6 +73,14 @@ class Spill:
         with safe_open(str(self._path(group)), framework="pt") as f:
             return f.get_tensor(key) if rows is None else f.get_slice(key)[:rows]
 
+    def read(self, group: str) -> dict[str, torch.Tensor]:
+        """Every tensor of a group, which stays parked."""
+        from safetensors.torch import load_file
+        return load_file(str(self._path(group)))
+
+    def drop(self, group: str) -> None:
+        self._path(group).unlink(missing_ok=True)
+
     def take(self, group: str) -> dict[str, torch.Tensor]:
         """Every tensor of a group, which is then deleted."""
         from safetensors.torch import load_file

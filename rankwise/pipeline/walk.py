@@ -14,26 +14,24 @@ handed over as soon as it is complete.
             the statistics hooks attached; the gradient at its input goes down, and its
             statistics are handed over. The walk stops at the lowest block it measures.
 
-Handing over is a generator's yield of (the block's targeted layer names, their
-statistics on the device) while the block is still there: the caller decomposes, may cut
-the block at once, and drops the statistics before asking for the next. What the walk
-holds is one block, one boundary of activations (and of gradients), one block's
-statistics: the same at any depth. The statistics equal those of stats.collect on the
-whole model (same sampled labels, same sums; a test checks it).
-
-`recut=True` is the sequential (GPTQ-style) order: a block's outputs are computed after
-the caller has had it, so when the caller cuts it, the blocks above are measured on what
-the cut block really produces.
+Handing over is a generator's yield of a block's statistics (its targeted layers' and,
+when asked, the covariance of the gradient at the block's output: the Fisher of its output,
+which block refinement weighs errors with) while the block is still there: the caller
+decomposes, may cut the block at once, and drops the statistics before asking for the
+next. What the walk holds is one block, one boundary of activations (and of gradients),
+one block's statistics: the same at any depth. The statistics equal those of
+stats.collect on the whole model (same sampled labels, same sums; a test checks it).
 
 Under torchrun each process walks its share of the batches (batch i on process i mod
 world, every label still drawn in order so each batch gets the label it gets in one
-process) and `reduce` sums each block's statistics over the processes before handing
-them over.
+process) and the route's Comm sums each block's statistics over the processes before
+handing them over (one process: a Comm that does nothing).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -43,8 +41,46 @@ from .. import stats
 from ..errors import RankwiseError
 from ..layers import is_factorable
 from ..models import find_blocks, names_by_block, release_host_memory
+from .distributed import Comm
 from .placement import Placement
 from .spill import Spill
+
+
+@dataclass
+class Route:
+    """How a walk moves data: which device works and where blocks wait (placement), where
+    what waits goes (spill), how processes share the batches (comm)."""
+    placement: Placement
+    spill: Spill
+    comm: Comm
+    progress: bool = True
+
+    def mine(self, batches: int) -> list[int]:
+        """The indices of this process's batches (batch i on process i mod world)."""
+        rank, size = self.comm.shard
+        if batches < size:
+            raise RankwiseError(f"{batches} calibration batches cannot be shared by {size} "
+                                "processes; use more windows or fewer processes")
+        return [i for i in range(batches) if i % size == rank]
+
+
+@dataclass(frozen=True)
+class Wants:
+    """What a statistics walk collects: input-side covariances, the gradient side (None,
+    "diag" or "full"; labels sampled with `seed`), and each block's output Fisher."""
+    inputs: bool = True
+    gradients: str | None = None
+    output_fisher: bool = False
+    seed: int = 0
+
+
+@dataclass
+class BlockStatistics:
+    """One block's statistics on the device, as the walk hands them over."""
+    index: int                                    # the block's position
+    names: list[str]                              # its targeted layers
+    layers: dict[str, stats.LayerStats]
+    output_fisher: torch.Tensor | None = None     # sum g g^T of the gradient at its output
 
 
 class _Caught(Exception):
@@ -152,28 +188,20 @@ class _Groups:
         return {name: first[self.relative.get(r, r)] for name, r in rel.items()}
 
 
-def walk(model: nn.Module, layers, batches: list[torch.Tensor],
-         placement: Placement, spill: Spill, *, inputs: bool = True,
-         gradients: str | None = None, seed: int = 0, shard: tuple[int, int] = (0, 1),
-         reduce: Callable[[dict], None] | None = None, recut: bool = False,
-         progress: bool = True) -> Iterator[tuple[list[str], dict[str, stats.LayerStats]]]:
-    """Yield (names, statistics) for every block holding targeted `layers` (their names; the
+def walk(model: nn.Module, layers, batches: list[torch.Tensor], route: Route,
+         wants: Wants) -> Iterator[BlockStatistics]:
+    """Yield the statistics of every block holding targeted `layers` (their names; the
     modules are looked up when their block is visited, so a layer the caller has replaced
-    is not kept alive) (see the module docstring). shard = (this process, processes);
-    reduce(sums) sums a block's accumulated tensors over the processes in place."""
-    if recut and gradients:
-        raise RankwiseError("recut walks forward only; gradients need the way back")
+    is not kept alive) (see the module docstring)."""
     prefix, blocks = find_blocks(model)
     owned = names_by_block(model, layers)
     targeted = [k for k in range(len(blocks)) if owned[k]]
     if not targeted:
         return
-    rank, size = shard
-    if len(batches) < size:
-        raise RankwiseError(f"{len(batches)} calibration batches cannot be shared by {size} "
-                            "processes; use more windows or fewer processes")
-    mine = [i for i in range(len(batches)) if i % size == rank]
+    placement, spill, comm = route.placement, route.spill, route.comm
+    mine = route.mine(len(batches))
     tokens = sum(b.numel() for b in batches)
+    gradients = wants.gradients
     lowest, highest = targeted[0], targeted[-1]
     last = len(blocks) - 1 if gradients else highest
     groups = _Groups()
@@ -181,13 +209,16 @@ def walk(model: nn.Module, layers, batches: list[torch.Tensor],
     def accumulator(k, block, hidden, rest, with_gradients):
         name = f"{prefix}.{k}" if prefix else str(k)
         leader = groups.leader(block, name, owned[k], lambda: run_block(block, hidden, rest))
-        return stats.Accumulator({n: model.get_submodule(n) for n in owned[k]}, leader, inputs,
-                                 with_gradients)
+        return stats.Accumulator({n: model.get_submodule(n) for n in owned[k]}, leader,
+                                 wants.inputs, with_gradients)
 
-    def handed_over(k, acc):
-        if reduce is not None:
-            reduce(acc.sums)
-        return list(owned[k]), acc.result(tokens)
+    def handed_over(k, acc, fisher=None):
+        comm.all_reduce(acc.sums.totals)
+        output_fisher = None
+        if fisher is not None:
+            comm.all_reduce(fisher.totals)
+            output_fisher = fisher.pop()["output_fisher"]
+        return BlockStatistics(k, list(owned[k]), acc.result(tokens), output_fisher)
 
     was_training = model.training
     model.eval()
@@ -200,48 +231,52 @@ def walk(model: nn.Module, layers, batches: list[torch.Tensor],
                 del calls
                 as_tuple = False
                 for k in tqdm(range(last + 1), desc="statistics, forward", unit="block",
-                              disable=not progress):
+                              disable=not route.progress):
                     block = placement.onload(blocks[k])
-                    if gradients and k >= lowest:
-                        spill.put(f"inputs{k}", {str(j): h for j, h in enumerate(hidden)})
-                    acc = accumulator(k, block, hidden[0], rest[0], None) \
-                        if owned[k] and not gradients else None
-                    outs = []
-                    with torch.no_grad(), (acc.attached() if acc else contextlib.nullcontext()):
-                        for h, r in zip(hidden, rest):
-                            out, as_tuple = run_block(block, h, r)
-                            outs.append(None if recut else out)
-                    if acc:
-                        yield handed_over(k, acc)
-                    if recut and k < last:
-                        with torch.no_grad():
-                            outs = [run_block(block, h, r)[0] for h, r in zip(hidden, rest)]
-                    placement.offload(block)
+                    try:
+                        if gradients and k >= lowest:
+                            spill.put(f"inputs{k}", {str(j): h for j, h in enumerate(hidden)})
+                        acc = accumulator(k, block, hidden[0], rest[0], None) \
+                            if owned[k] and not gradients else None
+                        outs = []
+                        with torch.no_grad(), (acc.attached() if acc else contextlib.nullcontext()):
+                            for h, r in zip(hidden, rest):
+                                out, as_tuple = run_block(block, h, r)
+                                outs.append(out)
+                        if acc:
+                            yield handed_over(k, acc)
+                    finally:
+                        placement.offload(block)
                     hidden = outs
                 if not gradients:
                     return
                 grads = _top_gradients(model, blocks, batches, mine, hidden, as_tuple,
-                                       placement, seed)
+                                       placement, wants.seed)
                 del hidden
             for k in tqdm(range(last, lowest - 1, -1), desc="statistics, backward",
-                          unit="block", disable=not progress):
+                          unit="block", disable=not route.progress):
                 block = placement.onload(blocks[k])
-                parked = spill.take(f"inputs{k}")
-                stored = [placement.to_device(parked[str(j)]) for j in range(len(rest))]
-                del parked
-                acc = accumulator(k, block, stored[0], rest[0], gradients) if owned[k] else None
-                below = []
-                with torch.enable_grad(), (acc.attached() if acc else contextlib.nullcontext()):
-                    for j, (r, g) in enumerate(zip(rest, grads)):
-                        h = stored[j].requires_grad_(True)
-                        out, _ = run_block(block, h, r)
-                        out.backward(g)
-                        below.append(h.grad if k > lowest else None)
-                        stored[j] = grads[j] = None
-                grads = below
-                if acc:
-                    yield handed_over(k, acc)
-                placement.offload(block)
+                try:
+                    parked = spill.take(f"inputs{k}")
+                    stored = [placement.to_device(parked[str(j)]) for j in range(len(rest))]
+                    del parked
+                    acc = accumulator(k, block, stored[0], rest[0], gradients) if owned[k] else None
+                    fisher = stats.Sums() if acc and wants.output_fisher else None
+                    below = []
+                    with torch.enable_grad(), (acc.attached() if acc else contextlib.nullcontext()):
+                        for j, (r, g) in enumerate(zip(rest, grads)):
+                            if fisher is not None:
+                                fisher.gram("output_fisher", g)
+                            h = stored[j].requires_grad_(True)
+                            out, _ = run_block(block, h, r)
+                            out.backward(g)
+                            below.append(h.grad if k > lowest else None)
+                            stored[j] = grads[j] = None
+                    grads = below
+                    if acc:
+                        yield handed_over(k, acc, fisher)
+                finally:
+                    placement.offload(block)
                 release_host_memory(collect=False)   # or the freed activations pile up
         finally:
             model.train(was_training)

@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from .. import allocate, geometry
-from ..compress import compress_
 from ..config import CompressConfig
 from ..layers import (LowRankLinear, linear_shape, linear_weight, params_at, ranks_of,
                       set_module)
@@ -147,10 +146,11 @@ class _Run:
 
     def cut(self) -> None:
         """Exact factors at the budget: global allocation over the metric's spectra."""
+        from ..compress import compress_    # compress refines blocks through this package
         c = self.config
         if c.method == "factors":
             names = set(self.names)
-            compress_(self.model, CompressConfig(metric=c.metric, ratio=c.ratio,
+            compress_(self.model, CompressConfig(metric=c.metric, ratio=c.ratio, cut="oneshot",
                                                  allocation="spectrum", min_rank=c.min_rank,
                                                  damping=c.damping),
                       precomputed=self.collected or None, progress=False,

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import RankwiseError
+from ..pipeline.distributed import ONE_PROCESS, Comm
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
@@ -69,11 +70,12 @@ class Runner:
 
     def __init__(self, model: nn.Module, task, total: int, *, desc: str, progress: bool = True,
                  seconds: float | None = None, checkpoint: str | os.PathLike | None = None,
-                 checkpoint_every: int = 50, elapsed: float = 0.0):
+                 checkpoint_every: int = 50, elapsed: float = 0.0, comm: Comm = ONE_PROCESS):
         self.model, self.task, self.total, self.desc = model, task, total, desc
         self.progress, self.budget = progress, seconds
         self.checkpoint, self.every = checkpoint, checkpoint_every
         self.seconds, self.losses = elapsed, []
+        self.comm = comm              # sums the gradients of processes sharing a step
 
     def steps(self, start: int, state: Callable[[int], dict]) -> Iterator[int]:
         bar = tqdm(range(start, self.total), desc=self.desc, unit="step", initial=start,
@@ -103,6 +105,8 @@ class Runner:
                                 f"learning rate (now {lr:g})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.comm.all_reduce_gradients([p for group in optimizer.param_groups
+                                        for p in group["params"]])
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
