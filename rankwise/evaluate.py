@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .layers import LowRankLinear, is_conv1d, linear_shape
+from .layers import is_conv1d, linear_shape
 
 
 @dataclass
@@ -82,15 +82,10 @@ def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def linear_macs(model: nn.Module) -> int:
-    """Multiply-accumulates per token of every linear map (LM head included)."""
-    total = 0
-    for module in model.modules():
-        if isinstance(module, LowRankLinear):
-            total += module.rank * (module.in_features + module.out_features)
-        elif isinstance(module, nn.Linear) or is_conv1d(module):
-            m, n = linear_shape(module)
-            total += m * n
-    return total
+    """Multiply-accumulates per token of every linear map (LM head included); a factored
+    layer's are those of its two nn.Linear factors."""
+    return sum(m * n for m, n in (linear_shape(module) for module in model.modules()
+                                  if isinstance(module, nn.Linear) or is_conv1d(module)))
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -23,16 +23,20 @@ def discover_siblings(model: nn.Module, call: Callable[[], object]) -> list[list
 
 def fuse_siblings(model: nn.Module, groups: list[list[str]]) -> list[list[str]]:
     """Stack the first factors of each group of factored layers (names); a group whose
-    layers are not all factored with one dtype and device is left unfused. Returns the
-    groups fused (and only those: any fusion installed before is undone first)."""
+    layers are not all factored with plain float factors of one dtype and device is left
+    unfused. Returns the groups fused (and only those: any fusion installed before is
+    undone first)."""
     unfuse_siblings(model)
     fused = []
     for names in groups:
         members = [model.get_submodule(n) for n in names]
-        if len(members) > 1 and all(isinstance(m, LowRankLinear) for m in members) and \
-                len({(m.A.dtype, m.A.device) for m in members}) == 1:
-            Siblings(members)
-            fused.append(list(names))
+        if len(members) > 1 and all(isinstance(m, LowRankLinear) for m in members):
+            group = Siblings(members)
+            if group.layout:           # stacked: plain float factors of one dtype and device
+                fused.append(list(names))
+            else:
+                for m in members:
+                    m._siblings = None
     return fused
 
 
@@ -40,7 +44,7 @@ def unfuse_siblings(model: nn.Module) -> None:
     """Every factored layer back to its own two matmuls (A given storage of its own)."""
     for m in model.modules():
         if isinstance(m, LowRankLinear) and m._siblings is not None:
-            m.A.data = m.A.data.clone()
+            m.A.weight.data = m.A.weight.data.clone()
             m._siblings = None
 
 

@@ -6,9 +6,9 @@ trust_remote_code=True)` then loads the folder where rankwise is not installed. 
 nothing but torch and transformers. The model is the base architecture itself (its
 attention goes through transformers' shared attention interface, so attention backends
 and vLLM's Transformers backend see a standard model) with the layers named in
-`config.rankwise_ranks` replaced by two thin matmuls, y = B (A x) + bias; the groups of
-those layers that read one input (`config.rankwise_siblings`: q/k/v, gate/up) run their
-first factors as one stacked matmul at inference.
+`config.rankwise_ranks` replaced by two thin nn.Linear factors, y = B (A x) + bias; the
+groups of those layers that read one input (`config.rankwise_siblings`: q/k/v, gate/up) run
+their first factors as one stacked matmul at inference.
 """
 import torch
 from torch import nn
@@ -35,18 +35,17 @@ class RankwiseConfig(_BaseConfig):
 
 
 class LowRankLinear(nn.Module):
-    """A linear map stored as factors: weight = B @ A, never formed in forward."""
+    """A linear map stored as two plain nn.Linear factors, A (in -> rank) then B (rank ->
+    out, with the bias): weight = B.weight @ A.weight, never formed in forward. Quantizers
+    that work on nn.Linear modules (compressed-tensors, torchao, bitsandbytes) take each
+    factor as it is."""
 
     def __init__(self, in_features, out_features, rank, bias=True, device=None, dtype=None):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.A = nn.Parameter(torch.empty(rank, in_features, **kw))
-        self.B = nn.Parameter(torch.empty(out_features, rank, **kw))
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
-        if not self.A.is_meta:
-            nn.init.normal_(self.A, std=in_features ** -0.5)
-            nn.init.normal_(self.B, std=rank ** -0.5)
+        self.A = nn.Linear(in_features, rank, bias=False, **kw)
+        self.B = nn.Linear(rank, out_features, bias=bias, **kw)
 
     _siblings, _sibling_index = None, 0
 
@@ -54,47 +53,63 @@ class LowRankLinear(nn.Module):
         group = self._siblings
         if group is not None and x.numel() >= 64 * x.shape[-1] and \
                 not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return F.linear(group.first_factor(self._sibling_index, x), self.B, self.bias)
-        return F.linear(F.linear(x, self.A), self.B, self.bias)
+            h = group.first_factor(self._sibling_index, x)
+            if h is not None:
+                return self.B(h)
+        return self.B(self.A(x))
 
     def extra_repr(self):
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"rank={self.rank}, bias={self.bias is not None}")
+        return f"rank={self.rank}"
+
+
+def _plain(module):
+    weight = getattr(module, "weight", None)
+    return type(module) is nn.Linear and weight is not None and \
+        type(weight.data) is torch.Tensor and weight.dtype.is_floating_point
 
 
 class _Siblings:
-    """Factored layers that read one input (config.rankwise_siblings): their A factors are
+    """Factored layers that read one input (config.rankwise_siblings): their A weights are
     slices of one stacked matrix, run as one matmul per input of at least 64 rows without
-    autograd (rankwise's layers.Siblings, which documents the rules; written again here so
-    that this file needs nothing but torch and transformers)."""
+    autograd, while they are plain float nn.Linear weights (rankwise's layers.Siblings,
+    which documents the rules; written again here so that this file needs nothing but
+    torch and transformers)."""
 
     def __init__(self, members):
         self.members, self.everyone = members, (1 << len(members)) - 1
         self.x = self.version = self.h = None
         self.served = 0
+        self.layout = []
         self._stack()
         for i, m in enumerate(members):
             m._siblings, m._sibling_index = self, i
 
     def _stack(self):
-        ends = torch.tensor([m.A.shape[0] for m in self.members]).cumsum(0).tolist()
+        if not all(_plain(m.A) for m in self.members) or \
+                len({(m.A.weight.dtype, m.A.weight.device) for m in self.members}) != 1:
+            self.layout = []
+            return False
+        weights = [m.A.weight for m in self.members]
+        ends = torch.tensor([w.shape[0] for w in weights]).cumsum(0).tolist()
         self.bounds = list(zip([0] + ends[:-1], ends))
         with torch.no_grad(), torch.inference_mode(False):
-            self.stacked = torch.cat([m.A.detach() for m in self.members])
-        for m, (lo, hi) in zip(self.members, self.bounds):
-            m.A.data = self.stacked[lo:hi]
+            self.stacked = torch.cat([w.detach() for w in weights])
+        for w, (lo, hi) in zip(weights, self.bounds):
+            w.data = self.stacked[lo:hi]
         row = self.stacked.stride(0) * self.stacked.element_size()
         self.layout = [(self.stacked.data_ptr() + lo * row, hi - lo) for lo, hi in self.bounds]
+        return True
 
     def _stacked_still(self):
-        return all(m._parameters["A"].data_ptr() == ptr and m._parameters["A"].shape[0] == rows
-                   for m, (ptr, rows) in zip(self.members, self.layout))
+        return bool(self.layout) and all(
+            _plain(m.A) and m.A.weight.data_ptr() == ptr and m.A.weight.shape[0] == rows
+            for m, (ptr, rows) in zip(self.members, self.layout))
 
     def first_factor(self, i, x):
         version = -1 if x.is_inference() else x._version
         if x is not self.x or version != self.version or self.served >> i & 1:
-            if not self._stacked_still():
-                self._stack()
+            if not self._stacked_still() and not self._stack():
+                return None
             self.x, self.version, self.h, self.served = x, version, F.linear(x, self.stacked), 0
         self.served |= 1 << i
         lo, hi = self.bounds[i]
@@ -105,8 +120,9 @@ class _Siblings:
 
 
 def _own_storage(module, state_dict, prefix, local_metadata):
-    if module._siblings is not None and prefix + "A" in state_dict:
-        state_dict[prefix + "A"] = state_dict[prefix + "A"].clone()
+    key = prefix + "A.weight"
+    if module._siblings is not None and key in state_dict:
+        state_dict[key] = state_dict[key].clone()
 
 
 class RankwiseForCausalLM(_BaseModel):

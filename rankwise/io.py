@@ -148,16 +148,27 @@ def _read_weights(model: nn.Module, path: Path) -> tuple[list[str], list[str]]:
         raise FileNotFoundError(path)
     state = model.state_dict()
     with safe_open(str(path), framework="pt") as f, torch.no_grad():
-        keys = set(f.keys())
-        for key in keys & state.keys():
-            value = f.get_tensor(key)
+        keys = {_current_key(key, state): key for key in f.keys()}
+        for key in keys.keys() & state.keys():
+            value = f.get_tensor(keys[key])
             if value.shape != state[key].shape:
                 raise RuntimeError(f"{key} has shape {tuple(value.shape)}, the manifest says "
                                    f"{tuple(state[key].shape)}")
             state[key].copy_(value)
-    filled = {state[k].data_ptr() for k in keys & state.keys()}     # tied tensors count once
-    missing = [k for k in state.keys() - keys if state[k].data_ptr() not in filled]
-    return sorted(missing), sorted(keys - state.keys())
+    filled = {state[k].data_ptr() for k in keys.keys() & state.keys()}   # tied tensors count once
+    missing = [k for k in state.keys() - keys.keys() if state[k].data_ptr() not in filled]
+    return sorted(missing), sorted(keys.keys() - state.keys())
+
+
+def _current_key(key: str, state: dict) -> str:
+    """A factored layer's key as this release names it: folders written before the factors
+    were nn.Linear modules hold `X.A`, `X.B` and `X.bias` for `X.A.weight`, `X.B.weight`
+    and `X.B.bias`."""
+    if key in state:
+        return key
+    owner, _, leaf = key.rpartition(".")
+    renamed = {"A": f"{owner}.A.weight", "B": f"{owner}.B.weight", "bias": f"{owner}.B.bias"}
+    return renamed[leaf] if renamed.get(leaf) in state else key
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:

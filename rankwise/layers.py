@@ -1,6 +1,6 @@
-"""LowRankLinear (a linear map stored as two thin factors, y = B (A x) + bias), sibling
-fusion of factored layers that read one input, the parameter count of a layer at any rank,
-and swapping modules in a model."""
+"""LowRankLinear (a linear map stored as two thin factors, each a plain nn.Linear:
+y = B (A x) + bias), sibling fusion of factored layers that read one input, the parameter
+count of a layer at any rank, and swapping modules in a model."""
 from __future__ import annotations
 
 import copy
@@ -34,6 +34,20 @@ def is_factorable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, LowRankLinear)) or is_conv1d(module)
 
 
+def factorable_modules(module: nn.Module) -> dict[str, nn.Module]:
+    """Every factorable submodule by name (not `module` itself), a LowRankLinear counted
+    as one layer: its factors, nn.Linear modules themselves, are parts of it."""
+    found, inside = {}, []
+    for name, m in module.named_modules():
+        if not name or any(name.startswith(outer + ".") for outer in inside):
+            continue
+        if is_factorable(m):
+            found[name] = m
+        if isinstance(m, LowRankLinear):
+            inside.append(name)
+    return found
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(out, in) of an nn.Linear, a Conv1D or a LowRankLinear."""
     if is_conv1d(module):
@@ -49,8 +63,8 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
 def held_by(module: nn.Module) -> torch.Tensor:
     """The tensor holding a linear layer's parameters, whose dtype and device are the
-    layer's: A for a LowRankLinear, the weight otherwise."""
-    return module.A if isinstance(module, LowRankLinear) else module.weight
+    layer's: A's weight for a LowRankLinear, the weight otherwise."""
+    return module.A.weight if isinstance(module, LowRankLinear) else module.weight
 
 
 def params_at(shape: tuple[int, int], rank: int | None) -> int:
@@ -70,9 +84,13 @@ FUSE_FROM_ROWS = 64
 
 
 class LowRankLinear(nn.Module):
-    """Drop-in replacement for nn.Linear with weight B @ A of rank `rank`.
+    """Drop-in replacement for nn.Linear with weight B @ A of rank `rank`, made of two plain
+    nn.Linear modules: `A` (in_features -> rank, no bias) then `B` (rank -> out_features,
+    the original bias). So anything that works on nn.Linear by type or by name (torchao's
+    quantize_, llm-compressor and GPTQModel recipes, bitsandbytes, vLLM) takes each factor
+    as it is, and a state dict holds `A.weight`, `B.weight`, `B.bias`.
 
-    Forward runs two thin matmuls; the dense weight is never rebuilt, which is where the
+    Forward runs the two thin matmuls; the dense weight is never rebuilt, which is where the
     speed-up comes from.
     """
 
@@ -81,12 +99,18 @@ class LowRankLinear(nn.Module):
         super().__init__()
         if not 1 <= rank <= min(in_features, out_features):
             raise RankwiseError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
-        kw = {"device": device, "dtype": dtype}
+        kw = {"device": torch.get_default_device() if device is None else device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.A = nn.Parameter(torch.empty(rank, in_features, **kw))
-        self.B = nn.Parameter(torch.empty(out_features, rank, **kw))
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        # uninitialised: the factors are always filled in (from_linear, a state dict)
+        self.A = nn.utils.skip_init(nn.Linear, in_features, rank, bias=False, **kw)
+        self.B = nn.utils.skip_init(nn.Linear, rank, out_features, bias=bias, **kw)
+        if bias:
+            nn.init.zeros_(self.B.bias)
         self.register_state_dict_post_hook(_own_storage)
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.B.bias
 
     @classmethod
     def from_linear(cls, linear: nn.Module, A: torch.Tensor, B: torch.Tensor) -> "LowRankLinear":
@@ -98,10 +122,10 @@ class LowRankLinear(nn.Module):
         like = held_by(linear)
         layer = cls(n, m, rank, linear.bias is not None, device=like.device, dtype=like.dtype)
         with torch.no_grad():
-            layer.A.copy_(A)
-            layer.B.copy_(B)
+            layer.A.weight.copy_(A)
+            layer.B.weight.copy_(B)
             if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+                layer.B.bias.copy_(linear.bias)
         return layer
 
     _siblings: "Siblings | None" = None      # set by Siblings: layers reading the same input
@@ -111,30 +135,37 @@ class LowRankLinear(nn.Module):
         group = self._siblings
         if group is not None and x.numel() >= FUSE_FROM_ROWS * x.shape[-1] and \
                 not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return F.linear(group.first_factor(self._sibling_index, x), self.B, self.bias)
-        return F.linear(F.linear(x, self.A), self.B, self.bias)
+            h = group.first_factor(self._sibling_index, x)
+            if h is not None:
+                return self.B(h)
+        return self.B(self.A(x))
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense product B @ A (for inspection and merging, never used by forward)."""
-        return self.B @ self.A
+        return self.B.weight @ self.A.weight
 
     def merge(self) -> nn.Linear:
+        A = self.A.weight
         linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                           device=self.A.device, dtype=self.A.dtype)
+                           device=A.device, dtype=A.dtype)
         with torch.no_grad():
-            linear.weight.copy_(self.B @ self.A)
+            linear.weight.copy_(self.B.weight @ A)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"rank={self.rank}, bias={self.bias is not None}")
+        return f"rank={self.rank}"
+
+
+def _plain(weight: torch.Tensor) -> bool:
+    """A floating-point weight held as an ordinary tensor (not a quantized subclass)."""
+    return type(weight.data) is torch.Tensor and weight.dtype.is_floating_point
 
 
 class Siblings:
-    """Factored layers that read the same input tensor (q/k/v, gate/up): their `A` factors
+    """Factored layers that read the same input tensor (q/k/v, gate/up): their `A` weights
     are slices of one stacked matrix, so the first factors of the group run as one matmul
     (a wider, better-used kernel and one read of the input instead of several), then each
     layer's own `B`.
@@ -142,15 +173,17 @@ class Siblings:
     Only without autograd, outside torch.compile (training and compiled graphs take each
     layer's two matmuls as before) and for inputs of at least FUSE_FROM_ROWS rows (a
     prompt, a batch), and only when the layers are called one after another on the very
-    same tensor; any other call computes the stacked product afresh. Each `A`
+    same tensor; any other call computes the stacked product afresh. Each `A.weight`
     stays the layer's own parameter (a view of the stack), so training, state dicts and
     saved folders see unfused layers; a move or copy that gives an `A` storage of its own
-    is noticed and the stack rebuilt."""
+    is noticed and the stack rebuilt, and factors a quantizer has replaced (a quantized
+    tensor or module) are not fused at all."""
 
     def __init__(self, members: list[LowRankLinear]):
         self.members = list(members)
         self.everyone = (1 << len(self.members)) - 1
         self._forget()
+        self.layout: list[tuple[int, int]] = []
         self._stack()
         for i, m in enumerate(self.members):
             m._siblings, m._sibling_index = self, i
@@ -158,33 +191,50 @@ class Siblings:
     def _forget(self):
         self.x, self.x_version, self.h, self.served = None, None, None, 0
 
-    def _stack(self):
-        ends = torch.tensor([m.A.shape[0] for m in self.members]).cumsum(0).tolist()
+    def _weights(self) -> list[torch.Tensor] | None:
+        """Each member's A weight, or None when one is not a plain float tensor of an
+        nn.Linear (quantized) or they differ in dtype or device."""
+        weights = [getattr(m.A, "weight", None) for m in self.members]
+        if not all(type(m.A) is nn.Linear and w is not None and _plain(w)
+                   for m, w in zip(self.members, weights)):
+            return None
+        return weights if len({(w.dtype, w.device) for w in weights}) == 1 else None
+
+    def _stack(self) -> bool:
+        """Stack the A weights (False when they cannot be: see _weights)."""
+        weights = self._weights()
+        if weights is None:
+            self.layout = []
+            return False
+        ends = torch.tensor([w.shape[0] for w in weights]).cumsum(0).tolist()
         self.bounds = list(zip([0] + ends[:-1], ends))
         with torch.no_grad(), torch.inference_mode(False):   # a tensor training may use
-            stacked = torch.cat([m.A.detach() for m in self.members])
-        for m, (lo, hi) in zip(self.members, self.bounds):
-            m.A.data = stacked[lo:hi]
+            stacked = torch.cat([w.detach() for w in weights])
+        for w, (lo, hi) in zip(weights, self.bounds):
+            w.data = stacked[lo:hi]
         self.stacked = stacked
         row = stacked.stride(0) * stacked.element_size()
         self.layout = [(stacked.data_ptr() + lo * row, hi - lo) for lo, hi in self.bounds]
+        return True
 
     def _stacked_still(self) -> bool:
-        """Every A still the slice of the stack it was made (a move, a cast, a copy or a
-        new parameter gives it storage of its own)."""
+        """Every A weight still the slice of the stack it was made (a move, a cast, a copy,
+        a new parameter or a quantizer gives it storage of its own)."""
+        if not self.layout:
+            return False
         for m, (ptr, rows) in zip(self.members, self.layout):
-            A = m._parameters["A"]
-            if A.data_ptr() != ptr or A.shape[0] != rows:
+            A = getattr(m.A, "weight", None)
+            if A is None or not _plain(A) or A.data_ptr() != ptr or A.shape[0] != rows:
                 return False
         return True
 
-    def first_factor(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def first_factor(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
         """Member i's A x, from the stacked product for this input (computed on the first
-        call with it)."""
+        call with it); None when the factors cannot be stacked (the caller runs its own)."""
         version = -1 if x.is_inference() else x._version
         if x is not self.x or version != self.x_version or self.served >> i & 1:
-            if not self._stacked_still():
-                self._stack()
+            if not self._stacked_still() and not self._stack():
+                return None
             self.x, self.x_version, self.h, self.served = x, version, F.linear(x, self.stacked), 0
         self.served |= 1 << i
         lo, hi = self.bounds[i]
@@ -206,10 +256,11 @@ class Siblings:
 
 
 def _own_storage(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    """A fused layer's A is a slice of its group's stack: a state dict gets its own copy
-    (safetensors and save_pretrained refuse tensors that share memory)."""
-    if module._siblings is not None and prefix + "A" in state_dict:
-        state_dict[prefix + "A"] = state_dict[prefix + "A"].clone()
+    """A fused layer's A weight is a slice of its group's stack: a state dict gets its own
+    copy (safetensors and save_pretrained refuse tensors that share memory)."""
+    key = prefix + "A.weight"
+    if module._siblings is not None and key in state_dict:
+        state_dict[key] = state_dict[key].clone()
 
 
 def fused_groups(model: nn.Module) -> list[list[str]]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import RankwiseError
-from .layers import held_by, is_factorable
+from .layers import LowRankLinear, factorable_modules, held_by
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +159,11 @@ def target_linears(model: nn.Module, include: str | None = None, exclude: str | 
     quantized linears) are named in the error when nothing else matches."""
     prefix, blocks = find_blocks(model)
     found, foreign = {}, {}
+    factorable = factorable_modules(blocks)
     for name, module in blocks.named_modules():
         full = f"{prefix}.{name}" if prefix else name
-        if not is_factorable(module) or not _float_weight(module):
-            if _holds_a_matrix(module):
+        if name not in factorable or not _float_weight(module):
+            if _holds_a_matrix(module) and not _inside_factors(name, factorable):
                 foreign.setdefault(type(module).__name__, full)
             continue
         if include is not None and not re.search(include, full):
@@ -188,6 +189,12 @@ def target_linears(model: nn.Module, include: str | None = None, exclude: str | 
 
 def _float_weight(module: nn.Module) -> bool:
     return held_by(module).is_floating_point()
+
+
+def _inside_factors(name: str, factorable: dict[str, nn.Module]) -> bool:
+    """A factor of a LowRankLinear (its A or B), part of a layer already listed."""
+    owner = name.rpartition(".")[0]
+    return isinstance(factorable.get(owner), LowRankLinear)
 
 
 def _holds_a_matrix(module: nn.Module) -> bool:

@@ -165,3 +165,12 @@ def test_anchored_cut_works_in_every_family(family, calib):
     dense = structured_tiny(family)
     model, summary = compressed(dense, calib, metric="kfac", ratio=0.4, refine_steps=4)
     assert summary.refinement and torch.isfinite(logits(model, calib)).all()
+
+
+def test_anchored_cut_takes_the_searched_ranks(tiny, calib):
+    model, summary = compressed(tiny, calib, metric="kfac", ratio=0.4, allocation="search",
+                                refine_steps=2, search_generations=2, search_offspring=2,
+                                search_windows=2)
+    assert summary.plan == "anchored" and summary.search is not None
+    assert summary.ranks == summary.search.ranks
+    assert torch.isfinite(logits(model, calib)).all()

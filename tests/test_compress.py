@@ -60,7 +60,8 @@ def test_metric_allocation_family_matrix(family, metric, allocation, calib, tmp_
     assert all(name.startswith(prefix + ".") for name in layers)   # never embeddings / lm_head
     dense_logits = model(calib[:2]).logits
     dense_count = parameter_count(model)
-    config = CompressConfig(metric=metric, ratio=0.4, allocation=allocation, refine_steps=2,
+    # the one-shot cut: tests/test_anchored.py takes the anchored one through every family
+    config = CompressConfig(metric=metric, ratio=0.4, allocation=allocation, cut="oneshot",
                             search_generations=2, search_offspring=2, search_windows=2)
     summary = compress_(model, config, calib, progress=False)
     step = max(m + n for m, n in summary.shapes.values()) / summary.dense_params

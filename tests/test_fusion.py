@@ -42,7 +42,7 @@ def test_compress_fuses_qkv_and_gate_up_and_logits_do_not_change(pair, heldout):
         [["gate_proj", "up_proj"]] * 2 + [["k_proj", "q_proj", "v_proj"]] * 2
     for g in groups:                   # every A a slice of its group's one stack
         members = [fused.get_submodule(n) for n in g]
-        storages = {m.A.untyped_storage().data_ptr() for m in members}
+        storages = {m.A.weight.untyped_storage().data_ptr() for m in members}
         assert len(storages) == 1 and members[0]._siblings.stacked.untyped_storage().data_ptr() in storages
     with torch.no_grad():
         torch.testing.assert_close(fused(heldout).logits, plain(heldout).logits, rtol=1e-5, atol=1e-5)
@@ -55,17 +55,18 @@ def test_compress_fuses_qkv_and_gate_up_and_logits_do_not_change(pair, heldout):
 
 def test_training_runs_unfused_and_the_fused_path_sees_its_updates(pair, heldout):
     fused, plain = pair
-    opt = torch.optim.SGD([p for n, p in fused.named_parameters() if n.endswith(".A")], lr=0.1)
+    opt = torch.optim.SGD([p for n, p in fused.named_parameters() if n.endswith(".A.weight")],
+                          lr=0.1)
     fused.train()
     loss = fused(heldout, labels=heldout).loss
     loss.backward()
-    assert all(m.A.grad is not None for m in fused.modules() if isinstance(m, LowRankLinear))
+    assert all(m.A.weight.grad is not None for m in fused.modules() if isinstance(m, LowRankLinear))
     opt.step()
     fused.eval()
     reference = copy.deepcopy(fused)
     unfuse_siblings(reference)
-    assert not torch.equal(reference.model.layers[0].self_attn.q_proj.A,
-                           plain.model.layers[0].self_attn.q_proj.A)
+    assert not torch.equal(reference.model.layers[0].self_attn.q_proj.A.weight,
+                           plain.model.layers[0].self_attn.q_proj.A.weight)
     with torch.inference_mode():
         torch.testing.assert_close(fused(heldout).logits, reference(heldout).logits)
 
@@ -77,7 +78,7 @@ def test_a_move_or_a_copy_restacks_and_the_copy_is_independent(pair, heldout):
         expected = plain.double()(heldout).logits
         torch.testing.assert_close(double(heldout).logits, expected)
         twin = copy.deepcopy(double)
-        twin.model.layers[0].mlp.up_proj.A.zero_()
+        twin.model.layers[0].mlp.up_proj.A.weight.zero_()
         torch.testing.assert_close(double(heldout).logits, expected)    # the original is intact
         assert not torch.allclose(twin(heldout).logits, expected)
 
@@ -103,7 +104,8 @@ def test_a_state_dict_of_a_fused_model_shares_no_memory(pair, tmp_path):
     fused, _ = pair
     state = fused.state_dict()
     save_file({k: v for k, v in state.items() if "embed" not in k}, tmp_path / "w.safetensors")
-    assert len({v.untyped_storage().data_ptr() for k, v in state.items() if k.endswith(".A")}) == \
+    assert len({v.untyped_storage().data_ptr() for k, v in state.items()
+                if k.endswith(".A.weight")}) == \
         sum(1 for m in fused.modules() if isinstance(m, LowRankLinear))
 
 

@@ -91,7 +91,7 @@ def test_damaged_weights_are_a_clear_error(saved, damage):
         weights.write_bytes(weights.read_bytes()[:1000])
     else:
         tensors = load_file(weights)
-        key = next(k for k in tensors if k.endswith("q_proj.A"))
+        key = next(k for k in tensors if k.endswith("q_proj.A.weight"))
         if damage == "drop_tensor":
             del tensors[key]
         else:
@@ -157,3 +157,45 @@ def test_dense_export_is_a_plain_checkpoint_with_the_same_function(saved, tmp_pa
     assert not any(isinstance(m, LowRankLinear) for m in dense.modules())
     with torch.no_grad():
         torch.testing.assert_close(dense(calib).logits, model(calib).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_folder_written_before_the_factors_were_linear_modules_still_loads(saved, calib):
+    """Earlier releases stored a factored layer as X.A, X.B and X.bias."""
+    from safetensors.torch import load_file, save_file
+    model, folder = saved
+    weights = folder / "model.safetensors"
+    old = {}
+    for key, value in load_file(weights).items():
+        for new, was in ((".A.weight", ".A"), (".B.weight", ".B"), (".B.bias", ".bias")):
+            if key.endswith(new):
+                key = key[:-len(new)] + was
+                break
+        old[key] = value
+    assert any(k.endswith("q_proj.A") for k in old)
+    save_file(old, weights)
+    with torch.no_grad():
+        assert torch.equal(load(folder)(calib).logits, model(calib).logits)
+
+
+def test_torchao_int8_weight_only_quantizes_the_factors_of_a_loaded_model(tmp_path, calib):
+    """Each factor is a plain nn.Linear, so torchao's quantize_ takes it as it is; the
+    sibling fusion steps aside for the quantized factors. (Uniform ranks: torchao 0.18
+    cannot quantize a weight with a single input column, the B of a rank-1 layer.)"""
+    torchao = pytest.importorskip("torchao.quantization")
+    model = structured_tiny("llama")
+    compress_(model, CompressConfig(metric="kfac", ratio=0.4, allocation="uniform"), calib,
+              progress=False)
+    loaded = load(save(model, tmp_path / "out"))
+    with torch.no_grad():
+        reference = loaded(calib).logits
+    torchao.quantize_(loaded, torchao.Int8WeightOnlyConfig())
+    q_proj = loaded.model.layers[0].self_attn.q_proj
+    assert type(q_proj.A.weight).__name__ != "Parameter" or \
+        type(q_proj.A.weight.data) is not torch.Tensor            # a quantized tensor
+    with torch.no_grad():
+        got = loaded(calib).logits                                 # 8 x 32 rows: the fused size
+    error = (got - reference).abs().max() / reference.abs().max()
+    assert 0 < error < 0.02          # int8 per-row rounding: about 1/254 of each row's range
+    assert (got.argmax(-1) == reference.argmax(-1)).float().mean() > 0.95
+    generated = loaded.generate(calib[:1, :5], max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 9)

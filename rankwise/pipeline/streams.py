@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import stats
-from ..layers import is_factorable
+from ..layers import factorable_modules
 from ..models import find_blocks, names_by_block, release_host_memory
 from .walk import Route, block_inputs, run_block
 
@@ -99,7 +99,7 @@ def _groups_in_call_order(block: nn.Module, block_name: str, names: list[str], c
     """The targeted layers of a block grouped by the very input tensor they read, in the
     order the block first calls each group."""
     relative = {name[len(block_name) + 1:]: name for name in names}
-    every = {n: m for n, m in block.named_modules() if n and is_factorable(m)}
+    every = factorable_modules(block)
     leader = stats.shared_inputs(block, every, call)       # insertion order: call order
     groups: dict[str, list[str]] = {}
     for rel in leader:

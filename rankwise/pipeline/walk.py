@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .. import stats
 from ..errors import RankwiseError
-from ..layers import is_factorable
+from ..layers import factorable_modules
 from ..models import find_blocks, names_by_block, release_host_memory
 from .distributed import Comm
 from .placement import Placement
@@ -179,7 +179,7 @@ class _Groups:
 
     def leader(self, block: nn.Module, block_name: str, owned: list[str], call) -> dict[str, str]:
         if self.relative is None:
-            every = {n: m for n, m in block.named_modules() if n and is_factorable(m)}
+            every = factorable_modules(block)
             self.relative = stats.shared_inputs(block, every, call)
         rel = {name: name[len(block_name) + 1:] for name in owned}
         first = {}                                   # relative leader -> first owned member

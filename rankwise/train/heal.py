@@ -64,7 +64,7 @@ def trainable_parameters(model: nn.Module, config: HealConfig) -> list[nn.Parame
     chosen = {}
     for module in model.modules():
         if isinstance(module, LowRankLinear):
-            chosen.update({id(module.A): module.A, id(module.B): module.B})
+            chosen.update({id(p): p for p in (module.A.weight, module.B.weight)})
         is_norm = "norm" in type(module).__name__.lower()
         if config.train_norms and is_norm:
             chosen.update({id(p): p for p in module.parameters(recurse=False)})

@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 def factor_parameters(block: nn.Module) -> list[nn.Parameter]:
     """The factors of every LowRankLinear in the block (no biases, no norms)."""
-    return [p for m in block.modules() if isinstance(m, LowRankLinear) for p in (m.A, m.B)]
+    return [p for m in block.modules() if isinstance(m, LowRankLinear)
+            for p in (m.A.weight, m.B.weight)]
 
 
 class _BlockTask:
