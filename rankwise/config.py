@@ -15,6 +15,7 @@ from .errors import RankwiseError
 from .geometry import DEFAULT_DAMPING
 from .metrics import METRICS
 from .options import check_choice, check_int, check_number, option
+from .quantize import FACTOR_BITS, ROUNDINGS, Grid
 
 
 CUTS = {
@@ -46,14 +47,14 @@ class CompressConfig:
         f"{name} = {text}" for name, text in CUTS.items()) + " (default: anchored for the "
         "metrics that measure inputs, whiten and kfac; oneshot for svd and fisher)",
         choices=CUTS)
-    anchor_mix: float = option(1.0, "anchored cut: the target of each layer, from its own "
+    anchor_mix: float = option(0.5, "anchored cut: the target of each layer, from its own "
                                     "output on the compressed stream (0, the sequential "
                                     "fit) to the dense model's output (1), in [0, 1]")
-    anchor_damping: float = option(1e-2, "anchored cut: ridge of each layer's regression "
+    anchor_damping: float = option(1e-6, "anchored cut: ridge of each layer's regression "
                                          "onto the compressed stream, toward the dense "
                                          "weight (times the input covariance's mean "
                                          "eigenvalue), in (0, 1)")
-    refine_steps: int = option(32, "anchored cut: optimizer steps that train each block's "
+    refine_steps: int = option(16, "anchored cut: optimizer steps that train each block's "
                                    "factors toward the dense block's output after its cut "
                                    "(0: none)")
     refine_lr: float = option(5e-4, "anchored cut: Adam learning rate of the refinement")
@@ -143,3 +144,37 @@ class CalibrationConfig:
         check_int("seqlen", self.seqlen, 2)
         check_int("seed", self.seed, 0)
         check_int("batch_size", self.batch_size)
+
+
+SAVE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class StorageConfig:
+    """How an output's weights are stored: the float dtype, and optionally the factors on
+    an integer grid (rankwise.quantize, stored as rankwise.ct_format describes)."""
+    save_dtype: str = option("auto", "dtype of the stored float weights (auto: the source's "
+                                     "16-bit dtype, float16 for a float16 source, else "
+                                     "bfloat16; --dtype decides how the model runs)",
+                             choices=SAVE_DTYPES)
+    factor_bits: int | None = option(None, "store the factors as 8-bit integers per output "
+                                           "row or 4-bit integers in groups (default: floats "
+                                           "in --save-dtype)", choices=(8, 4))
+    group_size: int = option(64, "4-bit factors: inputs per scale group (a width it does "
+                                 "not divide takes its largest divisor below); with "
+                                 "--factor-bits 4 the ranks default to multiples of it")
+    rounding: str = option("gptq", "how factors are rounded: " + "; ".join(
+        f"{k} = {v}" for k, v in ROUNDINGS.items()), choices=ROUNDINGS)
+
+    def __post_init__(self):
+        check_choice("save_dtype", self.save_dtype, SAVE_DTYPES)
+        if self.factor_bits is not None and (isinstance(self.factor_bits, bool) or
+                                             self.factor_bits not in FACTOR_BITS):
+            raise RankwiseError(f"factor_bits must be one of {list(FACTOR_BITS)}, got "
+                                f"{self.factor_bits!r}")
+        check_int("group_size", self.group_size)
+        check_choice("rounding", self.rounding, ROUNDINGS)
+
+    def grid(self) -> Grid | None:
+        return None if self.factor_bits is None else Grid.for_bits(self.factor_bits,
+                                                                   self.group_size)

@@ -14,10 +14,12 @@ from torch import nn
 
 from .errors import RankwiseError
 from .hf_format import MODELING_FILE, base_config, hf_config, modeling_source
+from . import ct_format
 from .fusion import fuse_siblings
 from .layers import LowRankLinear, fused_groups, linear_shape, ranks_of, set_module
 from .models import DEFAULT_MODEL_NAME, check_finite, load_model, model_path
 from .outputs import Output
+from .quantize import is_quantized
 from .version import __version__
 
 MANIFEST = "rankwise.json"
@@ -33,29 +35,93 @@ def _versions() -> dict[str, str]:
 
 
 def save(model: nn.Module, folder: str | os.PathLike, manifest: dict | None = None,
-         tokenizer=None, writer: str = "save") -> Path:
+         tokenizer=None, writer: str = "save", storage: torch.dtype | None = None) -> Path:
     """Write the model as a rankwise output folder, atomically (rankwise.outputs): an
-    existing folder is replaced only when `writer` wrote it."""
+    existing folder is replaced only when `writer` wrote it. `storage`: see write_model."""
     out = Output(folder, writer)
     with out.writing() as tmp:
-        write_model(tmp, model, manifest, tokenizer)
+        write_model(tmp, model, manifest, tokenizer, storage)
     return out.path
 
 
 def write_model(folder: Path, model: nn.Module, manifest: dict | None = None,
-                tokenizer=None) -> None:
-    """The files of a rankwise output, into an existing (temporary) folder."""
-    from safetensors.torch import save_model
+                tokenizer=None, storage: torch.dtype | None = None) -> dict:
+    """The files of a rankwise output, into an existing (temporary) folder. Floating-point
+    weights are stored in `storage` (None: float32) and the model in memory is rounded to
+    them first, so what was saved is what the caller holds; factors on an integer grid
+    (rankwise.quantize) are stored in the compressed-tensors format (rankwise.ct_format).
+    The manifest records the dtype, the file's bytes and the bits per original parameter
+    of the targeted layers; returns it as written."""
+    from safetensors.torch import save_file
 
+    storage = storage or torch.float32
     record = {"format": FORMAT, **(manifest or {}), "ranks": ranks_of(model),
               "versions": _versions()}
+    round_to(model, storage)
+    quantized = ct_format.quantized_modules(model)
+    tensors = _stored_tensors(model, storage, quantized)
     config = hf_config(model, record["ranks"], fused_groups(model))
+    config["dtype"] = str(storage).removeprefix("torch.")
+    if quantized:
+        config["quantization_config"] = ct_format.quantization_config(quantized)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / MODELING_FILE).write_text(modeling_source(config["rankwise_base_model_type"]))
-    save_model(model, str(folder / WEIGHTS))
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+    record["storage"] = storage_record(tensors, record, storage, quantized)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     (folder / MANIFEST).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def round_to(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every floating-point parameter and persistent buffer rounded to `dtype`, kept in its
+    own (non-persistent buffers such as rotary frequencies are rebuilt on load, not stored,
+    and weights on an integer grid are stored as integers and scales: both left as they
+    are). In place, so tensors that are views of another (fused siblings) follow."""
+    with torch.no_grad():
+        for module in model.modules():
+            exact = {"weight"} if is_quantized(module) else set()
+            stored = [*module.named_parameters(recurse=False),
+                      *((n, b) for n, b in module.named_buffers(recurse=False)
+                        if n not in module._non_persistent_buffers_set)]
+            for name, t in stored:
+                if name not in exact and t.is_floating_point() and t.dtype != dtype:
+                    t.copy_(t.to(dtype))
+
+
+def _stored_tensors(model: nn.Module, storage: torch.dtype,
+                    quantized: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The state dict as written: tied tensors once (under the name that is not tied),
+    floats in `storage`, quantized modules in their compressed form."""
+    state = model.state_dict()
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    kept: dict[tuple, str] = {}
+    for key in sorted(state, key=lambda k: k in tied):      # untied names first
+        kept.setdefault((state[key].data_ptr(), state[key].shape, state[key].dtype), key)
+    owned = {f"{name}.{leaf}" for name in quantized for leaf in ("weight", "bias")}
+    tensors = {key: state[key].to(storage) if state[key].is_floating_point() else state[key]
+               for key in kept.values() if key not in owned}
+    tensors = {key: value.contiguous() for key, value in tensors.items()}
+    tensors.update(ct_format.compressed_state(quantized, storage) if quantized else {})
+    return tensors
+
+
+def storage_record(tensors: dict[str, torch.Tensor], record: dict, storage: torch.dtype,
+                   quantized: dict[str, nn.Module]) -> dict:
+    """What the weights file holds: its dtype, the factors' grid, its bytes, and the bits
+    per original parameter of the targeted layers (their stored bytes, factored or kept
+    dense, over their dense parameter count)."""
+    layers = [*record["ranks"], *record.get("kept_dense", [])]
+    targeted = sum(t.numel() * t.element_size() for key, t in tensors.items()
+                   if any(key.startswith(name + ".") for name in layers))
+    dense = record.get("targeted_params", {}).get("dense")
+    grids = {str(m.rankwise_grid) for m in quantized.values()}
+    return {"dtype": str(storage).removeprefix("torch."),
+            "factors": sorted(grids) if grids else "float",
+            "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+            "targeted_bytes": targeted,
+            "bits_per_targeted_param": 8 * targeted / dense if dense else None}
 
 
 def dense_source(manifest: dict) -> str | None:
@@ -114,7 +180,7 @@ def load(folder: str | os.PathLike) -> nn.Module:
 
     folder = Path(folder)
     record = read_manifest(folder)
-    model = AutoModelForCausalLM.from_config(base_config(folder))
+    model = AutoModelForCausalLM.from_config(base_config(folder), dtype=torch.float32)
     try:
         for name, rank in record["ranks"].items():
             linear = model.get_submodule(name)
@@ -122,8 +188,9 @@ def load(folder: str | os.PathLike) -> nn.Module:
             set_module(model, name, LowRankLinear(n, m, int(rank), linear.bias is not None))
     except (AttributeError, ValueError) as e:
         raise RankwiseError(f"{folder / MANIFEST} does not match the model in config.json: {e}") from None
+    quantization = json.loads((folder / "config.json").read_text()).get("quantization_config")
     try:
-        missing, unexpected = _read_weights(model, folder / WEIGHTS)
+        missing, unexpected = _read_weights(model, folder / WEIGHTS, quantization)
     except FileNotFoundError:
         raise RankwiseError(f"{folder / WEIGHTS} is missing") from None
     except (SafetensorError, OSError, RuntimeError) as e:
@@ -140,16 +207,22 @@ def load(folder: str | os.PathLike) -> nn.Module:
     return model.eval()
 
 
-def _read_weights(model: nn.Module, path: Path) -> tuple[list[str], list[str]]:
+def _read_weights(model: nn.Module, path: Path, quantization: dict | None = None
+                  ) -> tuple[list[str], list[str]]:
     """Copy a safetensors file into the model's tensors one at a time (never a second copy
-    of the whole model in memory); returns (missing, unexpected) keys."""
+    of the whole model in memory), the modules `quantization` (config.json's
+    quantization_config) names through rankwise.ct_format; returns (missing, unexpected)
+    keys."""
     from safetensors import safe_open
     if not path.is_file():
         raise FileNotFoundError(path)
     state = model.state_dict()
     with safe_open(str(path), framework="pt") as f, torch.no_grad():
-        keys = {_current_key(key, state): key for key in f.keys()}
-        for key in keys.keys() & state.keys():
+        used = ct_format.read_quantized(model, quantization, f) if quantization else set()
+        filled_weights = {key.rsplit(".", 1)[0] + ".weight" for key in used}
+        keys = {_current_key(key, state): key for key in f.keys() if key not in used}
+        keys.update({key: key for key in filled_weights})
+        for key in keys.keys() & state.keys() - filled_weights:
             value = f.get_tensor(keys[key])
             if value.shape != state[key].shape:
                 raise RuntimeError(f"{key} has shape {tuple(value.shape)}, the manifest says "

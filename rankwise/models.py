@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -46,6 +47,24 @@ def model_path(spec: str | os.PathLike | None) -> Path:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def storage_dtype(spec: str | os.PathLike | None, choice: str = "auto") -> torch.dtype:
+    """The dtype an output's float weights are stored in: `choice`, or for "auto" the
+    source's 16-bit dtype: float16 when its config says float16 (its values fit exactly),
+    else bfloat16, which keeps float32's range (a GGUF file, a bfloat16 or float32 folder)."""
+    if choice != "auto":
+        return getattr(torch, choice)
+    path = model_path(spec)
+    if path.is_dir():
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+        stored = config.get("dtype") or config.get("torch_dtype")
+        if stored == "float16":
+            return torch.float16
+    return torch.bfloat16
 
 
 def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32", cache=None):

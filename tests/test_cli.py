@@ -195,7 +195,8 @@ def _values(f, hint):
     elif choices:
         others = [c for c in choices if c != default] or [default]   # a one-choice option
         recipe = others[0]
-        flag = given = others[1] if len(others) > 1 else default
+        given = others[1] if len(others) > 1 else default
+        flag = str(given)
     elif hint is int:
         recipe, flag, given = (default or 0) + 3, str((default or 0) + 5), (default or 0) + 5
     elif hint is float:

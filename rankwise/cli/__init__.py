@@ -23,6 +23,7 @@ VERBS = {   # verb: (module, one-line help)
     "eval": ("evaluate", "perplexity and divergence from the dense model"),
     "finetune": ("finetune", "fine-tune under a rank constraint (factors, hard, svt)"),
     "heal": ("heal", "distil a compressed model back toward its dense teacher"),
+    "quantize": ("quantize", "round a compressed model's factors to 8 or 4 bits"),
     "export": ("export", "write a compressed model in another format (dense checkpoint)"),
     "report": ("report", "one HTML page comparing runs"),
     "dln": ("dln", "deep linear networks vs their compressed form (C-DLN; research lab)"),

@@ -4,19 +4,25 @@ DESCRIPTION = ("Replace the linear layers inside the transformer blocks by low-r
 
 
 def option_classes():
-    from ..config import CalibrationConfig, CompressConfig
+    from ..config import CalibrationConfig, CompressConfig, StorageConfig
     from ..entrypoints import CompressRun
-    return [CompressRun, CompressConfig, CalibrationConfig]
+    return [CompressRun, CompressConfig, CalibrationConfig, StorageConfig]
 
 
 def run(configs) -> None:
-    from ..config import CalibrationConfig, CompressConfig
+    from ..config import CalibrationConfig, CompressConfig, StorageConfig
     from ..entrypoints import CompressRun, compress_model
 
     config = configs[CompressConfig]
-    outcome = compress_model(configs[CompressRun], config, configs[CalibrationConfig])
+    outcome = compress_model(configs[CompressRun], config, configs[CalibrationConfig],
+                             storage=configs[StorageConfig])
     s = outcome.summary
     kept = sum(r is not None for r in s.ranks.values())
     print(f"compressed {kept}/{len(s.ranks)} layers with {config.metric}: removed "
           f"{s.achieved_ratio:.4f} of the targeted parameters (requested {config.ratio}) "
           f"in {s.seconds['total']:.1f} s -> {outcome.folder}")
+    stored = outcome.manifest.get("storage")      # under torchrun: the writing rank's
+    if stored:
+        print(f"weights: {stored['tensor_bytes']:,} bytes ({stored['dtype']}, factors "
+              f"{stored['factors']}); targeted layers {stored['bits_per_targeted_param']:.2f} "
+              "bits per original parameter")

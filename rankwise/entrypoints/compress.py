@@ -1,22 +1,25 @@
 """compress_model: load, calibrate, compress, save with its manifest and rank chart."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..compress import Execution, Summary, compress_
 from ..cache import Cache
-from ..config import DEFAULT_CALIBRATION, CalibrationConfig, CompressConfig
+from ..config import DEFAULT_CALIBRATION, CalibrationConfig, CompressConfig, StorageConfig
+from ..ct_format import require_package
 from ..data import mixture_windows, parse_sources, without_self_if_unsampleable
 from ..errors import RankwiseError
 from ..io import open_model, write_model
-from ..models import DEVICES, DTYPES, model_path, resolve_device
+from ..models import DEVICES, DTYPES, model_path, resolve_device, storage_dtype
 from ..options import check_bool, check_choice, option
 from ..outputs import Output
 from ..pipeline import distributed
 from ..pipeline.placement import Placement
 from ..plots import rank_chart
+from ..quantize import quantize_model
 
 
 @dataclass
@@ -56,15 +59,22 @@ class CompressOutcome:
 
 def compress_model(run: CompressRun, config: CompressConfig | None = None,
                    calibration: CalibrationConfig | None = None,
-                   progress: bool = True) -> CompressOutcome:
+                   progress: bool = True, storage: StorageConfig | None = None) -> CompressOutcome:
     """Compress the model run.model (None: the embedded default; a rankwise output is cut
     further) with `config`, calibrated on `calibration`, and write it to run.out
-    (atomically) with rankwise.json and ranks.png. Everything cheap to check is checked
-    first."""
+    (atomically) with rankwise.json and ranks.png, stored as `storage` says (factors
+    rounded onto its grid on the same calibration windows). Everything cheap to check is
+    checked first."""
     config = config or CompressConfig()
     calibration = calibration or CalibrationConfig()
+    storage = storage or StorageConfig()
     model = run.model
     out = Output(run.out, "compress", inputs=[model_path(model)])
+    stored_dtype = storage_dtype(model, storage.save_dtype)
+    if storage.grid() is not None:
+        require_package()
+        if storage.factor_bits == 4 and config.rank_multiple == 0:   # B's width: whole groups
+            config = dataclasses.replace(config, rank_multiple=storage.group_size)
     device = resolve_device(run.device)
     sources = parse_sources(calibration.calib)
     cache = Cache(enabled=run.cache)
@@ -81,6 +91,9 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
     placement = Placement.of(net, device if run.onload else None)
     summary = compress_(net, config, windows, progress=progress, execution=Execution(
         calibration.batch_size, calibration.seed, placement, run.scratch))
+    grid = storage.grid()
+    if grid is not None:
+        quantize_model(net, grid, windows, calibration.batch_size, stored_dtype, storage.rounding)
     net.cpu()
     manifest = {
         "source_model": source,
@@ -93,6 +106,9 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
                         "tokens": summary.calibration_tokens},
         "seconds": summary.seconds,
         "plan": summary.plan,
+        "kept_dense": [name for name, rank in summary.ranks.items() if rank is None],
+        "factor_rounding": None if grid is None else {
+            "bits": grid.bits, "group_size": grid.group_size, "rounding": storage.rounding},
         "run": {"device": device, "dtype": run.dtype, "onload": run.onload,
                 "spilled_bytes": summary.spilled_bytes, "cache": cache.record},
     }
@@ -105,7 +121,7 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
                               "evaluations": summary.search.evaluations}
     if distributed.is_leader():      # under torchrun every rank holds the result; one writes
         with out.writing() as tmp:
-            write_model(tmp, net, manifest, tokenizer)
+            manifest = write_model(tmp, net, manifest, tokenizer, stored_dtype)
             rank_chart(summary.ranks, summary.shapes, tmp / "ranks.png",
                        f"{config.metric}, {config.allocation}, ratio {summary.achieved_ratio:.3f}")
     distributed.barrier()

@@ -1,0 +1,151 @@
+"""Factor rounding (rankwise.quantize) and its storage (rankwise.ct_format)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rankwise import CompressConfig, RankwiseError, compress_, load, save
+from rankwise.config import StorageConfig
+from rankwise.quantize import (Grid, error_compensated, input_covariances, quantize_factors,
+                               quantize_model, round_to_nearest)
+
+from conftest import structured_tiny
+
+pytest.importorskip("compressed_tensors")
+
+
+def _metric_error(W, Q, H):
+    return float(torch.trace((W - Q) @ H @ (W - Q).T))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_error_compensated_rounding_beats_round_to_nearest_in_its_metric(bits):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2000, 96, generator=g) @ torch.randn(96, 96, generator=g)   # correlated
+    H = (X.T @ X / len(X)).double()
+    W = torch.randn(40, 96, generator=g)
+    grid = Grid.for_bits(bits, 32)
+    compensated = error_compensated(W, H, grid, torch.bfloat16)
+    nearest = round_to_nearest(W, grid, torch.bfloat16)
+    assert _metric_error(W.double(), compensated.weight.double(), H) < \
+        0.8 * _metric_error(W.double(), nearest.weight.double(), H)
+    for rounded in (compensated, nearest):           # on the grid: integers times the scales
+        q = rounded.weight.unflatten(1, (-1, rounded.group)) / rounded.scale[:, :, None]
+        assert torch.allclose(q, q.round(), atol=1e-4)
+        assert q.round().min() >= -2 ** (bits - 1) and q.round().max() <= 2 ** (bits - 1) - 1
+        assert torch.equal(rounded.scale, rounded.scale.to(torch.bfloat16).float())
+    assert compensated.scale.shape == ((40, 1) if bits == 8 else (40, 3))
+
+
+def test_a_group_width_always_divides_the_inputs():
+    grid = Grid.for_bits(4, 64)
+    assert [grid.group_for(n) for n in (576, 1536, 77, 32)] == [64, 64, 11, 32]
+    assert Grid.for_bits(8, 64).group_for(77) == 77
+
+
+def test_bad_factor_bits_and_rounding_are_clear_errors():
+    with pytest.raises(RankwiseError, match="factor_bits must be one of"):
+        StorageConfig(factor_bits=3)
+    with pytest.raises(RankwiseError, match="rounding"):
+        StorageConfig(rounding="best")
+    with pytest.raises(RankwiseError, match="a grid holds 2 to 8 bits"):
+        Grid(1, None)
+
+
+def _factored(calib, ratio=0.4):
+    model = structured_tiny("llama", tie_word_embeddings=True)
+    model.tie_weights()
+    compress_(model, CompressConfig(metric="kfac", ratio=ratio, allocation="uniform",
+                                    rank_multiple=8), calib, progress=False)
+    return model
+
+
+def test_siblings_share_their_input_covariance(calib):
+    model = _factored(calib)
+    covariances = input_covariances(model, calib, 4)
+    attention = "model.layers.0.self_attn."
+    assert covariances[attention + "q_proj"] is covariances[attention + "k_proj"]
+    x = []
+    handle = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(
+        lambda m, a: x.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(calib)
+    handle.remove()
+    x = torch.cat(x).double()
+    assert torch.allclose(covariances[attention + "o_proj"], x.T @ x / len(x), rtol=1e-4,
+                          atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_factors_save_small_and_load_with_identical_logits(tmp_path, calib, bits):
+    model = _factored(calib)
+    with torch.no_grad():
+        before = model(calib).logits
+    count = quantize_model(model, Grid.for_bits(bits, 8), calib, 4, torch.bfloat16)
+    assert count == 2 * 14
+    folder = save(model, tmp_path / "q", {"targeted_params": {"dense": 2 * 7 * 64 * 96}},
+                  storage=torch.bfloat16)
+    loaded = load(folder)
+    with torch.no_grad():
+        mine, theirs = model(calib).logits, loaded(calib).logits
+    assert torch.equal(mine, theirs)
+    error = (mine - before).abs().max() / before.abs().max()
+    assert 0 < error < (0.02 if bits == 8 else 0.2)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    from safetensors import safe_open
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert "model.layers.0.mlp.down_proj.B.weight_packed" in keys
+        assert "model.layers.0.mlp.down_proj.B.weight" not in keys
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+    stored = json.loads((folder / "rankwise.json").read_text())["storage"]
+    assert stored["bits_per_targeted_param"] < 0.6 * (bits + 1)
+    with pytest.raises(RankwiseError, match="already holds quantized factors"):
+        quantize_factors(loaded, None, Grid.for_bits(bits, 8), torch.bfloat16, "rtn")
+
+
+def test_storage_dtype_rounds_the_model_in_memory_to_what_is_saved(tmp_path, calib):
+    model = _factored(calib)
+    folder = save(model, tmp_path / "b", storage=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.float32        # still runs as it did
+    assert torch.equal(model.model.embed_tokens.weight,
+                       model.model.embed_tokens.weight.bfloat16().float())
+    with torch.no_grad():
+        assert torch.equal(model(calib).logits, load(folder)(calib).logits)
+    size16 = os.path.getsize(folder / "model.safetensors")
+    size32 = os.path.getsize(save(model, tmp_path / "f") / "model.safetensors")
+    assert size16 < 0.55 * size32
+
+
+def test_plain_transformers_loads_quantized_factors_with_the_package(tmp_path, calib):
+    model = _factored(calib)
+    quantize_model(model, Grid.for_bits(4, 8), calib, 4, torch.bfloat16)
+    folder = save(model, tmp_path / "q", storage=torch.bfloat16)
+    torch.save(calib, tmp_path / "ids.pt")
+    code = (
+        "import sys, torch\n"
+        "sys.modules['rankwise'] = None\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True,"
+        " dtype=torch.float32)\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(model(input_ids=ids).logits, {str(tmp_path / 'hf.pt')!r})\n")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
+    with torch.no_grad():
+        mine = load(folder)(calib).logits
+    assert (torch.load(tmp_path / "hf.pt") - mine).abs().max() < 1e-3
+
+
+def test_a_missing_package_is_one_sentence(tmp_path, calib, monkeypatch):
+    model = _factored(calib)
+    quantize_model(model, Grid.for_bits(8, 8), calib, 4, torch.bfloat16, rounding="rtn")
+    folder = save(model, tmp_path / "q", storage=torch.bfloat16)
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)
+    with pytest.raises(RankwiseError, match="pip install compressed-tensors"):
+        load(folder)
