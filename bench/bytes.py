@@ -28,10 +28,11 @@ import time
 import torch
 
 from rankwise import CompressConfig, compress_
+from rankwise.cache import Cache
 from rankwise.config import DEFAULT_CALIBRATION
 from rankwise.data import mixture_windows, parse_sources
 from rankwise.layers import LowRankLinear
-from rankwise.models import load_model, target_linears
+from rankwise.models import load_model, model_path, target_linears
 from rankwise.quantize import Grid, is_quantized, quantize_linears, quantize_model, stored_bits
 
 from common import Domains, header
@@ -74,8 +75,10 @@ def main():
 
     dense, tokenizer, _ = load_model()
     layers = target_linears(dense)
+    cache = Cache()      # the windows rankwise compress samples, shared with it
     calib, _ = mixture_windows(parse_sources(list(DEFAULT_CALIBRATION)), tokenizer, dense,
-                               args.calib_samples, 512, seed=0, progress=False)
+                               args.calib_samples, 512, seed=0, progress=False, cache=cache,
+                               model_key=cache.digest(model_path(None)))
     domains = Domains(dense, tokenizer, args.windows)
     print(f"SmolLM2-135M-Instruct (dense weights: Q4_1 GGUF), {torch.get_num_threads()} "
           f"threads; calibration {tuple(calib.shape)}; evaluation {domains.describe()}")

@@ -24,6 +24,7 @@ problem on the compressed stream).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -70,6 +71,8 @@ class Summary:
     plan: str = ""                        # how the last cut went: immediate, parked, anchored
     refinement: dict[int, tuple[float, float]] = field(default_factory=dict)
     # block -> its refinement loss (metric-weighted output error) before and after
+    decompositions: dict[str, float] = field(default_factory=dict)
+    # symmetric eigendecompositions: count, float64 redos, seconds (geometry.EighCount)
 
 
 @dataclass
@@ -123,6 +126,7 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
                     tokens, max(max(s) for s in shapes.values()), metric.name)
     placement = execution.placement or Placement.of(model)
     seconds = {"statistics": 0.0, "anchored": 0.0, "refinement": 0.0}
+    eighs_before = dataclasses.replace(geometry.EIGH_COUNT)
     outcome = _Outcome()
     with Spill(execution.scratch) as spill:
         route = Route(placement, spill, Comm.current(), progress)
@@ -146,7 +150,8 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
                       seconds={**seconds, "projection": t_total - seconds["statistics"]
                                - seconds["anchored"], "total": t_total},
                       search=outcome.searched, spilled_bytes=spilled, plan=outcome.plan,
-                      refinement=outcome.refinement)
+                      refinement=outcome.refinement,
+                      decompositions=dataclasses.asdict(geometry.EIGH_COUNT.since(eighs_before)))
     log.info("compressed %d layers with %s (%s cut): ratio %.4f achieved (%.4f requested) "
              "in %.1f s", len(shapes), config.metric, summary.plan, summary.achieved_ratio,
              config.ratio, t_total)
@@ -242,8 +247,14 @@ class _Cut:
         broadcast from their owners."""
         comm, out = self.route.comm, {}
         mine = names[comm.rank::comm.size]
+        before = dataclasses.replace(geometry.EIGH_COUNT)
         problems = [problem(n) for n in mine]
-        for name, d in zip(mine, geometry.decompose_many(problems, self.config.damping)):
+        decompositions = geometry.decompose_many(problems, self.config.damping)
+        done = geometry.EIGH_COUNT.since(before)
+        log.info("%d layers from %s: %d eigendecompositions (%d redone in float64) in %.2f s",
+                 len(mine), mine[0] if mine else "-", done.decompositions, done.float64_redos,
+                 done.seconds)
+        for name, d in zip(mine, decompositions):
             B = A = None
             if ranks is not None and ranks[name] >= 1:
                 dtype = held_by(self.layers[name]).dtype

@@ -51,6 +51,7 @@ outputs (0: X replaced by C, the sequential fit, W* = W) to the dense ones (1).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,28 @@ class Root:
 # A float32 eigendecomposition is kept when a float64 check finds it accurate to this
 # relative tolerance (see `eigh`); otherwise the matrix is decomposed again in float64.
 EIGH_RTOL = 1e-3
+# At most this many matrices of one size are decomposed in one batched call: a batch's
+# float64 copies, its eigenvectors and the solver's workspace (about 7 matrices each on a
+# GPU) stay bounded however many layers share a size.
+EIGH_BATCH = 4
+
+
+@dataclass
+class EighCount:
+    """Symmetric eigendecompositions done since the last reset: how many, how many of
+    them had to be redone in float64 (a float32 result the check refused, or a float32
+    solver that raised, as cuSOLVER does on some ill-conditioned inputs), their seconds."""
+    decompositions: int = 0
+    float64_redos: int = 0
+    seconds: float = 0.0
+
+    def since(self, earlier: "EighCount") -> "EighCount":
+        return EighCount(self.decompositions - earlier.decompositions,
+                         self.float64_redos - earlier.float64_redos,
+                         self.seconds - earlier.seconds)
+
+
+EIGH_COUNT = EighCount()       # the process's running totals (compress reports per block)
 
 
 def eigh(S: torch.Tensor, floor: torch.Tensor | float | None = None, rtol: float = EIGH_RTOL,
@@ -100,22 +123,38 @@ def eigh(S: torch.Tensor, floor: torch.Tensor | float | None = None, rtol: float
                                spectrum is right to rtol of the layer's whole loss;
     the others are decomposed again in float64.
     """
+    started, count = time.perf_counter(), S.shape[:-2].numel()
+    try:
+        return _eigh(S, floor, rtol, float32)
+    finally:
+        EIGH_COUNT.decompositions += count
+        EIGH_COUNT.seconds += time.perf_counter() - started
+
+
+def _eigh(S, floor, rtol, float32):
     S = S.to(torch.float64)
     S = (S + S.mT) / 2
     if not float32:
         lam, Q = torch.linalg.eigh(S)
         return lam, _signed(Q)
-    Q = torch.linalg.eigh(S.float())[1].double()
+    try:
+        Q = torch.linalg.eigh(S.float())[1].double()
+    except RuntimeError:       # torch.linalg.LinAlgError too: the float32 solver gave up
+        EIGH_COUNT.float64_redos += S.shape[:-2].numel()
+        lam, Q = torch.linalg.eigh(S)
+        return lam, _signed(Q)
     Q = Q @ (1.5 * torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device) - 0.5 * (Q.mT @ Q))
     SQ = S @ Q
     lam = (Q * SQ).sum(-2)
     residual = (SQ - Q * lam[..., None, :]).norm(dim=-2)
+    del SQ
     if floor is None:
         bad = residual.sum(-1) > rtol * lam.abs().sum(-1)
     else:
         floor = torch.as_tensor(floor, dtype=torch.float64, device=S.device)
         bad = (residual > rtol * (lam.abs() + floor[..., None])).any(-1)
     if bad.any():
+        EIGH_COUNT.float64_redos += int(bad.sum())
         lam64, Q64 = torch.linalg.eigh(S[bad])
         lam, Q = lam.clone(), Q.clone()
         lam[bad], Q[bad] = lam64, Q64
@@ -286,11 +325,16 @@ def decompose_many(problems: list[tuple[torch.Tensor, dict]],
     by_size: dict[int, list[int]] = {}
     for i, K in enumerate(grams):
         by_size.setdefault(K.shape[-1], []).append(i)
-    for idx in by_size.values():
-        K = torch.stack([grams[i] for i in idx])
-        lam, Q = eigh(K)
-        for j, i in enumerate(idx):
-            spectra[i] = (lam[j].flip(0).clamp_min(0), Q[j].flip(1))
+    for same_size in by_size.values():
+        for lo in range(0, len(same_size), EIGH_BATCH):
+            idx = same_size[lo:lo + EIGH_BATCH]
+            K = torch.stack([grams[i] for i in idx])
+            for i in idx:
+                grams[i] = None        # the stack holds them now: one copy alive, not two
+            lam, Q = eigh(K)
+            del K
+            for j, i in enumerate(idx):
+                spectra[i] = (lam[j].flip(0).clamp_min(0), Q[j].flip(1))
     return [Decomposition(W=W, basis=Q, spectrum=lam, left_form=left_form,
                           root=roots.get(id(S)) if S is not None else None)
             for (W, _), left_form, S, (lam, Q) in zip(problems, forms, stats, spectra)]

@@ -53,19 +53,30 @@ def lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids.to(model.device), use_cache=False).logits
 
 
-@contextlib.contextmanager
 def _exact_tf32(x: torch.Tensor):
     """TF32 matmuls for 16-bit activations on a GPU: their values are exact in TF32 (at
     most 10 mantissa bits), products accumulate in float32, at tensor-core speed."""
-    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
+    return tf32_matmuls(x.is_cuda and x.dtype in (torch.bfloat16, torch.float16))
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool, backend=None):
+    """CUDA float32 matmuls in TF32 while inside, through the precision API torch has
+    (`fp32_precision`, which torch refuses to mix with the legacy `allow_tf32` flag, or
+    that flag on older releases); the setting restored after. `backend`: the object
+    holding the setting (torch.backends.cuda.matmul; a test passes its own)."""
+    if not enabled:
         yield
         return
-    flag = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    backend = torch.backends.cuda.matmul if backend is None else backend
+    name, value = ("fp32_precision", "tf32") if hasattr(backend, "fp32_precision") else \
+        ("allow_tf32", True)
+    before = getattr(backend, name)
+    setattr(backend, name, value)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = flag
+        setattr(backend, name, before)
 
 
 def shared_inputs(module: nn.Module, layers: dict[str, nn.Module], call) -> dict[str, str]:

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -199,3 +201,58 @@ def test_anchored_mix_zero_fits_the_compressed_streams_own_outputs(shape=(8, 12)
     plain = geometry.project(W, 3, damping=0.0, **metric_stats("kfac", G, Xc @ Xc.T))
     torch.testing.assert_close(sequential, plain.B @ plain.A, rtol=EIGH_ACCURACY,
                                atol=EIGH_ACCURACY)
+
+
+def _spd(n, count=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(count, 3 * n, n, generator=g, dtype=torch.float64)
+    return X.mT @ X / (3 * n)
+
+
+def test_a_float32_solver_that_raises_is_redone_in_float64_and_counted(monkeypatch):
+    """cuSOLVER raises on some ill-conditioned float32 inputs; the float64 redo is the
+    answer, counted as a redo, never a crash."""
+    real = torch.linalg.eigh
+
+    def cusolver_like(S, *args, **kw):
+        if S.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: the algorithm failed to converge")
+        return real(S, *args, **kw)
+
+    S = _spd(12, count=3)
+    expected = geometry.eigh(S, float32=False)
+    before = dataclasses.replace(geometry.EIGH_COUNT)
+    monkeypatch.setattr(torch.linalg, "eigh", cusolver_like)
+    lam, Q = geometry.eigh(S)
+    done = geometry.EIGH_COUNT.since(before)
+    assert torch.allclose(lam, expected[0]) and torch.allclose(Q.abs(), expected[1].abs())
+    assert (done.decompositions, done.float64_redos) == (3, 3) and done.seconds > 0
+
+
+def test_a_refused_float32_decomposition_is_counted_as_a_redo():
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))[0]
+    S = (Q * torch.logspace(0, -12, 40, dtype=torch.float64)) @ Q.T    # condition 1e12
+    before = dataclasses.replace(geometry.EIGH_COUNT)
+    geometry.eigh(S[None], floor=1e-12)
+    assert geometry.EIGH_COUNT.since(before).float64_redos == 1
+    geometry.eigh(_spd(40), floor=1e-3)                     # well conditioned: kept
+    assert geometry.EIGH_COUNT.since(before).float64_redos == 1
+
+
+def test_decompositions_of_one_size_go_in_bounded_batches(monkeypatch):
+    """However many layers share a width, at most EIGH_BATCH of their matrices are
+    stacked for one call (the bound on a block's decomposition memory)."""
+    batches = []
+    real = geometry.eigh
+
+    def recording(K, *args, **kw):
+        batches.append(K.shape[0])
+        return real(K, *args, **kw)
+
+    monkeypatch.setattr(geometry, "eigh", recording)
+    g = torch.Generator().manual_seed(0)
+    problems = [(torch.randn(6, 10, generator=g, dtype=torch.float64), {}) for _ in range(11)]
+    out = geometry.decompose_many(problems)
+    assert len(out) == 11 and max(batches) == geometry.EIGH_BATCH
+    assert sum(batches) == 11

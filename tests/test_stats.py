@@ -95,3 +95,20 @@ def test_sampled_logit_gradient_is_softmax_minus_a_one_hot_sample():
     freq = (torch.softmax(many, -1) - stats.sample_logit_gradient(
         many, torch.Generator().manual_seed(5))).mean((0, 1))
     torch.testing.assert_close(freq, torch.softmax(logits[0, 0], -1), atol=0.015, rtol=0)
+
+
+def test_tf32_switch_uses_the_precision_api_and_restores_it():
+    """The GPU route of the statistics products, run on the CPU against a stand-in for
+    torch.backends.cuda.matmul: the new fp32_precision API when present (torch refuses to
+    mix it with allow_tf32), the legacy flag otherwise; restored after, even on error."""
+    from types import SimpleNamespace
+    from rankwise.stats import tf32_matmuls
+    new, old = SimpleNamespace(fp32_precision="ieee"), SimpleNamespace(allow_tf32=False)
+    with tf32_matmuls(True, new), tf32_matmuls(True, old):
+        assert new.fp32_precision == "tf32" and old.allow_tf32 is True
+    assert new.fp32_precision == "ieee" and old.allow_tf32 is False
+    with pytest.raises(ValueError), tf32_matmuls(True, new):
+        raise ValueError
+    assert new.fp32_precision == "ieee"
+    with tf32_matmuls(False, new):
+        assert new.fp32_precision == "ieee"

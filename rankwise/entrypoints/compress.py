@@ -105,6 +105,7 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
                         "seed": calibration.seed, "batch_size": calibration.batch_size,
                         "tokens": summary.calibration_tokens},
         "seconds": summary.seconds,
+        "decompositions": summary.decompositions,
         "plan": summary.plan,
         "kept_dense": [name for name, rank in summary.ranks.items() if rank is None],
         "factor_rounding": None if grid is None else {

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import Cache
 from ..config import StorageConfig
 from ..ct_format import quantized_modules, require_package
 from ..data import mixture_windows, parse_sources
