@@ -29,11 +29,12 @@ import time
 import torch
 
 from rankwise import CompressConfig, compress_, stats
+from rankwise.cache import Cache
 from rankwise.config import DEFAULT_CALIBRATION
 from rankwise.data import mixture_windows, parse_sources
 from rankwise.geometry import DEFAULT_DAMPING
 from rankwise.metrics import METRICS
-from rankwise.models import load_model, target_linears
+from rankwise.models import load_model, model_path, target_linears
 
 from common import Domains, header
 
@@ -73,9 +74,11 @@ def main():
     dense, tokenizer, _ = load_model()
     # search rows get --search-windows more windows as fitness data, so their statistics
     # come from the very windows every other row uses (the first ones of one seeded draw)
+    cache = Cache()      # sampled windows shared with rankwise compress (same count and seed)
     with_fitness, drawn = mixture_windows(parse_sources(args.calib), tokenizer, dense,
                                           args.calib_samples + args.search_windows,
-                                          args.seqlen, seed=0)
+                                          args.seqlen, seed=0, cache=cache,
+                                          model_key=cache.digest(model_path(None)))
     calib = with_fitness[:args.calib_samples]
     domains = Domains(dense, tokenizer, args.windows, args.seqlen)
 
@@ -100,8 +103,9 @@ def main():
         kind = _pass(metric)
         config = CompressConfig(metric=metric, ratio=ratio, allocation=allocation, steps=steps,
                                 damping=args.damping, search_generations=10_000,
-                                search_seconds=args.search_seconds,
-                                search_windows=args.search_windows, **cut)
+                                search_seconds=args.search_seconds, **cut,
+                                **({"search_windows": args.search_windows}
+                                   if allocation == "search" else {}))
         if _shares_statistics((metric, allocation, ratio, steps, cut)):
             summary = compress_(model, config, precomputed=collected.get(kind), progress=False)
             seconds = summary.seconds["projection"] + stat_seconds.get(kind, 0.0)

@@ -24,7 +24,7 @@ multiply-adds per token (LM head included), which for these layers is also the r
 weight bytes read per decoded token.
 
     python bench/speed.py [--ratios 0.4] [--modes eager compiled] [--batches 1 16]
-                          [--allocation uniform] [--unfused] [--rounds 5]
+                          [--allocation uniform] [--unfused] [--int8] [--rounds 5]
     python bench/speed.py --device cuda --dtype bfloat16 --shape tinyllama-1.1b \\
         --modes eager compiled graphs --batches 1 16 --prompt 128 --decode 64
 """
@@ -125,6 +125,17 @@ def profile(base: dict, args) -> None:
         print(events.table(sort_by="self_cpu_time_total", row_limit=8))
 
 
+def int8_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy with every linear layer inside the blocks (dense weights or factors) in int8
+    per output row, through torchao's weight-only kernel; embeddings and the LM head as
+    they are, so dense and factored differ only in what rankwise changed."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    model = copy.deepcopy(model)
+    quantize_(model, Int8WeightOnlyConfig(),
+              filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and ".layers." in name)
+    return model
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratios", nargs="+", type=float, default=[0.4])
@@ -136,6 +147,9 @@ def main():
     p.add_argument("--allocation", choices=("uniform", "spectrum"), default="uniform")
     p.add_argument("--unfused", action="store_true", help="also time the factored models "
                    "with sibling fusion undone")
+    p.add_argument("--int8", action="store_true", help="also time the dense model and each "
+                   "factored one with int8 weight-only linears through torchao's quantize_ "
+                   "(the same kernel for both; the factors are plain nn.Linear modules)")
     p.add_argument("--rank-multiple", type=int, default=0, help="as compress takes it "
                    "(0: the default, multiples of 64 for layers at least 1024 wide)")
     p.add_argument("--device", default="cpu")
@@ -157,6 +171,8 @@ def main():
         if args.unfused:
             base[f"{ratio} unfused"] = copy.deepcopy(base[f"ratio {ratio}"])
             unfuse_siblings(base[f"{ratio} unfused"])
+    if args.int8:
+        base.update({f"{name} int8": int8_weights(model) for name, model in list(base.items())})
     if args.profile:
         return profile(base, args)
     models = {(name, mode): (accelerate(copy.deepcopy(m), mode=MODES[mode]) if MODES[mode] else m)

@@ -118,7 +118,7 @@ def storage_record(tensors: dict[str, torch.Tensor], record: dict, storage: torc
     dense = record.get("targeted_params", {}).get("dense")
     grids = {str(m.rankwise_grid) for m in quantized.values()}
     return {"dtype": str(storage).removeprefix("torch."),
-            "factors": sorted(grids) if grids else "float",
+            "factors": ", ".join(sorted(grids)) if grids else "float",
             "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
             "targeted_bytes": targeted,
             "bits_per_targeted_param": 8 * targeted / dense if dense else None}

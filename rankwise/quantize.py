@@ -50,6 +50,10 @@ class Grid:
         """8 bits per output row; fewer bits in groups of group_size inputs."""
         return Grid(bits, None if bits == 8 else group_size)
 
+    def __str__(self) -> str:
+        where = "per row" if self.group_size is None else f"in groups of {self.group_size}"
+        return f"int{self.bits} {where}"
+
     @property
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1

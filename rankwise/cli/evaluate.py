@@ -16,6 +16,11 @@ def run(configs) -> None:
     o = evaluate_model(config)
     print(f"evaluated {o.source} ({o.params:,} parameters"
           + (f"; dense {o.reference_params:,}" if o.reference_params else "") + ")")
+    if o.disk:
+        bits = o.disk["bits_per_targeted_param"]
+        print(f"  weights on disk: {o.disk['bytes']:,} bytes ({o.disk['dtype']}, factors "
+              f"{o.disk['factors']}" + (f"; {bits:.2f} bits per original targeted parameter"
+                                        if bits else "") + ")")
     compared = o.reference_params is not None
     if o.reports:
         print(f"  {'text':12s} {'tokens':>8s} {'ppl':>10s}" + (

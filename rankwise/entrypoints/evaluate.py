@@ -8,7 +8,7 @@ from pathlib import Path
 from ..cache import Cache
 from ..data import DOMAINS, evaluation_texts, evaluation_windows, tokenize
 from ..evaluate import Report, evaluate, parameter_count
-from ..io import EVAL_FILE, dense_source, is_output, open_model, read_manifest
+from ..io import EVAL_FILE, WEIGHTS, dense_source, is_output, open_model, read_manifest
 from ..lm_tasks import STANDARD_ZERO_SHOT, check_tasks, run_tasks
 from ..models import DEVICES, DTYPES, load_model, model_path, release_host_memory, resolve_device
 from ..options import check_bool, check_choice, check_int, option
@@ -76,13 +76,23 @@ class EvalOutcome:
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)            # lm-eval
     reference_tasks: dict[str, dict[str, float]] = field(default_factory=dict)
     speed: dict[str, float] = field(default_factory=dict)     # tokens/s; dense_* for the reference
+    disk: dict[str, float] = field(default_factory=dict)      # a rankwise output's weights file
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "params": self.params,
+        return {"source": self.source, "params": self.params, "disk": self.disk,
                 "reference_params": self.reference_params,
                 "texts": {name: {**asdict(r), "windows": list(self.windows[name])}
                           for name, r in self.reports.items()},
                 "tasks": self.tasks, "reference_tasks": self.reference_tasks, "speed": self.speed}
+
+
+def weights_on_disk(folder: Path, manifest: dict) -> dict[str, float]:
+    """The weights file's bytes as the disk holds them, with what the manifest says they
+    are (dtype, factors, bits per original targeted parameter; absent for older outputs)."""
+    stored = manifest.get("storage", {})
+    return {"bytes": (folder / WEIGHTS).stat().st_size, "dtype": stored.get("dtype", "float32"),
+            "factors": stored.get("factors", "float"),
+            "bits_per_targeted_param": stored.get("bits_per_targeted_param")}
 
 
 def evaluate_model(config: EvalConfig, progress: bool = True) -> EvalOutcome:
@@ -116,6 +126,8 @@ def evaluate_model(config: EvalConfig, progress: bool = True) -> EvalOutcome:
         shapes[name] = tuple(windows.shape)
     outcome = EvalOutcome(reports, shapes, source, parameter_count(model),
                           parameter_count(reference) if reference is not None else None, manifest)
+    if manifest is not None:
+        outcome.disk = weights_on_disk(Path(config.model), manifest)
     if config.tasks:
         run = dict(tasks=config.tasks, include_path=config.task_path, limit=config.task_limit,
                    num_fewshot=config.num_fewshot, batch_size=config.batch_size)
