@@ -144,8 +144,10 @@ class RankwiseForCausalLM(_BaseModel):
         self.register_forward_pre_hook(RankwiseForCausalLM._fuse)
 
     def _fuse(self, args):
-        """On the first call, when the weights are loaded: fuse the sibling groups."""
-        if self._rankwise_fused:
+        """On the first eager call, when the weights are loaded: fuse the sibling groups.
+        Never while torch.compile traces (a fullgraph compile refuses the `.data`
+        assignment stacking does; compiled graphs run every layer's own matmuls anyway)."""
+        if self._rankwise_fused or torch.compiler.is_compiling():
             return
         self._rankwise_fused = True
         for names in self.config.rankwise_siblings:

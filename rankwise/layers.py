@@ -140,6 +140,15 @@ class LowRankLinear(nn.Module):
                 return self.B(h)
         return self.B(self.A(x))
 
+    def _apply(self, fn, recurse=True):
+        """After a move or cast (`.to`, `.cuda`, `.half`) the group is stacked again at
+        once, not at the first eager call, so a CUDA graph captured after the move sees
+        the parameters where they stay (the group's last member to move completes it)."""
+        module = super()._apply(fn, recurse)
+        if self._siblings is not None:
+            self._siblings.restack()
+        return module
+
     @property
     def weight(self) -> torch.Tensor:
         """The dense product B @ A (for inspection and merging, never used by forward)."""
@@ -190,6 +199,12 @@ class Siblings:
 
     def _forget(self):
         self.x, self.x_version, self.h, self.served = None, None, None, 0
+
+    def restack(self) -> None:
+        """Stack the A weights again where they now are (members on different devices or
+        dtypes midway through a move: left unstacked until the last one arrives)."""
+        self._forget()
+        self._stack()
 
     def _weights(self) -> list[torch.Tensor] | None:
         """Each member's A weight, or None when one is not a plain float tensor of an

@@ -112,3 +112,17 @@ def test_a_state_dict_of_a_fused_model_shares_no_memory(pair, tmp_path):
 def test_a_model_without_factored_layers_or_embeddings_is_left_alone(tiny):
     assert fuse_causal_lm(tiny) == []
     assert fuse_causal_lm(torch.nn.Sequential(torch.nn.Linear(4, 4))) == []
+
+
+def test_a_move_restacks_at_once_not_at_the_first_call(pair):
+    """What a CUDA graph captured after `.to("cuda")` needs: the stack rebuilt by the move
+    itself (a cast takes the same _apply route on the CPU), every A weight a view of it
+    before any forward."""
+    fused, _ = pair
+    fused.to(torch.float64)
+    for group in {id(m._siblings): m._siblings for m in fused.modules()
+                  if getattr(m, "_siblings", None) is not None}.values():
+        assert group.stacked.dtype == torch.float64 and group._stacked_still()
+        for member in group.members:
+            assert member.A.weight.untyped_storage().data_ptr() == \
+                group.stacked.untyped_storage().data_ptr()

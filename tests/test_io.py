@@ -203,3 +203,27 @@ def test_torchao_int8_weight_only_quantizes_the_factors_of_a_loaded_model(tmp_pa
     assert (got.argmax(-1) == reference.argmax(-1)).float().mean() > 0.95
     generated = loaded.generate(calib[:1, :5], max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 9)
+
+
+def test_the_modeling_file_fuses_on_the_first_eager_call_never_while_compiling(saved, calib,
+                                                                             monkeypatch):
+    """A fullgraph compile refuses the `.data` assignment that stacking the siblings does,
+    so the copied modeling file waits for an eager call (run here with the compiler's
+    flag raised by hand: the route a compiled first call takes)."""
+    import importlib.util
+    _, folder = saved
+    spec = importlib.util.spec_from_file_location("modeling_rankwise_test",
+                                                  folder / "modeling_rankwise.py")
+    modeling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(modeling)
+    config = modeling.RankwiseConfig.from_pretrained(folder)
+    model = modeling.RankwiseForCausalLM(config).eval()
+    fused = lambda: sum(getattr(m, "_siblings", None) is not None for m in model.modules())
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        model(calib)
+    assert fused() == 0 and not model._rankwise_fused
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    with torch.no_grad():
+        model(calib)
+    assert fused() > 0
