@@ -19,7 +19,6 @@ line printed as it finishes and appended to $OUT/gpu_check.jsonl (or --out):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
