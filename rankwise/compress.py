@@ -80,11 +80,13 @@ class Execution:
     """How compress_ runs rather than what it computes: calibration windows per forward
     pass, the seed of the sampled labels and of the refinement's batches, where the work
     runs (default: where the model is; Placement.of(model, "cuda") onloads one block at a
-    time) and the folder of the temporary spill (default: the system's)."""
+    time), the folder of the temporary spill (default: the system's) and how many bytes
+    of what would be spilled may stay in memory where they are instead (default none)."""
     batch_size: int = 4
     seed: int = 0
     placement: Placement | None = None
     scratch: str | None = None
+    keep_bytes: int = 0
 
 
 def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None = None, *,
@@ -128,7 +130,7 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
     seconds = {"statistics": 0.0, "anchored": 0.0, "refinement": 0.0}
     eighs_before = dataclasses.replace(geometry.EIGH_COUNT)
     outcome = _Outcome()
-    with Spill(execution.scratch) as spill:
+    with Spill(execution.scratch, execution.keep_bytes) as spill:
         route = Route(placement, spill, Comm.current(), progress)
         originals = _Originals(model, list(shapes), spill) \
             if config.cut == "anchored" and config.steps > 1 else None

@@ -174,3 +174,27 @@ def test_anchored_cut_takes_the_searched_ranks(tiny, calib):
     assert summary.plan == "anchored" and summary.search is not None
     assert summary.ranks == summary.search.ranks
     assert torch.isfinite(logits(model, calib)).all()
+
+
+@pytest.mark.parametrize("cut", ["anchored", "oneshot"])
+def test_a_memory_budget_that_fits_parks_nothing_on_disk_and_changes_nothing(cut, calib):
+    """Activations and factors kept in memory when the budget allows (what a device that
+    holds the whole model's activations gets) give the very same cut as the disk."""
+    config = CompressConfig(metric="kfac", ratio=0.4, cut=cut, refine_steps=2)
+    on_disk, in_memory = structured_tiny("llama"), structured_tiny("llama")
+    spilled = compress_(on_disk, config, calib, progress=False).spilled_bytes
+    kept = compress_(in_memory, config, calib, progress=False,
+                     execution=Execution(keep_bytes=2 ** 30)).spilled_bytes
+    assert spilled > 0 and kept == 0
+    assert torch.equal(logits(on_disk, calib), logits(in_memory, calib))
+
+
+def test_a_spill_keeps_what_fits_and_writes_the_rest(tmp_path):
+    with Spill(tmp_path, keep_bytes=1000) as spill:
+        spill.put("a", {"x": torch.zeros(200)})        # 800 bytes: kept
+        spill.put("b", {"x": torch.ones(200)})         # would pass the budget: written
+        assert spill.written == 800 and "a" in spill.kept
+        assert torch.equal(spill.get("a", "x", rows=3), torch.zeros(3))
+        assert torch.equal(spill.take("b")["x"], torch.ones(200))
+        spill.put("a", {"x": torch.ones(250)})          # replacing a group frees its room
+        assert torch.equal(spill.read("a")["x"], torch.ones(250)) and spill.written == 800

@@ -14,7 +14,7 @@ from ..data import mixture_windows, parse_sources, without_self_if_unsampleable
 from ..errors import RankwiseError
 from ..io import open_model, write_model
 from ..models import DEVICES, DTYPES, model_path, resolve_device, storage_dtype
-from ..options import check_bool, check_choice, option
+from ..options import check_bool, check_choice, check_number, option
 from ..outputs import Output
 from ..pipeline import distributed
 from ..pipeline.placement import Placement
@@ -36,6 +36,10 @@ class CompressRun:
     scratch: str | None = option(None, "folder for the temporary spill of activations and "
                                        "factors, about the size of the model's block weights "
                                        "(default: the system's temporary folder)")
+    park_in_memory: float = option(0.0, "GiB of the activations and factors a compression "
+                                        "parks that may stay in memory where they are (on "
+                                        "the device that made them) before the rest goes to "
+                                        "--scratch; 0: all to disk, memory flat in depth")
     cache: bool = option(True, "reuse what an earlier run computed (a GGUF model converted, "
                                "windows sampled for self calibration) from the user's cache "
                                "folder ($RANKWISE_CACHE, default ~/.cache/rankwise); "
@@ -45,6 +49,8 @@ class CompressRun:
         check_choice("dtype", self.dtype, DTYPES)
         check_bool("onload", self.onload)
         check_bool("cache", self.cache)
+        self.park_in_memory = check_number("park_in_memory", self.park_in_memory, 0,
+                                           low_open=False)
         resolve_device(self.device)
         if self.scratch is not None and not os.path.isdir(self.scratch):
             raise RankwiseError(f"scratch folder {self.scratch} does not exist")
@@ -90,7 +96,8 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
                                      model_key=cache.digest(model_path(model)) if run.cache else None)
     placement = Placement.of(net, device if run.onload else None)
     summary = compress_(net, config, windows, progress=progress, execution=Execution(
-        calibration.batch_size, calibration.seed, placement, run.scratch))
+        calibration.batch_size, calibration.seed, placement, run.scratch,
+        int(run.park_in_memory * 2 ** 30)))
     grid = storage.grid()
     if grid is not None:
         quantize_model(net, grid, windows, calibration.batch_size, stored_dtype, storage.rounding)

@@ -8,6 +8,10 @@ tensors goes to one safetensors file in a private temporary folder; a group is r
 whole, or as a prefix of rows (factors of a lower rank), and the folder is removed when
 the spill is closed, also after an error; a folder left by a killed process is removed by
 the next spill made beside it.
+
+With a memory budget (`keep_bytes`) groups are kept where they are (on the device that
+made them) as long as all kept groups fit it, and only the rest goes to disk: a model
+whose activations fit its device writes nothing.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ def _tidy(folder: Path) -> None:
 class Spill:
     """A private temporary folder of safetensors files, one per group of tensors."""
 
-    def __init__(self, folder: str | Path | None = None):
+    def __init__(self, folder: str | Path | None = None, keep_bytes: int = 0):
         if folder is not None and not Path(folder).is_dir():
             raise RankwiseError(f"scratch folder {folder} does not exist")
         _tidy(Path(folder or tempfile.gettempdir()))
@@ -47,12 +51,22 @@ class Spill:
             raise RankwiseError(f"cannot create a temporary folder in "
                                 f"{folder or tempfile.gettempdir()}: {e.strerror}") from None
         self.written = 0          # bytes, for the record
+        self.keep_bytes, self.kept = keep_bytes, {}
+
+    def _kept_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for g in self.kept.values() for t in g.values())
 
     def _path(self, group: str) -> Path:
         return self.root / f"{group}.safetensors"
 
     def put(self, group: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Write `tensors` (moved to the CPU, made contiguous) as one group."""
+        """Keep `tensors` as one group: in memory where they are while the budget allows,
+        else written to disk (moved to the CPU, made contiguous)."""
+        self.drop(group)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if size and self._kept_bytes() + size <= self.keep_bytes:
+            self.kept[group] = {k: t.detach().clone() for k, t in tensors.items()}
+            return
         from safetensors import SafetensorError
         from safetensors.torch import save_file
         host = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
@@ -69,20 +83,28 @@ class Spill:
 
     def get(self, group: str, key: str, rows: int | None = None) -> torch.Tensor:
         """One tensor of a group, or only its first `rows` rows (read without the rest)."""
+        if group in self.kept:
+            t = self.kept[group][key]
+            return t if rows is None else t[:rows]
         from safetensors import safe_open
         with safe_open(str(self._path(group)), framework="pt") as f:
             return f.get_tensor(key) if rows is None else f.get_slice(key)[:rows]
 
     def read(self, group: str) -> dict[str, torch.Tensor]:
         """Every tensor of a group, which stays parked."""
+        if group in self.kept:
+            return dict(self.kept[group])
         from safetensors.torch import load_file
         return load_file(str(self._path(group)))
 
     def drop(self, group: str) -> None:
+        self.kept.pop(group, None)
         self._path(group).unlink(missing_ok=True)
 
     def take(self, group: str) -> dict[str, torch.Tensor]:
         """Every tensor of a group, which is then deleted."""
+        if group in self.kept:
+            return self.kept.pop(group)
         from safetensors.torch import load_file
         path = self._path(group)
         tensors = load_file(str(path))
@@ -90,6 +112,7 @@ class Spill:
         return tensors
 
     def close(self) -> None:
+        self.kept.clear()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> "Spill":
