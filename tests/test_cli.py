@@ -33,7 +33,9 @@ def test_compress_then_eval_end_to_end(tiny_folder, tmp_path, capsys):
     assert (out / "ranks.png").read_bytes()[:4] == b"\x89PNG"
     code, text, _ = run(capsys, "eval", str(out), "--windows", "2", "--seqlen", "32", "--ranks")
     assert code == 0 and "x dense" in text and "KL(dense || model)" in text
-    rows = {line.split()[0]: line.split() for line in text.splitlines()[2:5]}
+    lines = text.splitlines()
+    assert lines[1].startswith("  weights on disk: ") and " bytes (bfloat16, factors float" in lines[1]
+    rows = {line.split()[0]: line.split() for line in lines[3:6]}
     assert set(rows) == {"wikitext", "pydoc", "code"} and all(r[1] == "62" for r in rows.values())
     assert "model.layers.0.self_attn.q_proj" in text
 
