@@ -200,7 +200,8 @@ def test_torchao_int8_weight_only_quantizes_the_factors_of_a_loaded_model(tmp_pa
         got = loaded(calib).logits                                 # 8 x 32 rows: the fused size
     error = (got - reference).abs().max() / reference.abs().max()
     assert 0 < error < 2 * (expected - reference).abs().max() / reference.abs().max()
-    assert (got.argmax(-1) == reference.argmax(-1)).float().mean() > 0.95
+    agreement = lambda logits: (logits.argmax(-1) == reference.argmax(-1)).float().mean()
+    assert agreement(got) >= agreement(expected) - 0.05   # random tiny model: near ties flip
     generated = loaded.generate(calib[:1, :5], max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 9)
 
