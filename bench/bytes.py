@@ -10,14 +10,14 @@ embeddings and norms are the same in every row and not counted):
   dense B gG R        B-bit symmetric integers (per row at 8 bits, groups of G inputs
                       below), rounding R: rtn (round to nearest) or gptq (rankwise's
                       error-compensating rounding, the very code the factors use)
-  rankwise P xB R     the default recipe at ratio P with ranks in multiples of the group
-                      size, factors stored in bfloat16 (B = 16) or rounded to B bits
+  rankwise P xB R     the default recipe (or --cut) at ratio P with ranks in multiples of
+                      the group size, factors stored in bfloat16 (B = 16) or rounded to B bits
 Bits are per original targeted parameter as rankwise.ct_format stores them (integers
 packed in 32-bit words, a 16-bit scale per row or group, a 16-bit minimum for q4_1).
 WikiText-2, pydoc and code perplexity (and ratio to dense), KL to dense and top-1 on
 WikiText-2; the PNG plots WikiText-2 perplexity against bits.
 
-    python bench/bytes.py [--ratios 0.2 0.4] [--windows 20] [--png bench/bytes.png]
+    python bench/bytes.py [--ratios 0.2 0.4] [--windows 20] [--cut oneshot] [--png bench/bytes.png]
 """
 from __future__ import annotations
 
@@ -69,6 +69,8 @@ def main():
     p.add_argument("--factor-bits", nargs="*", type=int, default=[8, 4])
     p.add_argument("--windows", type=int, default=20, help="evaluation windows per domain")
     p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--cut", choices=("anchored", "oneshot"), default=None,
+                   help="the rankwise rows' cut (default: the package's)")
     p.add_argument("--png", default="bench/bytes.png")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -104,7 +106,8 @@ def main():
                 time.time() - t, f"dense {rounding}")
     for ratio in args.ratios:
         base, t = copy.deepcopy(dense), time.time()
-        compress_(base, CompressConfig(ratio=ratio, rank_multiple=GROUP), calib, progress=False)
+        compress_(base, CompressConfig(ratio=ratio, rank_multiple=GROUP, cut=args.cut), calib,
+                  progress=False)
         row(f"rankwise {ratio} x16", base, bits_per_parameter(base, layers), time.time() - t,
             "rankwise")
         for bits in args.factor_bits:
