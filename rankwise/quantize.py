@@ -60,10 +60,13 @@ class Grid:
 
     def group_for(self, columns: int) -> int:
         """The group width for a matrix with `columns` inputs: the whole row, or the
-        largest divisor of columns not above group_size."""
+        largest divisor of columns not above group_size; when that divisor is below a
+        quarter of group_size (a rank such as 131), the whole row, since scales for tiny
+        groups would cost more bits than the integers they scale."""
         if self.group_size is None:
             return columns
-        return max(d for d in range(1, min(self.group_size, columns) + 1) if columns % d == 0)
+        divisor = max(d for d in range(1, min(self.group_size, columns) + 1) if columns % d == 0)
+        return divisor if divisor >= min(columns, max(1, self.group_size // 4)) else columns
 
     def scale(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Per-row scale of the columns `w` (m x g) holds, rounded to `dtype`."""
@@ -256,11 +259,30 @@ def _store(linear: nn.Linear, rounded: Rounded, grid: Grid, dtype: torch.dtype) 
 
 
 def quantize_model(model: nn.Module, grid: Grid, windows: torch.Tensor, batch_size: int,
-                   dtype: torch.dtype, rounding: str = "gptq") -> int:
-    """Round the factors of a factored model onto `grid`, measuring the input covariances
-    on `windows` first when the rounding needs them; returns the number of factors."""
-    covariances = input_covariances(model, windows, batch_size) if rounding == "gptq" else None
+                   dtype: torch.dtype, rounding: str = "gptq",
+                   dense: dict[str, nn.Linear] | None = None) -> int:
+    """Round the factors of a factored model onto `grid`, and the targeted layers the
+    allocation kept dense (`dense`) onto the same grid, so every targeted layer is stored
+    in the bits asked; the input covariances are measured on `windows` first when the
+    rounding needs them (one pass for both). Returns the number of factors."""
+    dense = dense or {}
+    _check_rounding(rounding)
+    covariances = input_covariances(model, windows, batch_size,
+                                    {**factored_layers(model), **dense}) \
+        if rounding == "gptq" else None
+    with torch.no_grad():
+        for name, linear in dense.items():
+            H = covariances[name].double() if covariances else None
+            _store(linear, round_weight(linear.weight, H, grid, dtype, rounding), grid, dtype)
     return quantize_factors(model, covariances, grid, dtype, rounding)
+
+
+def kept_dense(model: nn.Module, config: dict) -> dict[str, nn.Linear]:
+    """The targeted layers (config's include / exclude) the allocation left dense."""
+    from .models import target_linears
+    return {name: m for name, m in target_linears(model, config.get("include"),
+                                                  config.get("exclude")).items()
+            if isinstance(m, nn.Linear)}
 
 
 def mark(linear: nn.Linear, grid: Grid, scale: torch.Tensor) -> None:

@@ -42,7 +42,8 @@ def test_error_compensated_rounding_beats_round_to_nearest_in_its_metric(bits):
 
 def test_a_group_width_always_divides_the_inputs():
     grid = Grid.for_bits(4, 64)
-    assert [grid.group_for(n) for n in (576, 1536, 77, 32)] == [64, 64, 11, 32]
+    assert [grid.group_for(n) for n in (576, 1536, 96, 32)] == [64, 64, 48, 32]
+    assert grid.group_for(77) == 77          # divisors 7 and 11: too small, one scale per row
     assert Grid.for_bits(8, 64).group_for(77) == 77
 
 
@@ -149,3 +150,19 @@ def test_a_missing_package_is_one_sentence(tmp_path, calib, monkeypatch):
     monkeypatch.setitem(sys.modules, "compressed_tensors", None)
     with pytest.raises(RankwiseError, match="pip install compressed-tensors"):
         load(folder)
+
+
+def test_layers_the_allocation_kept_dense_are_rounded_too(tmp_path, calib):
+    """Every targeted layer is stored in the bits asked: a layer left dense goes onto the
+    same grid (and through the same storage) as the factors."""
+    from rankwise.quantize import is_quantized, kept_dense
+    model = structured_tiny("llama")
+    compress_(model, CompressConfig(metric="kfac", ratio=0.4, allocation="uniform",
+                                    exclude="down_proj"), calib, progress=False)
+    dense = kept_dense(model, {})
+    assert sorted(dense) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    quantize_model(model, Grid.for_bits(8, 8), calib, 4, torch.bfloat16, "gptq", dense)
+    assert all(is_quantized(m) for m in dense.values())
+    folder = save(model, tmp_path / "q", storage=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(model(calib).logits, load(folder)(calib).logits)

@@ -19,7 +19,7 @@ from ..outputs import Output
 from ..pipeline import distributed
 from ..pipeline.placement import Placement
 from ..plots import rank_chart
-from ..quantize import quantize_model
+from ..quantize import kept_dense, quantize_model
 
 
 @dataclass
@@ -100,7 +100,8 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
         int(run.park_in_memory * 2 ** 30)))
     grid = storage.grid()
     if grid is not None:
-        quantize_model(net, grid, windows, calibration.batch_size, stored_dtype, storage.rounding)
+        quantize_model(net, grid, windows, calibration.batch_size, stored_dtype, storage.rounding,
+                       kept_dense(net, config.to_dict()))
     net.cpu()
     manifest = {
         "source_model": source,

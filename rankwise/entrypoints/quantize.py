@@ -14,7 +14,7 @@ from ..io import is_output, open_model, read_manifest, write_model
 from ..models import model_path, resolve_device
 from ..options import check_int, option
 from ..outputs import Output
-from ..quantize import quantize_model
+from ..quantize import kept_dense, quantize_model
 
 
 @dataclass
@@ -65,7 +65,8 @@ def quantize_output(run: QuantizeRun, storage: StorageConfig, progress: bool = T
     windows, _ = mixture_windows(sources, tokenizer, model, run.windows, run.seqlen, run.seed,
                                  progress=progress)
     model.to(resolve_device(run.device))
-    quantize_model(model, grid, windows, run.batch_size, dtype, storage.rounding)
+    quantize_model(model, grid, windows, run.batch_size, dtype, storage.rounding,
+                   kept_dense(model, manifest.get("config", {})))
     record = {**manifest, "factor_rounding": {"bits": grid.bits, "group_size": grid.group_size,
                                               "rounding": storage.rounding}}
     with out.writing() as tmp:
