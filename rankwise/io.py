@@ -116,7 +116,15 @@ def storage_record(tensors: dict[str, torch.Tensor], record: dict, storage: torc
     targeted = sum(t.numel() * t.element_size() for key, t in tensors.items()
                    if any(key.startswith(name + ".") for name in layers))
     dense = record.get("targeted_params", {}).get("dense")
-    grids = {str(m.rankwise_grid) for m in quantized.values()}
+    grids = {f"int{m.rankwise_grid.bits}" + (
+        f" in groups of {m.rankwise_grid.group_size}"
+        if m.rankwise_grid.group_size not in (None, m.in_features) else " per row")
+        for m in quantized.values()}
+    if len(grids) > 3:           # many group widths (ranks): the range, not the list
+        sizes = sorted({m.rankwise_grid.group_size for m in quantized.values()
+                        if m.rankwise_grid.group_size not in (None, m.in_features)})
+        grids = {f"int{m.rankwise_grid.bits} in groups of {sizes[0]}-{sizes[-1]} or per row"
+                 for m in quantized.values()}
     return {"dtype": str(storage).removeprefix("torch."),
             "factors": ", ".join(sorted(grids)) if grids else "float",
             "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
