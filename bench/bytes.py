@@ -33,7 +33,7 @@ from rankwise.config import DEFAULT_CALIBRATION
 from rankwise.data import mixture_windows, parse_sources
 from rankwise.layers import LowRankLinear
 from rankwise.models import load_model, model_path, target_linears
-from rankwise.quantize import Grid, is_quantized, quantize_linears, quantize_model, stored_bits
+from rankwise.quantize import Grid, is_quantized, quantize_model, stored_bits
 
 from common import Domains, header
 
@@ -99,8 +99,8 @@ def main():
     for bits in args.dense_bits:
         for rounding in ("rtn", "gptq"):
             model, t = copy.deepcopy(dense), time.time()
-            quantize_linears(model, target_linears(model), calib, 4, Grid.for_bits(bits, GROUP),
-                             rounding)
+            quantize_model(model, Grid.for_bits(bits, GROUP), calib, 4, torch.float16,
+                           rounding, dense=target_linears(model))
             group = "row" if bits == 8 else f"g{GROUP}"
             row(f"dense {bits} {group} {rounding}", model, bits_per_parameter(model, layers),
                 time.time() - t, f"dense {rounding}")

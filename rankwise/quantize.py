@@ -238,20 +238,6 @@ def quantize_factors(model: nn.Module, covariances: dict[str, torch.Tensor] | No
     return count
 
 
-def quantize_linears(model: nn.Module, layers: dict[str, nn.Linear], windows: torch.Tensor,
-                     batch_size: int, grid: Grid, rounding: str = "gptq") -> None:
-    """Round the weights of plain linear layers (a dense model's) onto `grid` in place, by
-    the same rounding as the factors: the baseline rankwise is compared against at equal
-    bytes (bench/bytes.py). Scales in float16."""
-    _check_rounding(rounding)
-    covariances = input_covariances(model, windows, batch_size, layers) \
-        if rounding == "gptq" else {}
-    with torch.no_grad():
-        for name, linear in layers.items():
-            r = round_weight(linear.weight, covariances.get(name), grid, torch.float16, rounding)
-            _store(linear, r, grid, torch.float16)
-
-
 def _store(linear: nn.Linear, rounded: Rounded, grid: Grid, dtype: torch.dtype) -> None:
     linear.weight.copy_(rounded.weight)
     mark(linear, Grid(grid.bits, rounded.group if grid.group_size else None),
@@ -263,7 +249,8 @@ def quantize_model(model: nn.Module, grid: Grid, windows: torch.Tensor, batch_si
                    dense: dict[str, nn.Linear] | None = None) -> int:
     """Round the factors of a factored model onto `grid`, and the targeted layers the
     allocation kept dense (`dense`) onto the same grid, so every targeted layer is stored
-    in the bits asked; the input covariances are measured on `windows` first when the
+    in the bits asked (a dense model's layers alone: the baseline bench/bytes.py compares
+    against, by the very same rounding); the input covariances are measured on `windows` first when the
     rounding needs them (one pass for both). Returns the number of factors."""
     dense = dense or {}
     _check_rounding(rounding)
