@@ -163,8 +163,7 @@ class StorageConfig:
     group_size: int = option(64, "4-bit factors: inputs per scale group (a width it does "
                                  "not divide takes its largest divisor below); with "
                                  "--factor-bits 4 the ranks default to multiples of it")
-    rounding: str = option("rtn", "how factors are rounded (rtn measured better at 4 bits "
-                                  "on the embedded model; README, Bytes): " + "; ".join(
+    rounding: str = option("gptq", "how factors are rounded: " + "; ".join(
         f"{k} = {v}" for k, v in ROUNDINGS.items()), choices=ROUNDINGS)
 
     def __post_init__(self):

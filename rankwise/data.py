@@ -156,6 +156,11 @@ def without_self_if_unsampleable(sources: list[Source], model, tokenizer) -> lis
         return sources
     log.warning("the model has no BOS or EOS token inside its vocabulary to start "
                 "self-sampled calibration from; calibrating on the texts alone")
+    return without_self(sources)
+
+
+def without_self(sources: list[Source]) -> list[Source]:
+    """The text sources of a mixture, their weights renormalised."""
     kept = [s for s in sources if not s.is_self]
     total = sum(s.weight for s in kept)
     return [Source(s.name, s.weight / total, s.text) for s in kept]
@@ -214,9 +219,25 @@ def start_token(model, tokenizer=None) -> int | None:
 SAMPLER = 1          # the sampler's version, part of the cache key of its windows
 
 
+SAMPLING_BATCH = 8          # windows decoded together by self-sampling
+
+
+def sampling_bytes(model, seqlen: int, batch_size: int = SAMPLING_BATCH) -> int:
+    """What self-sampling holds besides the weights: the KV cache of `batch_size` windows
+    of seqlen + 1 tokens (keys and values of every layer, in the weights' dtype) and a
+    step's float32 logits and probabilities."""
+    c = model.config
+    heads = getattr(c, "num_attention_heads", 1)
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    element = next(model.parameters()).element_size()
+    cache = 2 * c.num_hidden_layers * batch_size * (seqlen + 1) * kv_heads * head_dim * element
+    return cache + 2 * batch_size * c.vocab_size * 4
+
+
 @torch.no_grad()
 def sampled_windows(model, count: int, seqlen: int, seed: int = 0, temperature: float = 1.0,
-                    top_p: float = 0.95, batch_size: int = 8, start: int | None = None,
+                    top_p: float = 0.95, batch_size: int = SAMPLING_BATCH, start: int | None = None,
                     progress: bool = True) -> torch.Tensor:
     """`count` windows of `seqlen` tokens sampled from the model itself (`generate` with
     nucleus sampling at `temperature` and `top_p`, seeded; end-of-sequence suppressed so

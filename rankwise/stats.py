@@ -1,7 +1,7 @@
 """Calibration statistics fed by hooks: covariances of inputs, outputs and gradients.
 
 Statistics are unnormalised sums over the calibration tokens (float32 on a GPU, float64 on
-the CPU, where the activations are), so every layer is measured in the same units: that is what lets one
+the CPU, where the activations are: Sums), so every layer is measured in the same units: that is what lets one
 global budget compare layers. Output gradients come from labels *sampled from the model's
 own predictive distribution*, so they estimate the true Fisher (the Hessian of the KL at
 the dense model), not the empirical one.
@@ -101,14 +101,24 @@ def shared_inputs(module: nn.Module, layers: dict[str, nn.Module], call) -> dict
 
 
 class Sums:
-    """Named sums of x^T y over tokens, where the activations are: float32 on a GPU (TF32
-    products for 16-bit activations), float64 on the CPU, so that they do not depend on the
-    order the batches are added in (one process or several) beyond round-off. `totals` is
-    what a walk all-reduces across processes."""
+    """Named sums of x^T y over tokens, where the activations are, so that they do not
+    depend on the order the batches are added in (one process or several) beyond
+    round-off. `totals` is what a walk all-reduces across processes.
 
-    def __init__(self):
+    The totals' dtype is chosen once, from the first tensor's device unless given:
+    float64 on the CPU; float32 on an accelerator (TF32 products for 16-bit activations),
+    where float64 runs at a fraction of the speed, each product added into the total by
+    one addmm_. A test passes float32 to take the accelerator's route on the CPU."""
+
+    def __init__(self, dtype: torch.dtype | None = None):
+        self.dtype = dtype
         self.totals: dict = {}
         self._scratch: dict[tuple, torch.Tensor] = {}
+
+    def _dtype_for(self, x: torch.Tensor) -> torch.dtype:
+        if self.dtype is None:
+            self.dtype = torch.float64 if x.device.type == "cpu" else torch.float32
+        return self.dtype
 
     def gram(self, key, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """Add x^T y (x^T x without y) over every token of x, y (..., features)."""
@@ -117,7 +127,7 @@ class Sums:
         total = self.totals.get(key)
         with _exact_tf32(x):
             x, y = x.float(), y.float()
-            if x.is_cuda and total is not None:
+            if self._dtype_for(x) == torch.float32 and total is not None:
                 total.addmm_(x.T, y)
                 return
             # buffers reused across calls: a fresh large tensor each time costs more in
@@ -135,7 +145,7 @@ class Sums:
     def add(self, key, value: torch.Tensor) -> None:
         total = self.totals.get(key)
         if total is None:
-            self.totals[key] = value.clone() if value.is_cuda else value.to(torch.float64)
+            self.totals[key] = value.to(self._dtype_for(value), copy=True)
         elif value.dtype == total.dtype or value.dim() == 1:
             total += value
         else:       # widened in a reused buffer (an in-place mixed-dtype add allocates)
@@ -280,7 +290,7 @@ def activation_gradients_only(model: nn.Module):
 
 
 @contextlib.contextmanager
-def _gradients_reach_the_layers(model: nn.Module):
+def gradients_reach_the_layers(model: nn.Module):
     """With every weight frozen, the first activations must ask for a gradient for
     backward to reach the hooked layers."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -323,7 +333,7 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[to
         grad_ctx = contextlib.ExitStack()
         if gradients:
             grad_ctx.enter_context(activation_gradients_only(model))
-            grad_ctx.enter_context(_gradients_reach_the_layers(model))
+            grad_ctx.enter_context(gradients_reach_the_layers(model))
         else:
             grad_ctx.enter_context(torch.no_grad())
         with grad_ctx, acc.attached():

@@ -68,6 +68,7 @@ def test_refinement_lowers_every_blocks_metric_loss_and_the_kl(tiny, calib, held
     assert all(after < 0.97 * before for before, after in summary.refinement.values())
     assert calib_kl(refined, tiny, calib) < calib_kl(plain, tiny, calib)
     assert summary.seconds["refinement"] > 0
+    assert all(p.grad is None for p in refined.parameters())     # no gradient left held
     # only the factors moved: norms and biases are the dense model's
     dense_state = tiny.state_dict()
     for key, value in refined.state_dict().items():

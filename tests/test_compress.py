@@ -211,3 +211,28 @@ def test_onloaded_compression_equals_the_resident_ones(calib):
     assert sa.ranks == sb.ranks
     with torch.no_grad():
         torch.testing.assert_close(a(calib).logits, b(calib).logits)
+
+
+@pytest.mark.parametrize("free", [10 ** 9, 1000])
+def test_a_model_samples_resident_on_the_device_where_it_fits(calib, free, caplog):
+    """--onload: self-sampling runs with the whole model on the device when it fits there
+    with its KV cache (the copying placement stands in for a GPU: a visit is a real copy;
+    the device's free bytes are given), home again after with nothing copied back; where
+    it does not fit, the default mixture drops self with a warning and a chosen one keeps
+    it."""
+    from rankwise.data import parse_sources
+    from rankwise.entrypoints.compress import _sampling_place
+    from rankwise.pipeline.placement import Placement
+    model = structured_tiny("llama")
+    home = {n: p.data_ptr() for n, p in model.named_parameters()}
+    placement = Placement("cpu", copy=True, free_bytes=lambda device: free)
+    sources = parse_sources(["wikitext", "self"])
+    for chosen in (False, True):
+        with _sampling_place(model, sources, placement, 32, chosen) as drawn:
+            visiting = all(p.data_ptr() != home[n] for n, p in model.named_parameters())
+            assert visiting == (free > 10 ** 6)
+            names = [s.name for s in drawn]
+        assert names == (["wikitext", "self"] if visiting or chosen else ["wikitext"])
+        assert {n: p.data_ptr() for n, p in model.named_parameters()} == home
+    if free < 10 ** 6:
+        assert "calibrating on the texts alone" in caplog.text

@@ -119,3 +119,24 @@ def test_the_backends_device_is_the_processs_gpu_under_nccl(monkeypatch):
     assert distributed.backend_device() == torch.device("cuda", 3)
     monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
     assert distributed.backend_device() == torch.device("cpu")
+
+
+@pytest.mark.parametrize("gpus,backend,device", [(True, "nccl", 2), (False, "gloo", None)])
+def test_torchrun_joins_nccl_on_the_local_gpu_where_there_is_one(monkeypatch, gpus, backend,
+                                                                 device):
+    """init_from_env's NCCL route (the GPU is chosen before the group is joined, or every
+    process would share GPU 0) with CUDA's answers stood in for."""
+    import torch.distributed as dist
+
+    from rankwise.pipeline import distributed
+    joined, chosen = [], []
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(joined))
+    monkeypatch.setattr(dist, "init_process_group", joined.append)
+    monkeypatch.setattr(dist, "get_rank", lambda: 2)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert distributed.init_from_env() == (2, 4)
+    assert joined == [backend] and chosen == ([device] if device is not None else [])

@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
-from rankwise import load
+from rankwise import RankwiseError, load
 from rankwise.cli import main
 from rankwise.outputs import MARKER, Output, writer_of
 
@@ -154,4 +155,48 @@ def test_a_killed_runs_spill_is_removed_by_the_next(tmp_path):
     (left / "inputs3.safetensors").write_bytes(b"parked activations")
     with Spill(tmp_path) as spill:
         assert not left.exists() and spill.root.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_spill_writes_in_the_background_with_few_groups_waiting(tmp_path, monkeypatch):
+    """put returns before its write (held here) is done, from a private copy the caller
+    may overwrite at once; a read waits for its group; a third put waits for the first
+    write, so the host copies waiting stay bounded."""
+    import threading
+
+    import safetensors.torch
+    from rankwise.pipeline.spill import IN_FLIGHT, Spill
+    gate, write = threading.Event(), safetensors.torch.save_file
+
+    def held(tensors, path, *a, **k):
+        gate.wait(10)
+        return write(tensors, path, *a, **k)
+    monkeypatch.setattr(safetensors.torch, "save_file", held)
+    with Spill(tmp_path) as spill:
+        t = torch.arange(12.).reshape(3, 4)
+        for i in range(IN_FLIGHT):
+            spill.put(f"g{i}", {"t": t})
+        t.add_(100)
+        assert not any(spill.root.iterdir())                  # nothing written yet
+        third = threading.Thread(target=spill.put, args=("g9", {"t": t}))
+        third.start()
+        third.join(0.3)
+        assert third.is_alive()                               # waits for the first write
+        gate.set()
+        third.join(10)
+        assert torch.equal(spill.get("g0", "t", rows=2), torch.arange(8.).reshape(2, 4))
+        assert torch.equal(spill.read("g9")["t"], torch.arange(12.).reshape(3, 4) + 100)
+
+
+def test_a_background_write_that_fails_is_one_sentence_and_leaves_nothing(tmp_path,
+                                                                          monkeypatch):
+    import safetensors.torch
+    from rankwise.pipeline.spill import Spill
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(RankwiseError, match="no space left in .* for the temporary spill of g"):
+        with Spill(tmp_path) as spill:
+            spill.put("g", {"t": torch.ones(3)})          # nothing reads it: the exit raises
     assert list(tmp_path.iterdir()) == []

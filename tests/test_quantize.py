@@ -9,16 +9,13 @@ import torch
 
 from rankwise import CompressConfig, RankwiseError, compress_, load, save
 from rankwise.config import StorageConfig
-from rankwise.quantize import (Grid, error_compensated, input_covariances, quantize_factors,
-                               quantize_model, round_to_nearest)
+from rankwise.quantize import (Grid, error_compensated, input_covariances, metric_error,
+                               quantize_factors, quantize_model, refit_outer, round_to_nearest,
+                               round_weight)
 
 from conftest import structured_tiny
 
 pytest.importorskip("compressed_tensors")
-
-
-def _metric_error(W, Q, H):
-    return float(torch.trace((W - Q) @ H @ (W - Q).T))
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -30,14 +27,43 @@ def test_error_compensated_rounding_beats_round_to_nearest_in_its_metric(bits):
     grid = Grid.for_bits(bits, 32)
     compensated = error_compensated(W, H, grid, torch.bfloat16)
     nearest = round_to_nearest(W, grid, torch.bfloat16)
-    assert _metric_error(W.double(), compensated.weight.double(), H) < \
-        0.8 * _metric_error(W.double(), nearest.weight.double(), H)
+    assert metric_error(W.double(), compensated.weight.double(), H) < \
+        0.8 * metric_error(W.double(), nearest.weight.double(), H)
     for rounded in (compensated, nearest):           # on the grid: integers times the scales
         q = rounded.weight.unflatten(1, (-1, rounded.group)) / rounded.scale[:, :, None]
         assert torch.allclose(q, q.round(), atol=1e-4)
         assert q.round().min() >= -2 ** (bits - 1) and q.round().max() <= 2 ** (bits - 1) - 1
         assert torch.equal(rounded.scale, rounded.scale.to(torch.bfloat16).float())
     assert compensated.scale.shape == ((40, 1) if bits == 8 else (40, 3))
+
+
+def test_the_outer_factor_refitted_to_the_rounded_inner_one_loses_less():
+    """B' = argmin E||B A x - B' Â x||^2: the layer's output error with B' is below the one
+    with B (both unrounded), and B' = B when Â = A."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3000, 48, generator=g) @ torch.randn(48, 48, generator=g)
+    C = (X.T @ X / len(X)).double()
+    A, B = torch.randn(12, 48, generator=g).double(), torch.randn(30, 12, generator=g).double()
+    A_rounded = round_to_nearest(A, Grid.for_bits(4, 16), torch.bfloat16).weight.double()
+    refit = refit_outer(B, A, A_rounded, C)
+    assert metric_error(B @ A, refit @ A_rounded, C) < 0.9 * metric_error(B @ A, B @ A_rounded, C)
+    torch.testing.assert_close(refit_outer(B, A, A, C), B)
+
+
+def test_error_compensation_worse_than_round_to_nearest_is_not_kept(monkeypatch):
+    """Whatever the compensation returns (it is greedy and unbounded), the matrix kept is the better of it and round-to-nearest in H, and the tally says which."""
+    import rankwise.quantize as quantize
+    g = torch.Generator().manual_seed(0)
+    W, H = torch.randn(8, 32, generator=g), torch.eye(32, dtype=torch.float64)
+    grid = Grid.for_bits(4, 16)
+    nearest = round_to_nearest(W, grid, torch.bfloat16)
+    cascaded = quantize.Rounded(nearest.weight.roll(1, 1), nearest.scale, nearest.group, "gptq")
+    monkeypatch.setattr(quantize, "error_compensated", lambda *a, **k: cascaded)
+    kept = round_weight(W, H, grid, torch.bfloat16, "gptq")
+    assert torch.equal(kept.weight, nearest.weight) and kept.rounding == "rtn"
+    tally = quantize.Tally()
+    tally.add(kept, "gptq")
+    assert (tally.matrices, tally.nearest_kept) == (1, 1)
 
 
 def test_a_group_width_always_divides_the_inputs():
@@ -64,20 +90,33 @@ def _factored(calib, ratio=0.4):
     return model
 
 
-def test_siblings_share_their_input_covariance(calib):
+def test_input_covariance_weighs_each_token_by_its_output_gradient(calib):
+    """H = sum_t |g_t|^2 x_t x_t^T / sum_t |g_t|^2, g the gradient at the layer's output of
+    the cross-entropy against labels sampled from the model: checked against autograd,
+    with the labels drawn as input_covariances draws them."""
+    from rankwise.stats import sample_logit_gradient
     model = _factored(calib)
     covariances = input_covariances(model, calib, 4)
-    attention = "model.layers.0.self_attn."
-    assert covariances[attention + "q_proj"] is covariances[attention + "k_proj"]
-    x = []
-    handle = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(
-        lambda m, a: x.append(a[0].reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
-        model(calib)
+    # weights untouched: no gradient left on them, each still asking for one as before
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    layer = model.model.layers[1].self_attn.o_proj
+    seen = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        seen.append((args[0], out))
+    handle = layer.register_forward_hook(keep)
+    generator = torch.Generator().manual_seed(0)
+    for ids in calib.split(4):
+        logits = model(input_ids=ids, use_cache=False).logits
+        logits.backward(sample_logit_gradient(logits, generator))
     handle.remove()
-    x = torch.cat(x).double()
-    assert torch.allclose(covariances[attention + "o_proj"], x.T @ x / len(x), rtol=1e-4,
-                          atol=1e-6)
+    x = torch.cat([a.detach().reshape(-1, a.shape[-1]) for a, _ in seen]).double()
+    w = torch.cat([out.grad.reshape(-1, out.shape[-1]) for _, out in seen]).double().square().sum(1)
+    expected = (x * w[:, None]).T @ x / w.sum()
+    torch.testing.assert_close(covariances["model.layers.1.self_attn.o_proj"], expected,
+                               rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+    assert not torch.allclose(expected, x.T @ x / len(x), rtol=0.05)   # the weights matter
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -85,16 +124,16 @@ def test_quantized_factors_save_small_and_load_with_identical_logits(tmp_path, c
     model = _factored(calib)
     with torch.no_grad():
         before = model(calib).logits
-    count = quantize_model(model, Grid.for_bits(bits, 8), calib, 4, torch.bfloat16)
-    assert count == 2 * 14
+    tally = quantize_model(model, Grid.for_bits(bits, 8), calib, 4, torch.bfloat16)
+    assert tally.matrices == 2 * 14 and 0 <= tally.nearest_kept <= tally.matrices
     folder = save(model, tmp_path / "q", {"targeted_params": {"dense": 2 * 7 * 64 * 96}},
                   storage=torch.bfloat16)
     loaded = load(folder)
     with torch.no_grad():
         mine, theirs = model(calib).logits, loaded(calib).logits
     assert torch.equal(mine, theirs)
-    error = (mine - before).abs().max() / before.abs().max()
-    assert 0 < error < (0.02 if bits == 8 else 0.2)
+    error = (mine - before).norm() / before.norm()
+    assert 0 < error < (0.01 if bits == 8 else 0.15)      # round to nearest: 0.015 and 0.22
     config = json.loads((folder / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
     from safetensors import safe_open

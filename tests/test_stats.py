@@ -35,9 +35,13 @@ def by_hand(model, layers, batches, seed):
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_every_statistic_equals_autograd(family, calib):
+@pytest.mark.parametrize("family,totals", [("llama", torch.float64), ("qwen2", torch.float64),
+                                           ("llama", torch.float32)])
+def test_every_statistic_equals_autograd(family, totals, calib, monkeypatch):
+    """float32 totals: the route an accelerator takes (one addmm_ per product), on the CPU."""
     from conftest import structured_tiny
+    from functools import partialmethod
+    monkeypatch.setattr(stats.Sums, "__init__", partialmethod(stats.Sums.__init__, totals))
     model = structured_tiny(family)
     layers = target_linears(model)
     batches = list(calib.split(4))
@@ -51,12 +55,23 @@ def test_every_statistic_equals_autograd(family, calib):
             if value is None:
                 continue
             kinds_seen.add(kind)
+            assert value.dtype == totals
             want = expected[name][kind]
             torch.testing.assert_close(value.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
         m, n = layers[name].out_features, layers[name].in_features
         # the smaller side is what the projection needs, so it must be there
         assert (s.grad_cov is not None) if m <= n else (s.input_grad_cov is not None)
     assert kinds_seen == {"input_cov", "output_cov", "grad_cov", "input_grad_cov", "grad_diag"}
+
+
+def test_sums_take_float64_on_the_cpu_and_float32_on_an_accelerator():
+    """Chosen from the first tensor's device; the meta device stands in for a GPU."""
+    cpu, elsewhere = stats.Sums(), stats.Sums()
+    cpu.gram("c", torch.ones(5, 3))
+    elsewhere.gram("c", torch.ones(5, 3, device="meta"))
+    elsewhere.gram("c", torch.ones(5, 3, device="meta"))
+    assert cpu.totals["c"].dtype == torch.float64
+    assert elsewhere.totals["c"].dtype == torch.float32 and elsewhere.totals["c"].shape == (3, 3)
 
 
 def test_both_sides_holds_C_and_G_for_every_layer(tiny, calib):

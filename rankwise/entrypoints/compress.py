@@ -1,16 +1,20 @@
 """compress_model: load, calibrate, compress, save with its manifest and rank chart."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from ..compress import Execution, Summary, compress_
 from ..cache import Cache
 from ..config import DEFAULT_CALIBRATION, CalibrationConfig, CompressConfig, StorageConfig
 from ..ct_format import require_package
-from ..data import mixture_windows, parse_sources, without_self_if_unsampleable
+from ..data import (Source, mixture_windows, parse_sources, sampling_bytes, without_self,
+                    without_self_if_unsampleable)
 from ..errors import RankwiseError
 from ..io import open_model, write_model
 from ..models import DEVICES, DTYPES, model_path, resolve_device, storage_dtype
@@ -20,6 +24,8 @@ from ..pipeline import distributed
 from ..pipeline.placement import Placement
 from ..plots import rank_chart
 from ..quantize import kept_dense, quantize_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,6 +62,32 @@ class CompressRun:
             raise RankwiseError(f"scratch folder {self.scratch} does not exist")
 
 
+@contextlib.contextmanager
+def _sampling_place(net, sources: list[Source], placement: Placement, seqlen: int,
+                    chosen: bool) -> Iterator[list[Source]]:
+    """The sources to draw while the model samples its own windows on the device the
+    compression runs on: an onloaded model is made resident for the sampling when it fits
+    there with its KV cache. Where it does not, decoding on the CPU would dominate the
+    run (a 7B reads 14-28 GB of weights per token), so the default mixture drops `self`
+    with a warning; a mixture the user chose keeps it, warned."""
+    if not any(s.is_self for s in sources):
+        yield sources
+        return
+    with placement.resident(net, sampling_bytes(net, seqlen)) as resident:
+        if not resident:
+            if chosen:
+                log.warning("the model does not fit on %s to sample its own calibration "
+                            "windows; sampling them on the CPU, which is slow for a large "
+                            "model", placement.device)
+            else:
+                log.warning("the model does not fit on %s to sample its own calibration "
+                            "windows and sampling on the CPU would dominate the run; "
+                            "calibrating on the texts alone (choose --calib with self to "
+                            "sample anyway)", placement.device)
+                sources = without_self(sources)
+        yield sources
+
+
 @dataclass
 class CompressOutcome:
     folder: Path
@@ -87,21 +119,22 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
     net, tokenizer, source, _ = open_model(model, dtype=run.dtype, cache=cache)
     if not run.onload:
         net.to(device)
-    if calibration.calib == list(DEFAULT_CALIBRATION):     # not chosen: fall back, not fail
+    chosen = calibration.calib != list(DEFAULT_CALIBRATION)
+    if not chosen:                                          # not chosen: fall back, not fail
         sources = without_self_if_unsampleable(sources, net, tokenizer)
-    windows, drawn = mixture_windows(sources, tokenizer, net, calibration.calib_samples,
-                                     calibration.seqlen, calibration.seed,
-                                     calibration.self_temperature, calibration.self_top_p,
-                                     progress, cache=cache,
-                                     model_key=cache.digest(model_path(model)) if run.cache else None)
     placement = Placement.of(net, device if run.onload else None)
+    with _sampling_place(net, sources, placement, calibration.seqlen, chosen) as sources:
+        windows, drawn = mixture_windows(
+            sources, tokenizer, net, calibration.calib_samples, calibration.seqlen,
+            calibration.seed, calibration.self_temperature, calibration.self_top_p, progress,
+            cache=cache, model_key=cache.digest(model_path(model)) if run.cache else None)
     summary = compress_(net, config, windows, progress=progress, execution=Execution(
         calibration.batch_size, calibration.seed, placement, run.scratch,
         int(run.park_in_memory * 2 ** 30)))
-    grid = storage.grid()
+    grid, rounded = storage.grid(), None
     if grid is not None:
-        quantize_model(net, grid, windows, calibration.batch_size, stored_dtype, storage.rounding,
-                       kept_dense(net, config.to_dict()))
+        rounded = quantize_model(net, grid, windows, calibration.batch_size, stored_dtype,
+                                 storage.rounding, kept_dense(net, config.to_dict()))
     net.cpu()
     manifest = {
         "source_model": source,
@@ -116,8 +149,7 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
         "decompositions": summary.decompositions,
         "plan": summary.plan,
         "kept_dense": [name for name, rank in summary.ranks.items() if rank is None],
-        "factor_rounding": None if grid is None else {
-            "bits": grid.bits, "group_size": grid.group_size, "rounding": storage.rounding},
+        "factor_rounding": None if grid is None else rounded.record(grid, storage.rounding),
         "run": {"device": device, "dtype": run.dtype, "onload": run.onload,
                 "spilled_bytes": summary.spilled_bytes, "cache": cache.record},
     }

@@ -65,10 +65,9 @@ def quantize_output(run: QuantizeRun, storage: StorageConfig, progress: bool = T
     windows, _ = mixture_windows(sources, tokenizer, model, run.windows, run.seqlen, run.seed,
                                  progress=progress)
     model.to(resolve_device(run.device))
-    quantize_model(model, grid, windows, run.batch_size, dtype, storage.rounding,
-                   kept_dense(model, manifest.get("config", {})))
-    record = {**manifest, "factor_rounding": {"bits": grid.bits, "group_size": grid.group_size,
-                                              "rounding": storage.rounding}}
+    rounded = quantize_model(model, grid, windows, run.batch_size, dtype, storage.rounding,
+                             kept_dense(model, manifest.get("config", {})))
+    record = {**manifest, "factor_rounding": rounded.record(grid, storage.rounding)}
     with out.writing() as tmp:
         record = write_model(tmp, model.cpu(), record, tokenizer, dtype)
     return {"folder": out.path, **record}

@@ -10,7 +10,8 @@ its home copy, and one created during the visit (the factors of a layer cut on t
 device) is moved home.
 
 Every move goes through this object, so a test on the CPU can take the route a GPU takes:
-`copy=True` makes every move a real copy (fresh storage), as a move between two devices is.
+`copy=True` makes every move a real copy (fresh storage), as a move between two devices is,
+and `free_bytes` (what the device has free) can be stood in for.
 """
 from __future__ import annotations
 
@@ -20,12 +21,20 @@ import torch
 from torch import nn
 
 
+def device_free_bytes(device: torch.device) -> int | None:
+    """Bytes free on a CUDA device; None (unknown) elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return None
+
+
 class Placement:
     def __init__(self, device: str | torch.device = "cpu", home: str | torch.device | None = None,
-                 copy: bool = False):
+                 copy: bool = False, free_bytes=device_free_bytes):
         self.device = torch.device(device)
         self.home = self.device if home is None else torch.device(home)
         self.copy = copy
+        self.free_bytes = free_bytes
         self._visits: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
 
     @classmethod
@@ -75,6 +84,25 @@ class Placement:
         if self.moves:
             self._leave(id(module), self._tensors(module))
         return module
+
+    @contextlib.contextmanager
+    def resident(self, model: nn.Module, spare_bytes: int = 0):
+        """The whole model on the device for the duration when it fits there with
+        `spare_bytes` more (yields True); otherwise nothing moves (yields False). Where
+        nothing moves anyway the model is resident already."""
+        if not self.moves:
+            yield True
+            return
+        free = self.free_bytes(self.device)
+        need = sum(t.numel() * t.element_size() for t in self._tensors(model)) + spare_bytes
+        if free is not None and need > free:
+            yield False
+            return
+        self.onload(model)
+        try:
+            yield True
+        finally:
+            self.offload(model)
 
     @contextlib.contextmanager
     def outside(self, model: nn.Module, blocks: nn.Module):

@@ -71,7 +71,7 @@ class _BlockTask:
 @contextlib.contextmanager
 def _only_trained(block: nn.Module, params: list[nn.Parameter]):
     """Gradients for `params` alone, the block in evaluation mode (no dropout); the flags
-    restored afterwards."""
+    restored afterwards and the gradients let go (a factor-sized buffer per weight)."""
     flags = [(p, p.requires_grad) for p in block.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
@@ -83,6 +83,7 @@ def _only_trained(block: nn.Module, params: list[nn.Parameter]):
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+            p.grad = None
 
 
 def _total_error(task: _BlockTask, outputs: list[torch.Tensor], comm: Comm) -> float:
