@@ -18,7 +18,9 @@ With M = L^{1/2} W R^{1/2} = U S V^T the optimum is W_r = L^{-1/2} U_r U_r^T L^{
 the m x m Gram matrix L^{1/2} W R W^T L^{1/2} (R enters as is), the right form takes V from
 the n x n Gram R^{1/2} W^T L W R^{1/2} (L enters as is). We use the smaller side, so no
 eigendecomposition of the larger covariance is ever computed (e.g. down_proj's 1536-wide
-input covariance), and only the root of the side in use is damped. The eigenvalues of the
+input covariance), and only the root of the side in use is damped. Any square root F with
+L = F^T F serves (||L^{1/2} X||_F = ||F X||_F, and F K F^T has the eigenvalues of
+L^{1/2} K L^{1/2}), so the roots here are Cholesky factors, not eigendecompositions. The eigenvalues of the
 Gram matrix are S^2, the loss of dropping each direction in the metric: the spectrum rank
 allocation spends.
 
@@ -70,7 +72,11 @@ class Factors:
 
 @dataclass
 class Root:
-    """A symmetric square root of a damped PSD matrix and its inverse (or a diagonal)."""
+    """A square root F of a damped PSD matrix S (S = F^T F) and its inverse, or a diagonal:
+    symmetric (psd_root, from an eigendecomposition; what training and the anchored fit
+    need) or upper triangular (a Cholesky factor; what `decompose_many` needs, since a
+    projection is the same with any square root: ||G^{1/2} X||_F = ||F X||_F). Applied as
+    F X on the left and X F^T on the right, which for a symmetric root is the same."""
     half: torch.Tensor
     inv_half: torch.Tensor
 
@@ -211,6 +217,34 @@ def _roots(stats: list, damping: float) -> list[Root]:
     return out
 
 
+def _triangular_roots(stats: list, damping: float) -> list[Root]:
+    """Cholesky roots of the matrices among `stats`: F upper triangular with
+    S + damping * mean eigenvalue * I = F^T F, a Cholesky and a triangular solve, a small
+    fraction of an eigendecomposition's work. Diagonals, given Roots, all-zero matrices
+    and a matrix Cholesky refuses (negative round-off beyond the damping) get what
+    `_roots` gives them."""
+    out: list[Root | None] = [None] * len(stats)
+    rest = []
+    for i, S in enumerate(stats):
+        if isinstance(S, Root) or S.dim() == 1:
+            rest.append(i)
+            continue
+        _check_finite(S)
+        S64 = S.to(torch.float64)
+        mean = S64.diagonal().clamp_min(0).mean()
+        eye = torch.eye(S64.shape[-1], dtype=S64.dtype, device=S64.device)
+        lower, info = torch.linalg.cholesky_ex(S64 + damping * mean * eye) if mean > 0 else \
+            (None, 1)
+        if info != 0:
+            rest.append(i)
+            continue
+        upper = lower.T
+        out[i] = Root(upper, torch.linalg.solve_triangular(upper, eye, upper=True))
+    for i, root in zip(rest, _roots([stats[i] for i in rest], damping)):
+        out[i] = root
+    return out
+
+
 def _damped(lam: torch.Tensor, damping: float, mean: torch.Tensor):
     """(sqrt, 1/sqrt) of eigenvalues lifted by damping * mean (the identity when all zero)."""
     lam = lam + damping * mean if mean > 0 else torch.ones_like(lam)
@@ -233,10 +267,11 @@ class SharedRoots:
 
 
 def _apply(root: Root, X: torch.Tensor, inverse: bool = False, side: str = "left") -> torch.Tensor:
+    """F X (side left) or X F^T (side right), F the root or its inverse."""
     R = root.inv_half if inverse else root.half
     if root.diagonal:
         return R[:, None] * X if side == "left" else X * R
-    return R @ X if side == "left" else X @ R
+    return R @ X if side == "left" else X @ R.T
 
 
 def _weigh(S: torch.Tensor | None, X: torch.Tensor) -> torch.Tensor:
@@ -306,7 +341,7 @@ def decompose_many(problems: list[tuple[torch.Tensor, dict]],
         forms.append(m <= n)
         stats.append(kw.get("left") if m <= n else kw.get("right"))
     unique = {id(S): S for S in stats if S is not None}
-    roots = dict(zip(unique, _roots(list(unique.values()), damping)))
+    roots = dict(zip(unique, _triangular_roots(list(unique.values()), damping)))
     grams = []
     for (W, kw), left_form, S in zip(problems, forms, stats):
         W64 = W.to(torch.float64)
@@ -318,7 +353,7 @@ def decompose_many(problems: list[tuple[torch.Tensor, dict]],
             K = W64.T @ _weigh(kw.get("left"), W64) if K is None else K.to(torch.float64)
         _check_finite(K)
         R = roots.get(id(S)) if S is not None else None
-        if R is not None:      # L^{1/2} W R W^T L^{1/2}  or  R^{1/2} W^T L W R^{1/2}
+        if R is not None:      # F W R W^T F^T (L = F^T F)  or  H W^T L W H^T (R = H^T H)
             K = _apply(R, _apply(R, K, side="right"))
         grams.append(K)
     spectra: list = [None] * len(grams)
