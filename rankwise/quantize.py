@@ -38,6 +38,8 @@ from torch import nn
 
 from .errors import RankwiseError
 from .layers import LowRankLinear
+from .stats import (activation_gradients_only, gradients_reach_the_layers, lm_logits,
+                    sample_logit_gradient)
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +217,6 @@ def input_covariances(model: nn.Module, windows: torch.Tensor, batch_size: int,
     error-compensated rounding moves error onto it freely while every token attending to
     it inherits that error: on the embedded model one v_proj rounded so took WikiText-2
     perplexity from 41 to 1254 (README, Bytes)."""
-    from .stats import (activation_gradients_only, gradients_reach_the_layers, lm_logits,
-                        sample_logit_gradient)
     layers = factored_layers(model) if layers is None else layers
     sums: dict[str, torch.Tensor] = {}
     mass = dict.fromkeys(layers, 0.0)
