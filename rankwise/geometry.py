@@ -18,9 +18,10 @@ With M = L^{1/2} W R^{1/2} = U S V^T the optimum is W_r = L^{-1/2} U_r U_r^T L^{
 the m x m Gram matrix L^{1/2} W R W^T L^{1/2} (R enters as is), the right form takes V from
 the n x n Gram R^{1/2} W^T L W R^{1/2} (L enters as is). We use the smaller side, so no
 eigendecomposition of the larger covariance is ever computed (e.g. down_proj's 1536-wide
-input covariance), and only the root of the side in use is damped. Any square root F with
-L = F^T F serves (||L^{1/2} X||_F = ||F X||_F, and F K F^T has the eigenvalues of
-L^{1/2} K L^{1/2}), so the roots here are Cholesky factors, not eigendecompositions. The eigenvalues of the
+input covariance), and only the root of the side in use is damped. Any square root F
+with L = F^T F serves (||L^{1/2} X||_F = ||F X||_F, and F K F^T has the eigenvalues of
+L^{1/2} K L^{1/2}), so the roots here are Cholesky factors, not eigendecompositions. The
+eigenvalues of the
 Gram matrix are S^2, the loss of dropping each direction in the metric: the spectrum rank
 allocation spends.
 
@@ -233,8 +234,10 @@ def _triangular_roots(stats: list, damping: float) -> list[Root]:
         S64 = S.to(torch.float64)
         mean = S64.diagonal().clamp_min(0).mean()
         eye = torch.eye(S64.shape[-1], dtype=S64.dtype, device=S64.device)
-        lower, info = torch.linalg.cholesky_ex(S64 + damping * mean * eye) if mean > 0 else \
-            (None, 1)
+        if mean <= 0:
+            rest.append(i)
+            continue
+        lower, info = torch.linalg.cholesky_ex(S64 + damping * mean * eye)
         if info != 0:
             rest.append(i)
             continue
