@@ -54,6 +54,7 @@ outputs (0: X replaced by C, the sequential fit, W* = W) to the dense ones (1).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -74,9 +75,9 @@ class Factors:
 @dataclass
 class Root:
     """A square root F of a damped PSD matrix S (S = F^T F) and its inverse, or a diagonal:
-    symmetric (psd_root, from an eigendecomposition; what training and the anchored fit
-    need) or upper triangular (a Cholesky factor; what `decompose_many` needs, since a
-    projection is the same with any square root: ||G^{1/2} X||_F = ||F X||_F). Applied as
+    symmetric (psd_root, from an eigendecomposition; what training's proximal steps take)
+    or upper triangular (cholesky_root; what projections and anchored fits take, since
+    they are the same with any square root: ||G^{1/2} X||_F = ||F X||_F). Applied as
     F X on the left and X F^T on the right, which for a symmetric root is the same."""
     half: torch.Tensor
     inv_half: torch.Tensor
@@ -98,16 +99,17 @@ EIGH_BATCH = 4
 @dataclass
 class EighCount:
     """Symmetric eigendecompositions done since the last reset: how many, how many of
-    them had to be redone in float64 (a float32 result the check refused, or a float32
-    solver that raised, as cuSOLVER does on some ill-conditioned inputs), their seconds."""
+    them were eigenvalues only (`eigvalsh`, a fraction of the work), how many had to be
+    redone in float64 (a float32 result the check refused, or a float32 solver that
+    raised, as cuSOLVER does on some ill-conditioned inputs), their seconds."""
     decompositions: int = 0
+    values_only: int = 0
     float64_redos: int = 0
     seconds: float = 0.0
 
     def since(self, earlier: "EighCount") -> "EighCount":
-        return EighCount(self.decompositions - earlier.decompositions,
-                         self.float64_redos - earlier.float64_redos,
-                         self.seconds - earlier.seconds)
+        return EighCount(*(getattr(self, f.name) - getattr(earlier, f.name)
+                           for f in dataclasses.fields(self)))
 
 
 EIGH_COUNT = EighCount()       # the process's running totals (compress reports per block)
@@ -169,6 +171,45 @@ def _eigh(S, floor, rtol, float32):
     return lam.gather(-1, order), _signed(Q.gather(-1, order[..., None, :].expand_as(Q)))
 
 
+def eigvalsh(S: torch.Tensor, rtol: float = EIGH_RTOL) -> torch.Tensor:
+    """Eigenvalues (ascending, float64) of symmetric matrices S (..., n, n), without
+    eigenvectors: a fraction of `eigh`'s work (the tridiagonal reduction and its eigenvalues,
+    no eigenvectors accumulated, on a GPU and a CPU alike), for spectra that only a rank
+    allocation reads.
+
+    Computed in float32 first. A backward-stable solver returns the exact eigenvalues of
+    S + E with ||E||_F ~ c eps ||S||_F, so their summed errors are at most ||E||_* <=
+    sqrt(n) c eps ||S||_F: any tail sum of the spectrum is right to ~sqrt(n) c eps of the
+    layer's whole loss (4e-6 c at n = 4096), far inside rtol. What no bound covers, a
+    solver that failed, is what the check catches: the eigenvalues' sum and sum of squares
+    must match the trace and the squared Frobenius norm (both exact, taken in float64) to
+    rtol; a matrix that misses either, or whose float32 solve raised, is solved again in
+    float64 (counted as a redo)."""
+    started, count = time.perf_counter(), S.shape[:-2].numel()
+    try:
+        S = S.to(torch.float64)
+        S = (S + S.mT) / 2
+        try:
+            lam = torch.linalg.eigvalsh(S.float()).double()
+        except RuntimeError:       # torch.linalg.LinAlgError too: the float32 solver gave up
+            EIGH_COUNT.float64_redos += count
+            return torch.linalg.eigvalsh(S)
+        trace = S.diagonal(dim1=-2, dim2=-1).sum(-1)
+        frobenius = torch.linalg.vector_norm(S, dim=(-2, -1)).square()
+        bad = ~torch.isfinite(lam).all(-1) \
+            | ((lam.sum(-1) - trace).abs() > rtol * lam.abs().sum(-1)) \
+            | ((lam.square().sum(-1) - frobenius).abs() > rtol * frobenius)
+        if bad.any():
+            EIGH_COUNT.float64_redos += int(bad.sum())
+            lam = lam.clone()
+            lam[bad] = torch.linalg.eigvalsh(S[bad])
+        return lam.sort(-1).values
+    finally:
+        EIGH_COUNT.decompositions += count
+        EIGH_COUNT.values_only += count
+        EIGH_COUNT.seconds += time.perf_counter() - started
+
+
 def _signed(Q: torch.Tensor) -> torch.Tensor:
     """Eigenvectors with the sign that makes each one's largest entry positive: the same
     factors whichever solver (and process) produced them, which matters to anything that
@@ -218,12 +259,29 @@ def _roots(stats: list, damping: float) -> list[Root]:
     return out
 
 
+# A sum of outer products is PSD, but one summed from float32 products (every statistic
+# here) has eigenvalues down to about -eps32 * sqrt(tokens) * its trace: where the
+# statistics are rank-deficient or nearly (fewer tokens than features, wide layers) they
+# reach below the damping, and Cholesky refuses. Such directions are not resolved by the
+# statistics at all, so the Cholesky is retried with the damping raised tenfold at a time,
+# up to this fraction of the mean eigenvalue, before an eigendecomposition is paid for.
+ROUNDOFF_DAMPING = 1e-2
+
+
+def cholesky_root(S: torch.Tensor, damping: float = DEFAULT_DAMPING) -> Root:
+    """A triangular square root of a PSD matrix: F upper triangular with
+    S + d * mean eigenvalue * I = F^T F, and its inverse; a Cholesky and a triangular
+    solve, a small fraction of an eigendecomposition's work. d is `damping`, or, where
+    round-off leaves S with eigenvalues below -damping * mean, the first of 10, 100, ...
+    times it (at most ROUNDOFF_DAMPING) that absorbs them. Wherever only |F x| or F X F^T
+    is needed (a projection, an anchored fit, a weighted error) it serves as well as the
+    symmetric root. A diagonal, an all-zero matrix and a matrix no such Cholesky takes get
+    what `psd_root` gives them."""
+    return _triangular_roots([S], damping)[0]
+
+
 def _triangular_roots(stats: list, damping: float) -> list[Root]:
-    """Cholesky roots of the matrices among `stats`: F upper triangular with
-    S + damping * mean eigenvalue * I = F^T F, a Cholesky and a triangular solve, a small
-    fraction of an eigendecomposition's work. Diagonals, given Roots, all-zero matrices
-    and a matrix Cholesky refuses (negative round-off beyond the damping) get what
-    `_roots` gives them."""
+    """cholesky_root of each statistic (a Root given is kept as it is)."""
     out: list[Root | None] = [None] * len(stats)
     rest = []
     for i, S in enumerate(stats):
@@ -233,19 +291,30 @@ def _triangular_roots(stats: list, damping: float) -> list[Root]:
         _check_finite(S)
         S64 = S.to(torch.float64)
         mean = S64.diagonal().clamp_min(0).mean()
+        upper = _shifted_cholesky(S64, mean, damping) if mean > 0 else None
+        if upper is None:
+            rest.append(i)
+            continue
         eye = torch.eye(S64.shape[-1], dtype=S64.dtype, device=S64.device)
-        if mean <= 0:
-            rest.append(i)
-            continue
-        lower, info = torch.linalg.cholesky_ex(S64 + damping * mean * eye)
-        if info != 0:
-            rest.append(i)
-            continue
-        upper = lower.T
         out[i] = Root(upper, torch.linalg.solve_triangular(upper, eye, upper=True))
     for i, root in zip(rest, _roots([stats[i] for i in rest], damping)):
         out[i] = root
     return out
+
+
+def _shifted_cholesky(S: torch.Tensor, mean: torch.Tensor, damping: float) -> torch.Tensor | None:
+    """Upper F with S + d * mean * I = F^T F for the first d of damping, 10 damping, ...
+    (at most ROUNDOFF_DAMPING, and always damping itself) that Cholesky takes; None if none."""
+    d = damping
+    while True:
+        shifted = S.clone()
+        shifted.diagonal().add_(d * mean)
+        lower, info = torch.linalg.cholesky_ex(shifted)
+        if info == 0:
+            return lower.T
+        d *= 10
+        if d > max(ROUNDOFF_DAMPING, damping):
+            return None
 
 
 def _damped(lam: torch.Tensor, damping: float, mean: torch.Tensor):
@@ -338,6 +407,25 @@ def decompose_many(problems: list[tuple[torch.Tensor, dict]],
     a statistic shared by several weights (the same tensor object, e.g. the input
     covariance of q/k/v) is rooted once, and matrices of the same size are decomposed
     in one batch."""
+    forms, stats, roots, grams = _grams(problems, damping)
+    solved = _batched(grams, eigh)
+    return [Decomposition(W=W, basis=Q.flip(1), spectrum=lam.flip(0).clamp_min(0),
+                          left_form=left_form, root=roots.get(id(S)) if S is not None else None)
+            for (W, _), left_form, S, (lam, Q) in zip(problems, forms, stats, solved)]
+
+
+def spectra_many(problems: list[tuple[torch.Tensor, dict]],
+                 damping: float = DEFAULT_DAMPING) -> list[torch.Tensor]:
+    """The spectra of `decompose_many`'s decompositions (descending) without their bases:
+    what a rank allocation reads. Eigenvalues alone are a fraction of an eigendecomposition's
+    work (no eigenvectors accumulated; see `eigvalsh`)."""
+    return [lam.flip(0).clamp_min(0) for lam in _batched(_grams(problems, damping)[3], eigvalsh)]
+
+
+def _grams(problems, damping):
+    """(forms, the metric side each uses, their roots by id, the Gram matrices) of
+    `decompose_many`'s problems: the left form's F W R W^T F^T (L = F^T F), the right
+    form's H W^T L W H^T (R = H^T H)."""
     forms, stats = [], []
     for W, kw in problems:
         m, n = W.shape
@@ -356,10 +444,17 @@ def decompose_many(problems: list[tuple[torch.Tensor, dict]],
             K = W64.T @ _weigh(kw.get("left"), W64) if K is None else K.to(torch.float64)
         _check_finite(K)
         R = roots.get(id(S)) if S is not None else None
-        if R is not None:      # F W R W^T F^T (L = F^T F)  or  H W^T L W H^T (R = H^T H)
+        if R is not None:
             K = _apply(R, _apply(R, K, side="right"))
         grams.append(K)
-    spectra: list = [None] * len(grams)
+    return forms, stats, roots, grams
+
+
+def _batched(grams: list, solve) -> list:
+    """solve(stack) on the same-sized matrices of `grams`, at most EIGH_BATCH at a time;
+    each result split back per matrix. The list lets go of each matrix as it is stacked,
+    so one copy of a batch is alive, not two."""
+    out: list = [None] * len(grams)
     by_size: dict[int, list[int]] = {}
     for i, K in enumerate(grams):
         by_size.setdefault(K.shape[-1], []).append(i)
@@ -368,14 +463,12 @@ def decompose_many(problems: list[tuple[torch.Tensor, dict]],
             idx = same_size[lo:lo + EIGH_BATCH]
             K = torch.stack([grams[i] for i in idx])
             for i in idx:
-                grams[i] = None        # the stack holds them now: one copy alive, not two
-            lam, Q = eigh(K)
+                grams[i] = None
+            result = solve(K)
             del K
             for j, i in enumerate(idx):
-                spectra[i] = (lam[j].flip(0).clamp_min(0), Q[j].flip(1))
-    return [Decomposition(W=W, basis=Q, spectrum=lam, left_form=left_form,
-                          root=roots.get(id(S)) if S is not None else None)
-            for (W, _), left_form, S, (lam, Q) in zip(problems, forms, stats, spectra)]
+                out[i] = tuple(t[j] for t in result) if isinstance(result, tuple) else result[j]
+    return out
 
 
 def anchored(W: torch.Tensor, cov: torch.Tensor, cross: torch.Tensor, cov_root: Root,
@@ -385,19 +478,22 @@ def anchored(W: torch.Tensor, cov: torch.Tensor, cross: torch.Tensor, cov_root: 
     arguments of `decompose` / `decompose_many` for W*).
 
     cov: the compressed stream's input covariance C; cross: X = sum x_c x_d^T (n x n);
-    cov_root: psd_root(C, damping) (one Root serves every layer reading that input);
-    left / left_image: the output side as for `decompose` (G, or W^T G W for m > n). mix:
-    1 anchors to the dense stream, 0 to the compressed stream's own outputs."""
+    cov_root: a root F of the damped C = F^T F (cholesky_root or psd_root; one Root serves
+    every layer reading that input), so (C + lambda I)^{-1} = F^{-1} F^{-T}; left /
+    left_image: the output side as for `decompose` (G, or W^T G W for m > n). mix: 1
+    anchors to the dense stream, 0 to the compressed stream's own outputs."""
+    # The target map is T = (C + lambda I) + mix (X^T - C) (X^T + lambda I at mix 1) and
+    # W* = W T (C + lambda I)^{-1}; with C + lambda I = F^T F, W T F^{-1} = W F^T + mix W D
+    # F^{-1} (D = X^T - C), so C + lambda I itself (an n^3 product) is never formed.
     W64 = W.to(torch.float64)
-    C = cov.to(torch.float64)
-    damped = cov_root.half @ cov_root.half                  # C + lambda I
-    target = damped + mix * (cross.to(torch.float64).T - C)  # X^T + lambda I at mix 1
-    Z = W64 @ target @ cov_root.inv_half
-    W_star = Z @ cov_root.inv_half
+    inv_half = cov_root.inv_half
+    shift = mix * (cross.to(torch.float64).T - cov.to(torch.float64))     # mix D
+    Z = _apply(cov_root, W64, side="right") + W64 @ shift @ inv_half      # Z Z^T = W* F^T F W*^T
+    W_star = _apply(cov_root, Z, inverse=True, side="right")
     m, n = W.shape
     if m <= n:
         return W_star, dict(left=left, right=cov_root, right_image=Z @ Z.T)
-    M = target @ cov_root.inv_half @ cov_root.inv_half
+    M = torch.eye(n, dtype=W64.dtype, device=W64.device) + shift @ inv_half @ inv_half.T
     K = left_image.to(torch.float64) if left_image is not None else W64.T @ _weigh(left, W64)
     return W_star, dict(right=cov_root, left_image=M.T @ K @ M)
 

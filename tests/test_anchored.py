@@ -94,8 +94,8 @@ def test_anchor_mix_zero_is_the_sequential_fit_of_each_layers_own_outputs(tiny, 
     anchored, _ = compressed(tiny, calib, **kw)
     one_shot, _ = compressed(tiny, calib, cut="oneshot", **kw)
     def apart(a, b, name):     # relative distance of two models' weights of one layer
-        W = b.get_submodule(name).weight
-        return float((a.get_submodule(name).weight - W).norm() / W.norm())
+        W = b.get_submodule(name).weight.detach()
+        return float((a.get_submodule(name).weight.detach() - W).norm() / W.norm())
     first, last = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"
     # equal up to the float32 eigendecompositions and the statistics' round-off
     assert apart(seq, one_shot, first) < 1e-2 and apart(anchored, one_shot, first) < 1e-2

@@ -133,10 +133,10 @@ def _streams(m, n, tokens=60, seed=7):
     return W, Xd, Xc, spd(m, seed + 1)
 
 
-def _anchored_factors(W, Xd, Xc, G, rank, mix=1.0, damping=0.0):
+def _anchored_factors(W, Xd, Xc, G, rank, mix=1.0, damping=0.0, root=geometry.cholesky_root):
     C = Xc @ Xc.T
     left_image = W.T @ G @ W
-    W_star, kw = geometry.anchored(W, C, Xc @ Xd.T, geometry.psd_root(C, damping), left=G,
+    W_star, kw = geometry.anchored(W, C, Xc @ Xd.T, root(C, damping), left=G,
                                    left_image=left_image, mix=mix)
     if W.shape[0] > W.shape[1]:
         kw.pop("left", None)
@@ -181,6 +181,17 @@ def test_anchored_projection_is_the_brute_force_least_squares_optimum(shape):
     # the dropped spectrum is what the cut costs beyond the best full-rank fit
     excess = ours - _anchored_error(full, W, Xd, Xc, G)
     assert excess == pytest.approx(float(spectrum[rank:].sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(8, 12), (12, 8)])
+def test_anchored_fit_is_the_same_with_a_triangular_or_a_symmetric_input_root(shape):
+    """The anchored fit takes Cholesky roots (no eigendecomposition); any square root of
+    the input covariance must give the same factors and spectrum as the symmetric one."""
+    W, Xd, Xc, G = _streams(*shape)
+    cholesky = _anchored_factors(W, Xd, Xc, G, 3, damping=1e-6)
+    symmetric = _anchored_factors(W, Xd, Xc, G, 3, damping=1e-6, root=geometry.psd_root)
+    for ours, theirs in zip(cholesky, symmetric):
+        torch.testing.assert_close(ours, theirs, rtol=EIGH_ACCURACY, atol=EIGH_ACCURACY)
 
 
 @pytest.mark.parametrize("shape", [(8, 12), (12, 8)])
@@ -256,3 +267,78 @@ def test_decompositions_of_one_size_go_in_bounded_batches(monkeypatch):
     out = geometry.decompose_many(problems)
     assert len(out) == 11 and max(batches) == geometry.EIGH_BATCH
     assert sum(batches) == 11
+
+
+@pytest.mark.parametrize("metric", ["svd", "whiten", "fisher", "kfac"])
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12)])
+def test_spectra_alone_are_the_decompositions_spectra(metric, shape):
+    """What the allocation reads from eigenvalues alone is the spectrum of the full
+    decomposition (to float32's accuracy relative to the layer's whole loss)."""
+    m, n = shape
+    g = torch.Generator().manual_seed(3)
+    problems = [(torch.randn(m, n, generator=g, dtype=torch.float64),
+                 metric_stats(metric, spd(m, seed), spd(n, seed + 1))) for seed in range(3)]
+    before = dataclasses.replace(geometry.EIGH_COUNT)
+    spectra = geometry.spectra_many(problems)
+    assert geometry.EIGH_COUNT.since(before).values_only == 3
+    for spectrum, d in zip(spectra, geometry.decompose_many(problems)):
+        assert spectrum.shape == d.spectrum.shape and (spectrum[:-1] >= spectrum[1:]).all()
+        tails = lambda s: s.flip(0).cumsum(0)                       # noqa: E731
+        assert (tails(spectrum) - tails(d.spectrum)).abs().max() <= 1e-5 * d.spectrum.sum()
+
+
+def test_eigenvalues_a_float32_solver_got_wrong_or_raised_on_are_redone_in_float64(monkeypatch):
+    S = _spd(12, count=3)
+    expected = torch.linalg.eigvalsh(S)
+    real = torch.linalg.eigvalsh
+
+    def wrong_for_the_second(K, *args, **kw):
+        lam = real(K, *args, **kw)
+        if K.dtype == torch.float32:
+            lam[1, -1] *= 1.1               # a solver that failed on one matrix
+        return lam
+
+    def raising(K, *args, **kw):
+        if K.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigvalsh: the algorithm failed to converge")
+        return real(K, *args, **kw)
+
+    for solver, redone in ((wrong_for_the_second, 1), (raising, 3)):
+        monkeypatch.setattr(torch.linalg, "eigvalsh", solver)
+        before = dataclasses.replace(geometry.EIGH_COUNT)
+        lam = geometry.eigvalsh(S)
+        done = geometry.EIGH_COUNT.since(before)
+        torch.testing.assert_close(lam, expected, rtol=1e-5, atol=1e-6)
+        assert (done.decompositions, done.values_only, done.float64_redos) == (3, 3, redone)
+
+
+def _with_smallest(n, smallest, seed=0):
+    """A symmetric matrix of mean eigenvalue 1 whose smallest eigenvalue is `smallest`."""
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    lam = torch.linspace(0, 2, n, dtype=torch.float64)
+    lam[0] = smallest
+    lam = lam * (n / lam.sum())
+    return (Q * lam) @ Q.T, float(lam[0])
+
+
+def test_cholesky_roots_absorb_round_off_below_the_damping_without_an_eigendecomposition(
+        monkeypatch):
+    """Statistics summed from float32 products have eigenvalues a little below zero where
+    they are rank-deficient (the TinyLlama width's inputs at 1024 tokens: down to -4e-6
+    of the mean). The root takes the first tenfold damping that absorbs them; only a matrix
+    that is not PSD beyond round-off falls back to the symmetric root."""
+    S, smallest = _with_smallest(40, -3e-6)
+    def no_eigh(*args, **kw):
+        raise AssertionError("an eigendecomposition was paid for")
+    with monkeypatch.context() as patched:
+        patched.setattr(geometry, "eigh", no_eigh)
+        root = geometry.cholesky_root(S, 1e-6)
+    mean = float(S.diagonal().mean())
+    assert smallest < -1e-6 * mean
+    torch.testing.assert_close(root.half.T @ root.half, S + 1e-5 * mean * torch.eye(40,
+                               dtype=torch.float64))
+    torch.testing.assert_close(root.half @ root.inv_half, torch.eye(40, dtype=torch.float64))
+    far, _ = _with_smallest(40, -0.5)                        # not round-off: clipped instead
+    symmetric = geometry.psd_root(far, 1e-6)
+    torch.testing.assert_close(geometry.cholesky_root(far, 1e-6).half, symmetric.half)

@@ -103,8 +103,9 @@ def refine_block(stream: BlockStream, output_fisher: torch.Tensor | None, steps:
     carry on."""
     block, params = stream.block, factor_parameters(stream.block)
     weight = None
-    if output_fisher is not None:      # F^{1/2}: e F e^T = |e F^{1/2}|^2
-        weight = geometry.psd_root(output_fisher).half.to(stream.inputs[0].device, torch.float32)
+    if output_fisher is not None:      # F = R^T R: e F e^T = |e R^T|^2, any root R will do
+        weight = geometry.cholesky_root(output_fisher).half.T.to(stream.inputs[0].device,
+                                                                 torch.float32)
     task = _BlockTask(stream, weight, torch.empty(0), 1.0)
     with torch.no_grad():
         before = _total_error(task, [stream.output(j) for j in range(len(stream.inputs))], comm)
