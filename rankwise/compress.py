@@ -16,10 +16,11 @@ A compression is `config.steps` cuts, each made by one plan chosen once:
 Every plan answers the same three questions: what the statistics walk must collect
 (`wants`), what to do with a block's statistics as they arrive (`block`), and what to do
 at the end (`finish`). The walks only move data; one process is a Comm that does nothing.
-What a compression holds is one block's statistics and decompositions at a time, whatever
-the depth. A layer is decomposed once per walk that measures it: Immediate and Parked
-once, Anchored twice (the dense model's spectra for the allocation, then the anchored
-problem on the compressed stream).
+What a compression holds is one block's statistics and decompositions at a time (two
+where a block's decompositions run beside the walk's next block: pipeline.overlap, on an
+accelerator), whatever the depth. A layer is decomposed once per walk that measures it:
+Immediate and Parked once, Anchored twice (the eigenvalues alone of the dense model's
+problem for the allocation, then the anchored problem on the compressed stream).
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ from .layers import (LowRankLinear, held_by, linear_shape, linear_weight, max_us
                      ranks_of, set_module)
 from .models import check_finite, names_by_block, target_linears
 from .pipeline.distributed import Comm
+from .pipeline.overlap import Beside, Inline
+from .pipeline.overlap import for_device as overlap_for
 from .pipeline.placement import Placement
 from .pipeline.spill import Spill
 from .pipeline.streams import BlockStream, GroupInputs, walk_streams
@@ -72,7 +75,8 @@ class Summary:
     refinement: dict[int, tuple[float, float]] = field(default_factory=dict)
     # block -> its refinement loss (metric-weighted output error) before and after
     decompositions: dict[str, float] = field(default_factory=dict)
-    # symmetric eigendecompositions: count, float64 redos, seconds (geometry.EighCount)
+    # symmetric eigendecompositions: count, eigenvalues only, float64 redos, seconds
+    # (geometry.EighCount)
 
 
 @dataclass
@@ -81,12 +85,15 @@ class Execution:
     pass, the seed of the sampled labels and of the refinement's batches, where the work
     runs (default: where the model is; Placement.of(model, "cuda") onloads one block at a
     time), the folder of the temporary spill (default: the system's) and how many bytes
-    of what would be spilled may stay in memory where they are instead (default none)."""
+    of what would be spilled may stay in memory where they are instead (default none), and
+    whether a block's decompositions run beside the walk (pipeline.overlap; default: on an
+    accelerator, not on a CPU)."""
     batch_size: int = 4
     seed: int = 0
     placement: Placement | None = None
     scratch: str | None = None
     keep_bytes: int = 0
+    overlap: Callable[[torch.device], Inline | Beside] = overlap_for
 
 
 def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None = None, *,
@@ -130,15 +137,20 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
     seconds = {"statistics": 0.0, "anchored": 0.0, "refinement": 0.0}
     eighs_before = dataclasses.replace(geometry.EIGH_COUNT)
     outcome = _Outcome()
+    overlap = execution.overlap(placement.device)
     with Spill(execution.scratch, execution.keep_bytes) as spill:
         route = Route(placement, spill, Comm.current(), progress)
         originals = _Originals(model, list(shapes), spill) \
             if config.cut == "anchored" and config.steps > 1 else None
-        for step in range(1, config.steps + 1):
-            cut = _Cut(model, config, metric, route, list(shapes), execution, seconds)
-            plan = _plan(cut, config.ratio * step / config.steps,
-                         fitness if step == config.steps else None, calib, originals)
-            outcome = _run(plan, cut, calib, precomputed)
+        try:
+            for step in range(1, config.steps + 1):
+                cut = _Cut(model, config, metric, route, list(shapes), execution, seconds,
+                           overlap)
+                plan = _plan(cut, config.ratio * step / config.steps,
+                             fitness if step == config.steps else None, calib, originals)
+                outcome = _run(plan, cut, calib, precomputed)
+        finally:
+            overlap.close()
         spilled = spill.written
     fuse_causal_lm(model)
     t_total = time.perf_counter() - t0
@@ -200,9 +212,10 @@ class _Cut:
     the route the work takes, and what is done to layers (decompose, swap)."""
 
     def __init__(self, model: nn.Module, config: CompressConfig, metric: metrics.Metric,
-                 route: Route, names: list[str], execution: Execution, seconds: dict):
+                 route: Route, names: list[str], execution: Execution, seconds: dict,
+                 overlap: Inline | Beside):
         self.model, self.config, self.metric, self.route = model, config, metric, route
-        self.execution, self.seconds = execution, seconds
+        self.execution, self.seconds, self.overlap = execution, seconds, overlap
         self.allocation = ALLOCATIONS[config.allocation]
         self.layers = {name: model.get_submodule(name) for name in names}
 
@@ -244,25 +257,41 @@ class _Cut:
               ranks: dict[str, int] | None) -> dict[str, tuple]:
         """{name: (spectrum on the CPU, B, A)} of the layers' projection problems (problem(name)
         = (W, decompose's keyword arguments)), with factors of rank ranks[name] (None:
-        spectra only); the same-sized ones decomposed in one batch. Under torchrun the
-        layers are spread over the processes (each forms only its own problems) and
-        broadcast from their owners."""
-        comm, out = self.route.comm, {}
-        mine = names[comm.rank::comm.size]
-        before = dataclasses.replace(geometry.EIGH_COUNT)
+        spectra only, from eigenvalues alone); the same-sized ones decomposed in one batch.
+        Under torchrun the layers are spread over the processes (each forms only its own
+        problems) and broadcast from their owners."""
+        solved: dict[str, tuple] = {}
+        self.hand_over(names, problem, ranks, solved.update, Inline())
+        return solved
+
+    def hand_over(self, names: list[str], problem, ranks: dict[str, int] | None,
+                  then: Callable[[dict], None], overlap: Inline | Beside) -> None:
+        """`solve`, its decompositions run by `overlap` (beside the walk or at once), its
+        result given to `then` in this thread. The problems are formed here, so they hold
+        the weights and statistics as they are now, whatever the walk does next."""
+        mine = names[self.route.comm.rank::self.route.comm.size]
         problems = [problem(n) for n in mine]
-        decompositions = geometry.decompose_many(problems, self.config.damping)
+        overlap.submit(lambda: self._decompose(mine, problems, ranks),
+                       lambda done: then(self._shared(names, done, ranks)))
+
+    def _decompose(self, mine: list[str], problems: list, ranks: dict[str, int] | None) -> dict:
+        """This process's share of a block's layers decomposed: no collectives, no state."""
+        out, before = {}, dataclasses.replace(geometry.EIGH_COUNT)
+        if ranks is None:      # an allocation's spectra: eigenvalues only
+            for name, spectrum in zip(mine, geometry.spectra_many(problems, self.config.damping)):
+                out[name] = (spectrum.to("cpu"), None, None)
+        else:
+            for name, d in zip(mine, geometry.decompose_many(problems, self.config.damping)):
+                B = A = None
+                if ranks[name] >= 1:
+                    dtype = held_by(self.layers[name]).dtype
+                    B, A = (t.to(dtype) for t in d.factors(ranks[name]))
+                out[name] = (d.spectrum.to("cpu"), B, A)
         done = geometry.EIGH_COUNT.since(before)
-        log.info("%d layers from %s: %d eigendecompositions (%d redone in float64) in %.2f s",
-                 len(mine), mine[0] if mine else "-", done.decompositions, done.float64_redos,
-                 done.seconds)
-        for name, d in zip(mine, decompositions):
-            B = A = None
-            if ranks is not None and ranks[name] >= 1:
-                dtype = held_by(self.layers[name]).dtype
-                B, A = (t.to(dtype) for t in d.factors(ranks[name]))
-            out[name] = (d.spectrum.to("cpu"), B, A)
-        return self._shared(names, out, ranks)
+        log.info("%d layers from %s: %d eigendecompositions (%d eigenvalues only, %d redone in "
+                 "float64) in %.2f s", len(mine), mine[0] if mine else "-", done.decompositions,
+                 done.values_only, done.float64_redos, done.seconds)
+        return out
 
     def problem(self, name: str, stats: LayerStats | None) -> tuple[torch.Tensor, dict]:
         """A layer's plain projection problem in the metric."""
@@ -349,13 +378,17 @@ class Parked(_Plan):
         cut = self.cut
         problem = lambda n: cut.problem(n, block.layers.get(n))      # noqa: E731
         caps = {n: cut.cap(n) for n in block.names} if self.park else None
-        for name, (spectrum, B, A) in cut.solve(block.names, problem, caps).items():
+        cut.hand_over(block.names, problem, caps, self._keep, cut.overlap)
+
+    def _keep(self, solved: dict[str, tuple]) -> None:
+        for name, (spectrum, B, A) in solved.items():
             self.spectra[name] = spectrum
             if B is not None:
-                cut.route.spill.put(f"factors.{name}", {"B_t": B.T, "A": A})
+                self.cut.route.spill.put(f"factors.{name}", {"B_t": B.T, "A": A})
 
     def chosen(self) -> tuple[dict[str, int | None], SearchResult | None]:
         """The allocation's ranks, refined by the search when it runs."""
+        self.cut.overlap.drain()
         ranks = self.cut.ranks(self.spectra, self.ratio)
         if self.fitness is None:
             return ranks, None
@@ -443,7 +476,7 @@ class Anchored(_Plan):
         if not wanted:
             return 0.0
         spill, device = cut.route.spill, cut.route.placement.device
-        root = geometry.psd_root(group.cov, cut.config.anchor_damping)
+        root = geometry.cholesky_root(group.cov, cut.config.anchor_damping)
 
         def problem(name):
             layer = cut.layers[name]
