@@ -3,7 +3,8 @@
 shapes (quality means nothing there; time and memory do). Parts, in order, each a JSON
 line printed as it finishes and appended to $OUT/gpu_check.jsonl (or --out):
 
-  eigh       one 4096-wide symmetric eigendecomposition, float32 and float64
+  eigh       one 4096-wide symmetric eigendecomposition, float32 and float64, with
+             eigenvectors and eigenvalues alone (what the allocation's spectra take)
   onload7    Llama-2-7B width, model on the CPU, onloaded one block at a time, the default
              recipe at 0.2 (--cut oneshot for the plain cut), 32 x 2048 calibration tokens, at 4 and 8 blocks: wall seconds,
              statistics / projection seconds, decompositions and float64 redos, peak
@@ -94,13 +95,15 @@ def part_eigh(dev: Device, dry: bool, cut: str | None) -> list[dict]:
     X = torch.randn(n, n, device=dev.name)
     S = X @ X.T / n
     rows = []
-    for dtype in (torch.float32, torch.float64):
-        torch.linalg.eigh(S.to(dtype))          # warm-up (solver workspace, kernels)
-        dev.sync()
-        t0 = time.perf_counter()
-        torch.linalg.eigh(S.to(dtype))
-        dev.sync()
-        rows.append({"n": n, "dtype": str(dtype), "seconds": time.perf_counter() - t0})
+    for solver in (torch.linalg.eigh, torch.linalg.eigvalsh):
+        for dtype in (torch.float32, torch.float64):
+            solver(S.to(dtype))                 # warm-up (solver workspace, kernels)
+            dev.sync()
+            t0 = time.perf_counter()
+            solver(S.to(dtype))
+            dev.sync()
+            rows.append({"n": n, "solver": solver.__name__, "dtype": str(dtype),
+                         "seconds": time.perf_counter() - t0})
     return rows
 
 

@@ -111,7 +111,7 @@ def one(args) -> dict:
             "model_gib": model_bytes / 2**30,
             "peak_device_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "spilled_gib": summary.spilled_bytes / 2**30,
-            "achieved_ratio": summary.achieved_ratio}
+            "achieved_ratio": summary.achieved_ratio, **summary.decompositions}
 
 
 def main():
@@ -159,14 +159,17 @@ def main():
     print(f"{'blocks':>6s} {'stats s/block':>14s} {'proj s/block':>13s} "
           f"{'anchored s/block':>17s} {'wall s':>8s} "
           f"{'peak device GiB':>16s} {'peak RSS GiB':>13s} {'RSS - model GiB':>16s} "
-          f"{'spilled GiB':>12s}   (RSS: while compressing)")
+          f"{'spilled GiB':>12s} {'eighs/block':>12s} {'values only':>12s} {'float64 redos':>14s} "
+          f"{'eigh s/block':>13s}   (RSS: while compressing)")
     for r in rows:
         device = f"{r['peak_device_gib']:.2f}" if r["peak_device_gib"] is not None else "-"
         print(f"{r['layers']:6d} {r['statistics_s'] / r['layers']:14.2f} "
               f"{r['projection_s'] / r['layers']:13.2f} {r['anchored_s'] / r['layers']:17.2f} "
               f"{r['wall_s']:8.1f} {device:>16s} "
               f"{r['peak_rss_gib']:13.2f} {r['peak_rss_gib'] - r['model_gib']:16.2f} "
-              f"{r['spilled_gib']:12.2f}")
+              f"{r['spilled_gib']:12.2f} {r['decompositions'] / r['layers']:12.1f} "
+              f"{r['values_only'] / r['layers']:12.1f} {r['float64_redos']:14d} "
+              f"{r['seconds'] / r['layers']:13.2f}")
 
 
 if __name__ == "__main__":
