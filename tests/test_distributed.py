@@ -50,6 +50,7 @@ from conftest import structured_tiny
 from rankwise import CompressConfig, compress_
 from rankwise.compress import Execution
 from rankwise.pipeline import distributed
+from rankwise.pipeline.overlap import Beside
 
 dist.init_process_group("gloo")
 rank, size = dist.get_rank(), dist.get_world_size()
@@ -79,8 +80,11 @@ class Checked:
 distributed.Comm.current = classmethod(lambda cls: cls(rank, size, to_backend, Checked()))
 model = structured_tiny("llama")
 calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+# decompositions beside the walk, as on a GPU: their broadcasts must keep every process's
+# collectives in one order whatever the worker's timing
+beside = lambda device: Beside(device, synchronize=lambda device: None)
 summary = compress_(model, CompressConfig(metric="kfac", ratio=0.4, refine_steps=4, anchor_damping=1e-2), calib,
-                    progress=False, execution=Execution(batch_size=2))
+                    progress=False, execution=Execution(batch_size=2, overlap=beside))
 assert Checked.calls > 0
 if rank == 0:
     torch.save({{"ranks": summary.ranks, "state": model.state_dict()}}, {out!r})
@@ -89,8 +93,9 @@ if rank == 0:
 
 def test_every_collective_takes_the_backends_device_tensors(tmp_path):
     """The route an NCCL run takes (every tensor moved to the backend's device before a
-    collective, the result moved back) on 2 gloo processes, checked at each collective;
-    the result is one process's (damped as in test_two_gloo_processes_equal_one)."""
+    collective, the result moved back; the allocation's decompositions beside the walk) on
+    2 gloo processes, checked at each collective; the result is one process's, inline
+    (damped as in test_two_gloo_processes_equal_one)."""
     from conftest import structured_tiny
     from rankwise import CompressConfig, compress_
     from rankwise.compress import Execution
