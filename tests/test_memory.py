@@ -15,6 +15,8 @@ import torch
 
 from rankwise import CompressConfig, compress_
 from rankwise.compress import Execution
+from rankwise.pipeline.overlap import Beside
+from rankwise.pipeline.overlap import for_device as overlap_for
 from rankwise.pipeline.placement import Placement
 
 from conftest import tiny_model
@@ -59,13 +61,13 @@ def peak_bytes(run) -> int:
     return max(peak[0], ALLOCATED()) - base
 
 
-def compression_peak(blocks: int, placement: Placement, **config) -> int:
+def compression_peak(blocks: int, placement: Placement, overlap=overlap_for, **config) -> int:
     model = tiny_model("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=blocks,
                        num_key_value_heads=4)
     calib = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))
+    execution = Execution(batch_size=2, placement=placement, overlap=overlap)
     return peak_bytes(lambda: compress_(model, CompressConfig(ratio=0.4, **config), calib,
-                                        progress=False,
-                                        execution=Execution(batch_size=2, placement=placement)))
+                                        progress=False, execution=execution))
 
 
 @pytest.mark.skipif(ALLOCATED is None, reason="needs glibc's mallinfo2")
@@ -80,4 +82,19 @@ def test_peak_memory_does_not_grow_with_depth(copy, config):
     shallow, deep = (compression_peak(n, placement, **config) for n in (2, 8))
     # each of the 6 extra blocks holds ~6 MB of statistics and ~2.6 MB of factors: keeping
     # them all would add ~50 MB; one block's worth of slack is allowed
+    assert deep <= shallow + 4e6, (shallow, deep)
+
+
+@pytest.mark.skipif(ALLOCATED is None, reason="needs glibc's mallinfo2")
+@pytest.mark.parametrize("config", [dict(metric="kfac", cut="oneshot"),
+                                    dict(metric="kfac", refine_steps=4)],
+                         ids=["spectrum", "anchored (two streams, refined)"])
+def test_decompositions_beside_the_walk_hold_one_block_more_at_any_depth(config):
+    """A GPU's route: onloaded, the allocation's decompositions on a worker beside the walk
+    (the device's synchronisation stood in for). One block in flight at most, so the peak
+    is flat in depth."""
+    placement = Placement("cpu", copy=True)
+    beside = lambda device: Beside(device, synchronize=lambda device: None)  # noqa: E731
+    compression_peak(2, placement, beside, **config)
+    shallow, deep = (compression_peak(n, placement, beside, **config) for n in (2, 8))
     assert deep <= shallow + 4e6, (shallow, deep)
