@@ -68,10 +68,11 @@ class Beside:
         self._pending = (self._worker.submit(self._run, work), then)
 
     def _run(self, work):
-        with self._stream:
-            result = work()
-        self._stream.synchronize()
-        return result
+        try:
+            with self._stream:
+                return work()
+        finally:     # failed or not, nothing it queued is still running when it is let go
+            self._stream.synchronize()
 
     def drain(self) -> None:
         """Wait for the piece in flight and run its `then`."""
