@@ -4,7 +4,8 @@ shapes (quality means nothing there; time and memory do). Parts, in order, each 
 line printed as it finishes and appended to $OUT/gpu_check.jsonl (or --out):
 
   eigh       one 4096-wide symmetric eigendecomposition, float32 and float64, with
-             eigenvectors and eigenvalues alone (what the allocation's spectra take)
+             eigenvectors and eigenvalues alone (what the allocation's spectra take),
+             and rankwise's own checked solves (float32 checked in float64)
   onload7    Llama-2-7B width, model on the CPU, onloaded one block at a time, the default
              recipe at 0.2 (--cut oneshot for the plain cut), 32 x 2048 calibration tokens, at 4 and 8 blocks: wall seconds,
              statistics / projection seconds, decompositions and float64 redos, peak
@@ -16,6 +17,7 @@ line printed as it finishes and appended to $OUT/gpu_check.jsonl (or --out):
 
     python bench/gpu_check.py [--parts eigh onload7 whole11 speed11] [--out DIR]
     python bench/gpu_check.py --dry      # tiny shapes on the CPU: the script's own test
+    python bench/gpu_check.py --device cpu --parts eigh     # the solves on this CPU
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ class Device:
                 "peak_host_gib": host}
 
     def describe(self) -> str:
-        return torch.cuda.get_device_name() if self.cuda else "cpu (dry run)"
+        return torch.cuda.get_device_name() if self.cuda else "cpu"
 
 
 def build(shape: dict, where: str, **over):
@@ -94,16 +96,21 @@ def part_eigh(dev: Device, dry: bool, cut: str | None) -> list[dict]:
     n = 64 if dry else 4096
     X = torch.randn(n, n, device=dev.name)
     S = X @ X.T / n
+    from rankwise import geometry
+    solves = [(f"torch.linalg.{name}", str(dtype), lambda s=solver, d=dtype: s(S.to(d)))
+              for name, solver in (("eigh", torch.linalg.eigh), ("eigvalsh", torch.linalg.eigvalsh))
+              for dtype in (torch.float32, torch.float64)]
+    # what compress runs: float32 first, checked in float64 (redone there if refused)
+    solves += [(f"rankwise.geometry.{solver.__name__}", "float32, checked",
+                lambda s=solver: s(S[None])) for solver in (geometry.eigh, geometry.eigvalsh)]
     rows = []
-    for solver in (torch.linalg.eigh, torch.linalg.eigvalsh):
-        for dtype in (torch.float32, torch.float64):
-            solver(S.to(dtype))                 # warm-up (solver workspace, kernels)
-            dev.sync()
-            t0 = time.perf_counter()
-            solver(S.to(dtype))
-            dev.sync()
-            rows.append({"n": n, "solver": solver.__name__, "dtype": str(dtype),
-                         "seconds": time.perf_counter() - t0})
+    for name, dtype, solve in solves:
+        solve()                                 # warm-up (solver workspace, kernels)
+        dev.sync()
+        t0 = time.perf_counter()
+        solve()
+        dev.sync()
+        rows.append({"n": n, "solver": name, "dtype": dtype, "seconds": time.perf_counter() - t0})
     return rows
 
 
@@ -158,9 +165,11 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--cut", choices=("anchored", "oneshot"), default=None,
                    help="the compress parts' cut (default: the package's, anchored for kfac)")
-    p.add_argument("--dry", action="store_true")
+    p.add_argument("--device", default="cuda",
+                   help="cpu times the eigh part on this machine's cores (full sizes)")
+    p.add_argument("--dry", action="store_true", help="tiny shapes on the CPU")
     args = p.parse_args()
-    dev = Device("cpu" if args.dry else "cuda")
+    dev = Device("cpu" if args.dry else args.device)
     out = Path(args.out) / "gpu_check.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"device: {dev.describe()}, torch {torch.__version__}", flush=True)
