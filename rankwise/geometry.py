@@ -54,6 +54,7 @@ outputs (0: X replaced by C, the sequential fit, W* = W) to the dense ones (1).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -132,11 +133,19 @@ def eigh(S: torch.Tensor, floor: torch.Tensor | float | None = None, rtol: float
                                spectrum is right to rtol of the layer's whole loss;
     the others are decomposed again in float64.
     """
+    with _counted(S, values_only=False):
+        return _eigh(S, floor, rtol, float32)
+
+
+@contextlib.contextmanager
+def _counted(S: torch.Tensor, values_only: bool):
+    """Count the decompositions of the stack S and their seconds into EIGH_COUNT."""
     started, count = time.perf_counter(), S.shape[:-2].numel()
     try:
-        return _eigh(S, floor, rtol, float32)
+        yield
     finally:
         EIGH_COUNT.decompositions += count
+        EIGH_COUNT.values_only += count if values_only else 0
         EIGH_COUNT.seconds += time.perf_counter() - started
 
 
@@ -185,29 +194,28 @@ def eigvalsh(S: torch.Tensor, rtol: float = EIGH_RTOL) -> torch.Tensor:
     must match the trace and the squared Frobenius norm (both exact, taken in float64) to
     rtol; a matrix that misses either, or whose float32 solve raised, is solved again in
     float64 (counted as a redo)."""
-    started, count = time.perf_counter(), S.shape[:-2].numel()
+    with _counted(S, values_only=True):
+        return _eigvalsh(S, rtol)
+
+
+def _eigvalsh(S, rtol):
+    S = S.to(torch.float64)
+    S = (S + S.mT) / 2
     try:
-        S = S.to(torch.float64)
-        S = (S + S.mT) / 2
-        try:
-            lam = torch.linalg.eigvalsh(S.float()).double()
-        except RuntimeError:       # torch.linalg.LinAlgError too: the float32 solver gave up
-            EIGH_COUNT.float64_redos += count
-            return torch.linalg.eigvalsh(S)
-        trace = S.diagonal(dim1=-2, dim2=-1).sum(-1)
-        frobenius = torch.linalg.vector_norm(S, dim=(-2, -1)).square()
-        bad = ~torch.isfinite(lam).all(-1) \
-            | ((lam.sum(-1) - trace).abs() > rtol * lam.abs().sum(-1)) \
-            | ((lam.square().sum(-1) - frobenius).abs() > rtol * frobenius)
-        if bad.any():
-            EIGH_COUNT.float64_redos += int(bad.sum())
-            lam = lam.clone()
-            lam[bad] = torch.linalg.eigvalsh(S[bad])
-        return lam.sort(-1).values
-    finally:
-        EIGH_COUNT.decompositions += count
-        EIGH_COUNT.values_only += count
-        EIGH_COUNT.seconds += time.perf_counter() - started
+        lam = torch.linalg.eigvalsh(S.float()).double()
+    except RuntimeError:       # torch.linalg.LinAlgError too: the float32 solver gave up
+        EIGH_COUNT.float64_redos += S.shape[:-2].numel()
+        return torch.linalg.eigvalsh(S)
+    trace = S.diagonal(dim1=-2, dim2=-1).sum(-1)
+    frobenius = torch.linalg.vector_norm(S, dim=(-2, -1)).square()
+    bad = ~torch.isfinite(lam).all(-1) \
+        | ((lam.sum(-1) - trace).abs() > rtol * lam.abs().sum(-1)) \
+        | ((lam.square().sum(-1) - frobenius).abs() > rtol * frobenius)
+    if bad.any():
+        EIGH_COUNT.float64_redos += int(bad.sum())
+        lam = lam.clone()
+        lam[bad] = torch.linalg.eigvalsh(S[bad])
+    return lam.sort(-1).values
 
 
 def _signed(Q: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .errors import RankwiseError
+from .geometry import metric_error
 from .layers import LowRankLinear
 from .stats import (activation_gradients_only, gradients_reach_the_layers, lm_logits,
                     sample_logit_gradient)
@@ -258,12 +259,6 @@ def input_covariances(model: nn.Module, windows: torch.Tensor, batch_size: int,
             for name, s in sums.items()}
 
 
-def metric_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
-    """tr((W - Q) H (W - Q)^T): the expected squared output change for inputs of covariance H."""
-    D = W.double() - Q.double()
-    return float(((D @ H.double()) * D).sum())
-
-
 def round_weight(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, dtype: torch.dtype,
                  rounding: str) -> Rounded:
     """W on `grid` by `rounding` ('gptq' needs H, the covariance of W's inputs, and keeps
@@ -272,7 +267,8 @@ def round_weight(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, dtype: tor
     if rounding != "gptq":
         return nearest
     compensated = error_compensated(W, H, grid, dtype)
-    better = metric_error(W, compensated.weight, H) <= metric_error(W, nearest.weight, H)
+    # tr((W - Q) H (W - Q)^T): the expected squared output change for inputs of covariance H
+    better = metric_error(W, compensated.weight, right=H) <= metric_error(W, nearest.weight, right=H)
     return compensated if better else nearest
 
 

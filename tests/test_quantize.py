@@ -9,7 +9,8 @@ import torch
 
 from rankwise import CompressConfig, RankwiseError, compress_, load, save
 from rankwise.config import StorageConfig
-from rankwise.quantize import (Grid, error_compensated, input_covariances, metric_error,
+from rankwise.geometry import metric_error
+from rankwise.quantize import (Grid, error_compensated, input_covariances,
                                quantize_factors, quantize_model, refit_outer, round_to_nearest,
                                round_weight)
 
@@ -27,8 +28,8 @@ def test_error_compensated_rounding_beats_round_to_nearest_in_its_metric(bits):
     grid = Grid.for_bits(bits, 32)
     compensated = error_compensated(W, H, grid, torch.bfloat16)
     nearest = round_to_nearest(W, grid, torch.bfloat16)
-    assert metric_error(W.double(), compensated.weight.double(), H) < \
-        0.8 * metric_error(W.double(), nearest.weight.double(), H)
+    assert metric_error(W.double(), compensated.weight.double(), right=H) < \
+        0.8 * metric_error(W.double(), nearest.weight.double(), right=H)
     for rounded in (compensated, nearest):           # on the grid: integers times the scales
         q = rounded.weight.unflatten(1, (-1, rounded.group)) / rounded.scale[:, :, None]
         assert torch.allclose(q, q.round(), atol=1e-4)
@@ -46,7 +47,8 @@ def test_the_outer_factor_refitted_to_the_rounded_inner_one_loses_less():
     A, B = torch.randn(12, 48, generator=g).double(), torch.randn(30, 12, generator=g).double()
     A_rounded = round_to_nearest(A, Grid.for_bits(4, 16), torch.bfloat16).weight.double()
     refit = refit_outer(B, A, A_rounded, C)
-    assert metric_error(B @ A, refit @ A_rounded, C) < 0.9 * metric_error(B @ A, B @ A_rounded, C)
+    assert metric_error(B @ A, refit @ A_rounded, right=C) < \
+        0.9 * metric_error(B @ A, B @ A_rounded, right=C)
     torch.testing.assert_close(refit_outer(B, A, A, C), B)
 
 
