@@ -27,7 +27,7 @@ import torch
 
 from rankwise import plots
 from rankwise.models import load_model, target_linears
-from rankwise.geometry import SHRINKS
+from rankwise.train.svt import SHRINKS
 from rankwise.lab.image_finetune import ImageTask
 from rankwise.lab.vision import accuracy, build_model, fit, load_images
 from rankwise.entrypoints.finetune import FinetuneRun, training_task

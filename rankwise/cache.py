@@ -27,6 +27,9 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from .errors import RankwiseError
+from .outputs import owner_tag, write_file
+
 log = logging.getLogger(__name__)
 
 VERSION = 1          # of the entries' layout
@@ -109,7 +112,7 @@ class Cache:
         if not self.enabled:
             return None
         folder = self._folder(kind, key)
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp = folder.with_name(f".{folder.name}.tmp-{owner_tag()}-{uuid.uuid4().hex[:8]}")
         try:
             tmp.mkdir(parents=True)
             write(tmp)
@@ -127,9 +130,6 @@ class Cache:
     @staticmethod
     def _write_json(path: Path, data) -> None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(data))
-            os.replace(tmp, path)
-        except OSError:
+            write_file(path, json.dumps(data))
+        except (OSError, RankwiseError):    # a cache that cannot be written costs only time
             pass

@@ -279,7 +279,7 @@ class _Cut:
         out, before = {}, dataclasses.replace(geometry.EIGH_COUNT)
         if ranks is None:      # an allocation's spectra: eigenvalues only
             for name, spectrum in zip(mine, geometry.spectra_many(problems, self.config.damping)):
-                out[name] = (spectrum.to("cpu"), None, None)
+                out[name] = (spectrum.values.to("cpu"), None, None)
         else:
             for name, d in zip(mine, geometry.decompose_many(problems, self.config.damping)):
                 B = A = None

@@ -50,10 +50,13 @@ class CompressConfig:
     anchor_mix: float = option(0.5, "anchored cut: the target of each layer, from its own "
                                     "output on the compressed stream (0, the sequential "
                                     "fit) to the dense model's output (1), in [0, 1]")
-    anchor_damping: float = option(1e-6, "anchored cut: ridge of each layer's regression "
+    anchor_damping: float = option(1e-2, "anchored cut: ridge of each layer's regression "
                                          "onto the compressed stream, toward the dense "
                                          "weight (times the input covariance's mean "
-                                         "eigenvalue), in (0, 1)")
+                                         "eigenvalue), in (0, 1); below about 1e-4 the "
+                                         "weakest input directions are fitted to round-off "
+                                         "and the factors depend on how the sums were "
+                                         "grouped")
     refine_steps: int = option(16, "anchored cut: optimizer steps that train each block's "
                                    "factors toward the dense block's output after its cut "
                                    "(0: none)")

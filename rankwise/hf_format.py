@@ -18,7 +18,25 @@ _TEMPLATE = Path(__file__).with_name("hf_modeling.py")
 
 
 def base_model_type(config) -> str:
-    return getattr(config, "rankwise_base_model_type", None) or config.model_type
+    """The architecture a model (or a rankwise output's config) is built on, checked to be
+    a causal LM type transformers knows: it is written into modeling_rankwise.py, which
+    `trust_remote_code=True` runs, and any source config.json may carry it."""
+    return known_causal_lm_type(getattr(config, "rankwise_base_model_type", None)
+                                or config.model_type)
+
+
+def known_causal_lm_type(name) -> str:
+    """`name` when it is a model type with a causal LM in this transformers; otherwise one
+    sentence."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if not isinstance(name, str) or name not in CONFIG_MAPPING or \
+            name not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        shown = name if isinstance(name, str) and len(name) <= 40 else f"{str(name)[:40]}..."
+        raise RankwiseError(f"the model type {shown!r} in the source config is not a causal "
+                            "LM architecture this transformers knows; rankwise writes only "
+                            "known architectures into an output")
+    return name
 
 
 def hf_config(model: nn.Module, ranks: dict[str, int], siblings: list[list[str]]) -> dict:
@@ -35,8 +53,10 @@ def hf_config(model: nn.Module, ranks: dict[str, int], siblings: list[list[str]]
 
 
 def modeling_source(base: str) -> str:
-    """modeling_rankwise.py for a base model type."""
-    source, count = re.subn(r'^BASE_MODEL_TYPE = ".*?"', f'BASE_MODEL_TYPE = "{base}"',
+    """modeling_rankwise.py for a base model type (checked to be a known one, written as a
+    string literal)."""
+    literal = repr(known_causal_lm_type(base))
+    source, count = re.subn(r'^BASE_MODEL_TYPE = ".*?"', lambda _: f"BASE_MODEL_TYPE = {literal}",
                             _TEMPLATE.read_text(), count=1, flags=re.M)
     assert count == 1, "the modeling template lost its BASE_MODEL_TYPE line"
     return source

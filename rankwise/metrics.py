@@ -70,16 +70,13 @@ class Metric:
         `stats` must hold both sides (stats.collect(..., both_sides=True))."""
         left = right = None
         if self.inputs:
-            right = _cast(shared(stats.input_cov, damping), dtype)
+            right = shared(stats.input_cov, damping).to(dtype)
         if self.gradients == "full":
-            left = _cast(shared(stats.grad_cov, damping), dtype)
+            left = shared(stats.grad_cov, damping).to(dtype)
         elif self.gradients == "diag":
-            left = _cast(shared(stats.grad_diag, damping), dtype)
+            left = shared(stats.grad_diag, damping).to(dtype)
         return left, right
 
-
-def _cast(root: Root, dtype: torch.dtype) -> Root:
-    return Root(root.half.to(dtype), root.inv_half.to(dtype))
 
 
 METRICS = {m.name: m for m in (

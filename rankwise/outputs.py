@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .errors import RankwiseError
 
@@ -46,6 +48,28 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def host_tag() -> str:
+    """This machine, as temporary names carry it: a short hash of its host name (no dots
+    or dashes, whatever the name holds)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def owner_tag() -> str:
+    """`{host}-{pid}`: who owns a temporary file or folder. A shared folder (a network
+    --scratch, an output folder on a cluster's file system) is seen by several machines,
+    where a process id means nothing."""
+    return f"{host_tag()}-{os.getpid()}"
+
+
+def left_by_dead_process(tag: str) -> bool:
+    """Whether a temporary name's `{host}-{pid}-...` tag names a process of this machine
+    that is gone; another machine's leftovers, and names of another form, are never ours
+    to remove."""
+    host, _, rest = tag.partition("-")
+    pid = rest.split("-")[0]
+    return host == host_tag() and pid.isdigit() and not pid_alive(int(pid))
 
 
 def _disk_full(e: BaseException) -> bool:
@@ -91,9 +115,8 @@ class Output:
         moved aside when its replacement never arrived."""
         parent, name = self.path.parent, self.path.name
         for left in parent.glob(f".{name}.*-*"):
-            kind, _, rest = left.name[len(name) + 2:].partition("-")
-            pid = rest.split("-")[0]
-            if kind not in ("tmp", "old") or not pid.isdigit() or pid_alive(int(pid)):
+            kind, _, tag = left.name[len(name) + 2:].partition("-")
+            if kind not in ("tmp", "old") or not left_by_dead_process(tag):
                 continue
             if kind == "old" and not self.path.exists():
                 left.rename(self.path)
@@ -106,7 +129,7 @@ class Output:
         target, or on an error it is removed (a full disk: one sentence)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tidy()
-        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tag = f"{owner_tag()}-{uuid.uuid4().hex[:8]}"
         tmp = self.path.with_name(f".{self.path.name}.tmp-{tag}")
         tmp.mkdir()
         try:
@@ -127,18 +150,25 @@ class Output:
             raise
 
 
-def write_file(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write a file atomically: a temporary file beside it, renamed over it."""
+def write_file(path: str | os.PathLike, data: str | bytes | Callable[[Path], None]) -> Path:
+    """Write a file atomically: a temporary file beside it (named for its owner, unique),
+    renamed over it. `data` is the content, or a function that writes the file it is given
+    (torch.save of a checkpoint); a full disk is one sentence, with nothing left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(f".{path.name}.tmp-{owner_tag()}-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        if callable(data):
+            data(tmp)
+        else:
+            tmp.write_bytes(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
         if _disk_full(e):
             raise RankwiseError(f"no space left on the disk holding {path.parent} while "
                                 f"writing {path.name}; nothing was written") from None
-        raise RankwiseError(f"cannot write {path}: {e.strerror or e}") from None
+        if isinstance(e, OSError):
+            raise RankwiseError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
     return path

@@ -110,6 +110,27 @@ def test_missing_model_and_nan_model(tiny_folder, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_source_config_cannot_put_code_into_the_output(tiny_folder, tmp_path, capsys):
+    """modeling_rankwise.py, which trust_remote_code runs, names the base architecture; a
+    source config.json that carries rankwise_base_model_type is read, so a value that is
+    not a known architecture is refused before any work, and none reaches the output."""
+    crafted = tmp_path / "crafted"
+    crafted.mkdir()
+    for f in tiny_folder.iterdir():
+        (crafted / f.name).write_bytes(f.read_bytes())
+    config = json.loads((crafted / "config.json").read_text())
+    config["rankwise_base_model_type"] = 'llama"\nopen("pwned", "w")\n#'
+    (crafted / "config.json").write_text(json.dumps(config))
+    code, _, err = run(capsys, *compress_args(crafted, tmp_path / "out", "--metric", "svd"))
+    assert code == 2 and "not a causal LM architecture" in err
+    assert not (tmp_path / "out").exists()
+    from rankwise.hf_format import modeling_source
+    source = modeling_source("llama")
+    assert "BASE_MODEL_TYPE = 'llama'" in source
+    with pytest.raises(Exception, match="not a causal LM architecture"):
+        modeling_source('llama"; import os #')
+
+
 def test_calibration_text_shorter_than_a_window(tiny_folder, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("the cat sat on the mat")

@@ -261,7 +261,7 @@ def test_decompositions_of_one_size_go_in_bounded_batches(monkeypatch):
         batches.append(K.shape[0])
         return real(K, *args, **kw)
 
-    monkeypatch.setattr(geometry, "eigh", recording)
+    monkeypatch.setattr(geometry.solvers, "eigh", recording)
     g = torch.Generator().manual_seed(0)
     problems = [(torch.randn(6, 10, generator=g, dtype=torch.float64), {}) for _ in range(11)]
     out = geometry.decompose_many(problems)
@@ -279,7 +279,7 @@ def test_spectra_alone_are_the_decompositions_spectra(metric, shape):
     problems = [(torch.randn(m, n, generator=g, dtype=torch.float64),
                  metric_stats(metric, spd(m, seed), spd(n, seed + 1))) for seed in range(3)]
     before = dataclasses.replace(geometry.EIGH_COUNT)
-    spectra = geometry.spectra_many(problems)
+    spectra = [s.values for s in geometry.spectra_many(problems)]
     assert geometry.EIGH_COUNT.since(before).values_only == 3
     for spectrum, d in zip(spectra, geometry.decompose_many(problems)):
         assert spectrum.shape == d.spectrum.shape and (spectrum[:-1] >= spectrum[1:]).all()
@@ -332,7 +332,7 @@ def test_cholesky_roots_absorb_round_off_below_the_damping_without_an_eigendecom
     def no_eigh(*args, **kw):
         raise AssertionError("an eigendecomposition was paid for")
     with monkeypatch.context() as patched:
-        patched.setattr(geometry, "eigh", no_eigh)
+        patched.setattr(geometry.solvers, "eigh", no_eigh)
         root = geometry.cholesky_root(S, 1e-6)
     mean = float(S.diagonal().mean())
     assert smallest < -1e-6 * mean
@@ -342,3 +342,73 @@ def test_cholesky_roots_absorb_round_off_below_the_damping_without_an_eigendecom
     far, _ = _with_smallest(40, -0.5)                        # not round-off: clipped instead
     symmetric = geometry.psd_root(far, 1e-6)
     torch.testing.assert_close(geometry.cholesky_root(far, 1e-6).half, symmetric.half)
+
+
+def _rank_deficient(n=64, rank=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rank, n, generator=g, dtype=torch.float64)
+    return x.T @ x
+
+
+def test_a_zero_damping_on_a_singular_statistic_finishes_with_finite_roots():
+    """Damping 0 is accepted; a rank-deficient statistic then has no Cholesky factor at
+    that damping, and the tries from zero must still end (they once multiplied zero by
+    ten forever) in a finite root that says which damping it took."""
+    import threading
+    S = _rank_deficient()
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(root=geometry.cholesky_root(S, 0.0)),
+                              daemon=True)
+    worker.start()
+    worker.join(30)
+    assert "root" in result, "cholesky_root with damping 0 did not return"
+    root = result["root"]
+    assert torch.isfinite(root.half).all() and torch.isfinite(root.inv_half).all()
+    assert 0 < root.damping <= geometry.ROUNDOFF_DAMPING
+    assert geometry.raised(root, 0.0) == root.damping
+    symmetric = geometry.psd_root(S, 0.0)
+    assert torch.isfinite(symmetric.inv_half).all()
+    assert len(geometry.damping_tries(0.0)) <= 12 and len(geometry.damping_tries(1e-300)) <= 12
+
+
+def test_a_float32_eigendecomposition_that_returns_nan_is_redone_in_float64(monkeypatch):
+    S = _spd(12, count=3)
+    expected = geometry.eigh(S, float32=False)
+    real = torch.linalg.eigh
+
+    def nan_for_the_second(K, *args, **kw):
+        lam, Q = real(K, *args, **kw)
+        if K.dtype == torch.float32:
+            Q = Q.clone()
+            Q[1, 0, 0] = float("nan")
+        return lam, Q
+
+    monkeypatch.setattr(torch.linalg, "eigh", nan_for_the_second)
+    for floor in (None, 1e-6):
+        before = geometry.EIGH_COUNT.snapshot()
+        lam, Q = geometry.eigh(S, floor=floor)
+        assert geometry.EIGH_COUNT.since(before).float64_redos == 1
+        assert torch.isfinite(Q).all()
+        torch.testing.assert_close(lam, expected[0])
+
+
+@pytest.mark.parametrize("solver", ["eigh", "eigvalsh"])
+def test_out_of_memory_in_a_float32_solve_is_raised_not_retried_in_float64(monkeypatch, solver):
+    calls = []
+
+    def out_of_memory(K, *args, **kw):
+        calls.append(K.dtype)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.linalg, solver, out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        getattr(geometry, solver)(_spd(12, count=2))
+    assert calls == [torch.float32]
+
+
+def test_the_damping_a_root_took_is_what_it_says():
+    S, _ = _with_smallest(40, -3e-6)
+    root = geometry.cholesky_root(S, 1e-6)
+    assert root.damping == pytest.approx(1e-5)
+    assert geometry.raised(root, 1e-6) == pytest.approx(1e-5)
+    assert geometry.raised(geometry.cholesky_root(_spd(40)[0], 1e-6), 1e-6) is None

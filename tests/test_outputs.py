@@ -12,7 +12,7 @@ import torch
 
 from rankwise import RankwiseError, load
 from rankwise.cli import main
-from rankwise.outputs import MARKER, Output, writer_of
+from rankwise.outputs import MARKER, Output, host_tag, writer_of
 
 
 def run(capsys, *argv):
@@ -118,7 +118,7 @@ def test_what_a_killed_write_leaves_is_tidied_by_the_next_one(compressed, tiny_f
     left = [p for p in compressed.parent.iterdir() if p.name.startswith(".out.tmp-")]
     assert len(left) == 1 and snapshot(compressed) == before        # the old output is intact
     # a kill between moving the old output aside and renaming the new one in
-    aside = compressed.with_name(f".out.old-{child.pid}-0")
+    aside = compressed.with_name(f".out.old-{host_tag()}-{child.pid}-0")
     compressed.rename(aside)
     Output(compressed, "compress")._tidy()
     assert snapshot(compressed) == before and not aside.exists() and not left[0].exists()
@@ -150,12 +150,64 @@ def test_a_killed_runs_spill_is_removed_by_the_next(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", "import os, sys; print(os.getpid())"],
                              stdout=subprocess.PIPE, text=True)
     dead = int(child.communicate()[0])
-    left = tmp_path / f"rankwise-spill-{dead}-abc"
+    left = tmp_path / f"rankwise-spill-{host_tag()}-{dead}-abc"
     left.mkdir()
     (left / "inputs3.safetensors").write_bytes(b"parked activations")
     with Spill(tmp_path) as spill:
         assert not left.exists() and spill.root.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_another_machines_spill_and_temporary_output_in_a_shared_folder_are_left_alone(
+        tmp_path):
+    """On a shared --scratch (or output folder) a process id of another machine means
+    nothing here: its folders are live as far as this machine can tell."""
+    from rankwise.pipeline.spill import Spill
+    child = subprocess.Popen([sys.executable, "-c", "import os, sys; print(os.getpid())"],
+                             stdout=subprocess.PIPE, text=True)
+    dead = int(child.communicate()[0])           # no such process here, nor maybe there
+    other = "0" * 8 if host_tag() != "0" * 8 else "1" * 8
+    spill = tmp_path / f"rankwise-spill-{other}-{dead}-abc"
+    temporary = tmp_path / f".out.tmp-{other}-{dead}-abcdef01"
+    for folder in (spill, temporary):
+        folder.mkdir()
+    with Spill(tmp_path):
+        pass
+    Output(tmp_path / "out", "compress")._tidy()
+    assert spill.exists() and temporary.exists()
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
+    import builtins
+
+    from rankwise.train.runner import save_checkpoint
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(builtins, "open", lambda path, mode="r", *a, **k:
+                        Full(real_open(path, mode, *a, **k)) if "w" in mode else
+                        real_open(path, mode, *a, **k))
+    with pytest.raises(RankwiseError, match="no space left on the disk holding"):
+        save_checkpoint({"step": torch.tensor(3)}, tmp_path / "run.ckpt")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+    save_checkpoint({"step": torch.tensor(3)}, tmp_path / "run.ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["run.ckpt"]
 
 
 def test_the_spill_writes_in_the_background_with_few_groups_waiting(tmp_path, monkeypatch):

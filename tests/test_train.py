@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rankwise import geometry
+from rankwise.train import svt
 from rankwise.errors import RankwiseError
 from rankwise.layers import LowRankLinear
 from rankwise.models import target_linears
@@ -24,7 +25,7 @@ def test_prox_is_singular_value_soft_thresholding():
     tau = 1.3
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     expected = (U * (S - tau).clamp_min(0)) @ Vh
-    X = geometry.singular_value_threshold(W, tau)
+    X = svt.singular_value_threshold(W, tau)
     torch.testing.assert_close(X, expected)
 
     def objective(Y):
@@ -39,7 +40,7 @@ def test_prox_in_a_metric_thresholds_the_weighted_singular_values():
     L, R = _random_psd(8, 2), _random_psd(10, 3)
     left, right = geometry.psd_root(L, 0.0), geometry.psd_root(R, 0.0)
     tau = 2.0
-    X = geometry.singular_value_threshold(W, tau, left, right)
+    X = svt.singular_value_threshold(W, tau, left, right)
     M = left.half @ W @ right.half
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     torch.testing.assert_close(left.half @ X @ right.half, (U * (S - tau).clamp_min(0)) @ Vh)
@@ -200,7 +201,7 @@ def test_bad_finetune_options_raise_clear_errors(kwargs, match):
 
 
 def test_shrink_rules_zero_the_same_directions_and_reweighted_keeps_large_ones():
-    from rankwise.geometry import shrink
+    from rankwise.train.svt import shrink
     s = torch.tensor([10.0, 4.0, 2.0, 1.0, 0.5])
     soft, reweighted = shrink(s, 1.0, "soft"), shrink(s, 1.0, "reweighted")
     torch.testing.assert_close(soft, torch.tensor([9.0, 3.0, 1.0, 0.0, 0.0]))

@@ -16,6 +16,7 @@ from ..ct_format import require_package
 from ..data import (Source, mixture_windows, parse_sources, sampling_bytes, without_self,
                     without_self_if_unsampleable)
 from ..errors import RankwiseError
+from ..hf_format import base_model_type
 from ..io import open_model, write_model
 from ..models import DEVICES, DTYPES, model_path, resolve_device, storage_dtype
 from ..options import check_bool, check_choice, check_number, option
@@ -117,6 +118,7 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
     sources = parse_sources(calibration.calib)
     cache = Cache(enabled=run.cache)
     net, tokenizer, source, _ = open_model(model, dtype=run.dtype, cache=cache)
+    base_model_type(net.config)          # written into the output: checked before the work
     if not run.onload:
         net.to(device)
     chosen = calibration.calib != list(DEFAULT_CALIBRATION)

@@ -23,7 +23,6 @@ a synchronous write would have given, by the next call that touches the spill.
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RankwiseError
+from ..outputs import left_by_dead_process, owner_tag
 
 
 _PREFIX = "rankwise-spill-"
@@ -39,11 +39,10 @@ IN_FLIGHT = 2             # groups copied to the host and waiting for the writer
 
 
 def _tidy(folder: Path) -> None:
-    """Remove the spills of processes that are gone (killed before they could)."""
-    from ..outputs import pid_alive
+    """Remove the spills of this machine's processes that are gone (killed before they
+    could); a shared --scratch also holds other machines' live runs, never touched."""
     for left in folder.glob(f"{_PREFIX}*-*"):
-        pid = left.name[len(_PREFIX):].split("-")[0]
-        if pid.isdigit() and not pid_alive(int(pid)):
+        if left_by_dead_process(left.name[len(_PREFIX):]):
             shutil.rmtree(left, ignore_errors=True)
 
 
@@ -55,7 +54,7 @@ class Spill:
             raise RankwiseError(f"scratch folder {folder} does not exist")
         _tidy(Path(folder or tempfile.gettempdir()))
         try:
-            self.root = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=folder))
+            self.root = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{owner_tag()}-", dir=folder))
         except OSError as e:
             raise RankwiseError(f"cannot create a temporary folder in "
                                 f"{folder or tempfile.gettempdir()}: {e.strerror}") from None

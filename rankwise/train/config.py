@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RankwiseError
-from ..geometry import DEFAULT_DAMPING, SHRINKS
+from ..geometry import DEFAULT_DAMPING
+from .svt import SHRINKS
 from ..metrics import METRICS
 from ..models import DEVICES, resolve_device
 from ..options import check_bool, check_choice, check_int, check_number, option

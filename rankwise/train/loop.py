@@ -39,6 +39,7 @@ from ..layers import (LowRankLinear, linear_shape, linear_weight, params_at, ran
                       set_module)
 from .config import FinetuneConfig, check_resume
 from .runner import Runner, load_checkpoint, training
+from . import svt
 from .prox import (budget_threshold, cubic_schedule, metric_roots, penalty_weights,
                    removed_loss, thresholded, truncated)
 
@@ -112,8 +113,8 @@ class _Run:
     def current_params(self) -> int:
         return allocate.kept_params(self.shapes, self.ranks())
 
-    def decompositions(self) -> dict[str, geometry.MetricSVD]:
-        return {name: geometry.metric_svd(linear_weight(self.layer(name)).detach(), *self.roots[name],
+    def decompositions(self) -> dict[str, svt.MetricSVD]:
+        return {name: svt.metric_svd(linear_weight(self.layer(name)).detach(), *self.roots[name],
                                           dtype=torch.float32) for name in self.names}
 
     def prox(self, step: int, record: StepRecord) -> None:

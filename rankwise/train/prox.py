@@ -1,8 +1,8 @@
 """The rank constraint during training: the metric's roots, proximal steps (svt) and
 truncations (hard) on every targeted weight's singular values in that metric.
 
-A prox works on the singular values of L^{1/2} W R^{1/2} (geometry.metric_svd), replaces
-them by `geometry.shrink` of them (the very step geometry.singular_value_threshold takes)
+A prox works on the singular values of L^{1/2} W R^{1/2} (svt.metric_svd), replaces
+them by `svt.shrink` of them (the very step svt.singular_value_threshold takes)
 and maps back, so it is the variable-metric proximal step and shrinks follow the
 predicted KL rather than the Frobenius norm.
 """
@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import allocate, geometry, metrics, stats
 from ..layers import params_at
+from . import svt
 
 
 def metric_roots(model: nn.Module, layers: dict[str, nn.Module], task, metric: str,
@@ -83,7 +84,7 @@ def thresholded(spectra: dict[str, torch.Tensor], weights: dict[str, float], tau
                 rule: str, min_rank: int):
     """Layer k's singular values shrunk at tau * weights[k] by `rule`; returns (new
     singular values, kept ranks)."""
-    new = {k: geometry.shrink(s / weights[k], tau, rule) * weights[k] for k, s in spectra.items()}
+    new = {k: svt.shrink(s / weights[k], tau, rule) * weights[k] for k, s in spectra.items()}
     kept = {k: max(int((s > 0).sum()), min_rank) for k, s in new.items()}
     return new, kept
 

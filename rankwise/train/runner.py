@@ -20,16 +20,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import RankwiseError
+from ..outputs import write_file
 from ..pipeline.distributed import ONE_PROCESS, Comm
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """`state` to `path`, atomically: a checkpoint is the old one or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """`state` to `path` through the one atomic writer (rankwise.outputs.write_file): a
+    checkpoint is the old one or the new one, whichever process writes, and a full disk
+    is one sentence."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:       # a Python file: a full disk raises OSError here
+            torch.save(state, f)
+    write_file(path, write)
 
 
 def load_checkpoint(path: str | os.PathLike, options: dict) -> dict:
