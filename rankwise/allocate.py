@@ -78,88 +78,102 @@ def spectrum_ranks(shapes: dict[str, tuple[int, int]], spectra: dict[str, torch.
                    multiple: int | dict[str, int] = 1) -> dict[str, int | None]:
     """Global allocation from the per-direction loss spectra (descending, per layer).
 
-    Each layer picks, for a price `lam` per parameter, the option minimising
-    predicted loss + lam * parameters among "dense" (no loss, m*n parameters) and every
-    useful rank r >= min_rank (loss = sum of the dropped spectrum, r*(m+n) parameters), so a
-    layer that saves nothing until its rank falls below mn/(m+n) is handled exactly. `lam` is
-    bisected to the largest spend within the budget; the leftover is then spent greedily on
-    the directions with the most predicted loss per parameter. The spectra must be in the
-    same units for every layer (unnormalised statistics over the same tokens). With
-    `multiple` > 1 (one for all, or {layer: multiple}) a layer chooses among ranks that are
-    multiples of its own (kernel-friendly shapes) and the leftover is spent that many ranks
-    at a time.
+    Each layer's options are "dense" (no loss, m*n parameters) and every useful rank r >=
+    min_rank (loss = the sum of the dropped spectrum, r*(m+n) parameters), so a layer that
+    saves nothing until its rank falls below mn/(m+n) is handled exactly; `knapsack`
+    chooses one per layer within the budget. The spectra must be in the same units for
+    every layer (unnormalised statistics over the same tokens). With `multiple` > 1 (one
+    for all, or {layer: multiple}) a layer chooses among ranks that are multiples of its
+    own (kernel-friendly shapes).
     """
     budget = (1 - ratio) * sum(dense_params(m, n) for m, n in shapes.values())
     step = _per_layer(shapes, multiple)
-    options = {name: _LayerOptions(shapes[name], spectra[name], min_rank, step[name])
-               for name in shapes}
-
-    def choose(lam: float) -> dict[str, int | None]:
-        return {name: opt.best(lam) for name, opt in options.items()}
-
-    def spend(ranks) -> int:
-        return sum(options[name].params(r) for name, r in ranks.items())
-
-    lo, hi = -100.0, 100.0      # bisection on log10(lam); spend falls as lam grows
-    if spend(choose(10.0 ** hi)) > budget:
+    names, options = list(shapes), []
+    for name in names:
+        (m, n), s = shapes[name], spectra[name].detach().to("cpu", torch.float64).clamp_min(0)
+        tail = torch.cat([s.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
+        low = -(-max(min_rank, 1) // step[name]) * step[name]
+        ranks = list(range(low, max_useful_rank(m, n) + 1, step[name]))
+        options.append(([None, *ranks],
+                        torch.tensor([m * n] + [r * (m + n) for r in ranks], dtype=torch.float64),
+                        torch.cat([torch.zeros(1, dtype=torch.float64), tail[ranks]])))
+    try:
+        chosen = knapsack([costs for _, costs, _ in options], [prices for *_, prices in options],
+                          budget)
+    except _OverBudget:
         raise RankwiseError(f"ratio {ratio} cannot be reached with at least rank {min_rank} "
-                            "in every layer")
+                            "in every layer") from None
+    return {name: ranks[i] for name, (ranks, _, _), i in zip(names, options, chosen)}
+
+
+class _OverBudget(Exception):
+    pass
+
+
+def knapsack(costs: list[torch.Tensor], prices: list[torch.Tensor], budget: float) -> list[int]:
+    """One option per layer (an index into its costs and prices) with the least summed
+    price whose summed cost is within `budget`: the multiple-choice knapsack every
+    allocation here solves (parameters against spectra, bits against priced forms).
+
+    Lagrangian relaxation: for a price `lam` per unit of cost each layer takes the option
+    minimising price + lam * cost; `lam` is bisected (on a log scale) to the largest spend
+    within the budget; the leftover is then spent greedily, each time on the change of one
+    layer's option that saves the most price per unit of cost and still fits. Raises
+    _OverBudget when even the cheapest options exceed the budget."""
+    width = max(c.numel() for c in costs)
+    pad = lambda ts: torch.stack([torch.cat([t.to(torch.float64),      # noqa: E731
+                                             torch.full((width - t.numel(),), torch.inf,
+                                                        dtype=torch.float64)]) for t in ts])
+    cost, price = pad(costs), pad(prices)
+    rows = torch.arange(len(costs))
+
+    def choose(log_lam: float) -> torch.Tensor:
+        total = price + 10.0 ** log_lam * cost
+        return torch.where(torch.isnan(total), torch.inf, total).argmin(1)
+
+    def spend(choice: torch.Tensor) -> float:
+        return float(cost[rows, choice].sum())
+
+    lo, hi = -100.0, 100.0              # spend falls as lam grows
+    if spend(choose(hi)) > budget:
+        raise _OverBudget
     for _ in range(100):
         mid = (lo + hi) / 2
-        if spend(choose(10.0 ** mid)) > budget:
+        if spend(choose(mid)) > budget:
             lo = mid
         else:
             hi = mid
-    ranks = choose(10.0 ** hi)
-    return _fill(ranks, options, budget - spend(ranks))
-
-
-class _LayerOptions:
-    """Loss and parameters of every choice for one layer (index r = rank; None = dense)."""
-
-    def __init__(self, shape: tuple[int, int], spectrum: torch.Tensor, min_rank: int,
-                 multiple: int = 1):
-        m, n = shape
-        self.m, self.n, self.step = m, n, multiple
-        low = -(-max(min_rank, 1) // multiple) * multiple    # the first multiple >= min_rank
-        self.top = max_useful_rank(m, n) // multiple * multiple
-        self.min_rank = min(low, self.top) if self.top >= multiple else None
-        s = spectrum.detach().to("cpu", torch.float64).clamp_min(0)   # cheap; no GPU syncs
-        tail = s.flip(0).cumsum(0).flip(0)                     # tail[r] = sum_{i >= r} s_i
-        self.loss = torch.cat([tail, torch.zeros(1, dtype=torch.float64)])   # loss[r]
-        self.ranks = torch.arange(self.loss.numel(), dtype=torch.float64)
-
-    def params(self, r: int | None) -> int:
-        return params_at((self.m, self.n), r)
-
-    def best(self, lam: float) -> int | None:
-        if self.min_rank is None:
-            return None
-        lo, hi, step = self.min_rank, self.top, self.step
-        cost = self.loss[lo:hi + 1:step] + lam * self.ranks[lo:hi + 1:step] * (self.m + self.n)
-        i = int(cost.argmin())
-        return None if lam * self.m * self.n <= float(cost[i]) else lo + i * step
-
-
-def _fill(ranks: dict[str, int | None], options: dict[str, _LayerOptions],
-          leftover: float) -> dict[str, int | None]:
-    """Spend leftover parameters one rank step at a time on the best loss drop per
-    parameter."""
-    ranks = dict(ranks)
+    choice = choose(hi)
+    leftover = budget - spend(choice)
     while True:
-        best, best_gain = None, 0.0
-        for name, r in ranks.items():
-            opt = options[name]
-            if r is None or r + opt.step > opt.top:
-                continue
-            cost = opt.step * (opt.m + opt.n)
-            gain = float(opt.loss[r] - opt.loss[r + opt.step]) / cost
-            if cost <= leftover and gain > best_gain:
-                best, best_gain = name, gain
-        if best is None:
-            return ranks
-        ranks[best] += options[best].step
-        leftover -= options[best].step * (options[best].m + options[best].n)
+        extra = cost - cost[rows, choice][:, None]
+        saved = price[rows, choice][:, None] - price
+        fits = (extra > 0) & (saved > 0) & (extra <= leftover)
+        if not fits.any():
+            return choice.tolist()
+        rate = torch.where(fits, saved / extra.clamp_min(1e-300), -torch.inf)
+        best = int(rate.flatten().argmax())
+        layer, option = divmod(best, width)
+        leftover -= float(extra[layer, option])
+        choice[layer] = option
+
+
+def forms_within_bits(menus: dict, setting, bits: float, rank_steps: dict[str, int],
+                      min_rank: int = 1) -> dict:
+    """Every layer's form (rankwise.forms) for a budget of `bits` stored bits per original
+    parameter of these layers: `knapsack` over the forms each menu (rankwise.pricing)
+    offers, their stored bits against their prices."""
+    names = list(menus)
+    options = [menus[n].options(setting, rank_steps[n], min_rank) for n in names]
+    dense = sum(m * n for m, n in (menus[name].shape for name in names))
+    try:
+        chosen = knapsack([costs for _, costs, _ in options], [prices for *_, prices in options],
+                          bits * dense)
+    except _OverBudget:
+        least = sum(float(costs.min()) for _, costs, _ in options) / dense
+        raise RankwiseError(f"bits {bits} is below the smallest model these forms make "
+                            f"({least:.3f} bits per parameter); give more bits") from None
+    return {name: forms[i] for name, (forms, _, _), i in zip(names, options, chosen)}
 
 
 @dataclass(frozen=True)

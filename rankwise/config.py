@@ -14,16 +14,20 @@ from .data import DOMAINS, SELF
 from .errors import RankwiseError
 from .geometry import DEFAULT_DAMPING
 from .metrics import METRICS
+from .grids import FACTOR_BITS, FLOAT_BITS, GROUP_SIZES, WEIGHT_BITS, check_group_size
 from .options import check_choice, check_int, check_number, option
-from .quantize import FACTOR_BITS, ROUNDINGS, Grid
+from .rounding import ROUNDINGS
 
 
+# The vocabulary of cuts, written once: the option's choices and help, the manifest's
+# `cut`, and the keys of the plans that make them (rankwise.plans.PLANS).
 CUTS = {
     "oneshot": "every layer projected from the dense model's statistics, all at once",
     "anchored": "block by block: each layer fitted to reproduce the dense model's output "
                 "from the inputs the already-compressed blocks give it, then each block's "
                 "factors refined toward the dense block's output",
 }
+DEFAULT_RATIO = 0.2
 
 
 @dataclass
@@ -31,7 +35,15 @@ class CompressConfig:
     """The compression recipe: metric, budget, allocation and how softly to cut."""
     metric: str = option("kfac", "projection metric: " + "; ".join(
         f"{m.name} = {m.help}" for m in METRICS.values()), choices=METRICS)
-    ratio: float = option(0.2, "fraction of the targeted layers' parameters to remove, in (0, 1)")
+    ratio: float | None = option(None, f"fraction of the targeted layers' parameters to remove, "
+                                       f"in [0, 1) (default {DEFAULT_RATIO} unless --bits is "
+                                       "given; 0 with --factor-bits: round only)")
+    bits: float | None = option(None, "the budget in stored bits per original parameter of the "
+                                      "targeted layers (scales and factors counted; floats are "
+                                      "16): each layer is given the form that costs least in "
+                                      "the K-FAC metric: low rank (factors in 16, 8 or 4 bits), "
+                                      "its weight rounded, or rounded plus a low-rank "
+                                      "correction; instead of --ratio")
     include: str | None = option(None, "regex: only target linear layers whose name matches")
     exclude: str | None = option(None, "regex: skip linear layers whose name matches")
     allocation: str = option("spectrum", "per-layer ranks: " + "; ".join(
@@ -72,10 +84,22 @@ class CompressConfig:
     search_seconds: float | None = option(None, "search: time limit in seconds (default none)")
     search_windows: int = option(4, "search: calibration windows held out as fitness data")
     search_offspring: int = option(8, "search: candidates per generation")
+    factor_bits: int | None = option(None, "with --ratio: store the factors as 8-bit integers "
+                                           "per output row or 4-bit integers in groups, and "
+                                           "the layers kept dense at the same bits (default: "
+                                           "floats)", choices=tuple(b for b in FACTOR_BITS
+                                                                    if b < FLOAT_BITS))
+    weight_bits: list[int] = option(help="with --bits: the widths a rounded weight may take",
+                                    factory=lambda: list(WEIGHT_BITS), choices=WEIGHT_BITS)
+    group_size: int = option(64, "inputs per scale of a weight or factor stored below 8 bits "
+                                 "(a width it does not divide gets one scale per row); "
+                                 "factors stored so have ranks in multiples of it",
+                             choices=GROUP_SIZES)
+    rounding: str = option("gptq", "how weights and factors are rounded: " + "; ".join(
+        f"{k} = {v}" for k, v in ROUNDINGS.items()), choices=ROUNDINGS)
 
     def __post_init__(self):
         check_choice("metric", self.metric, METRICS)
-        self.ratio = check_number("ratio", self.ratio, 0, 1)
         check_choice("allocation", self.allocation, ALLOCATIONS)
         for name in ("steps", "min_rank", "search_generations", "search_windows",
                      "search_offspring"):
@@ -111,6 +135,43 @@ class CompressConfig:
                 raise RankwiseError(f"invalid regular expression {pattern!r}: {e}") from None
         for pattern, rank in self.rank_pattern.items():
             check_int(f"rank_pattern[{pattern!r}]", rank)
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        """One budget: a ratio of parameters or bits; what goes with which."""
+        check_group_size(self.group_size)
+        check_choice("rounding", self.rounding, ROUNDINGS)
+        if self.factor_bits is not None and (isinstance(self.factor_bits, bool) or
+                                             self.factor_bits not in (8, 4)):
+            raise RankwiseError(f"factor_bits must be one of [8, 4], got {self.factor_bits!r}")
+        if not isinstance(self.weight_bits, list) or not self.weight_bits or \
+                any(isinstance(b, bool) or b not in WEIGHT_BITS for b in self.weight_bits):
+            raise RankwiseError(f"weight_bits must be a list of widths from {list(WEIGHT_BITS)}, "
+                                f"got {self.weight_bits!r}")
+        if self.bits is None:
+            self.ratio = DEFAULT_RATIO if self.ratio is None else \
+                check_number("ratio", self.ratio, 0, 1, low_open=False)
+            if self.ratio == 0 and self.factor_bits is None:
+                raise RankwiseError("ratio 0 removes nothing; give --factor-bits to round the "
+                                    "layers as they are, or a ratio in (0, 1)")
+            return
+        if self.ratio is not None:
+            raise RankwiseError("give a budget as --ratio or as --bits, not both")
+        self.bits = check_number("bits", self.bits, 1, FLOAT_BITS, high_open=False)
+        clashes = {"factor_bits": self.factor_bits is not None, "rank_pattern": bool(self.rank_pattern),
+                   "allocation": self.allocation != "spectrum", "metric": self.metric != "kfac",
+                   "cut": self.cut not in (None, "anchored"), "steps": self.steps != 1}
+        clash = next((name for name, bad in clashes.items() if bad), None)
+        if clash:
+            raise RankwiseError(
+                f"--bits chooses every layer's form and width by pricing them in the K-FAC "
+                f"metric and makes them on the anchored cut's walk, in one step; it takes no "
+                f"--{clash.replace('_', '-')} (given {getattr(self, clash)!r})")
+
+    @property
+    def rounds(self) -> bool:
+        """Whether anything is rounded onto an integer grid."""
+        return self.bits is not None or self.factor_bits is not None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,30 +215,12 @@ SAVE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 @dataclass
 class StorageConfig:
-    """How an output's weights are stored: the float dtype, and optionally the factors on
-    an integer grid (rankwise.quantize, stored as rankwise.ct_format describes)."""
+    """How an output's float weights are stored (integer grids are chosen by the
+    compression: CompressConfig's bits, factor_bits, group_size)."""
     save_dtype: str = option("auto", "dtype of the stored float weights (auto: the source's "
                                      "16-bit dtype, float16 for a float16 source, else "
                                      "bfloat16; --dtype decides how the model runs)",
                              choices=SAVE_DTYPES)
-    factor_bits: int | None = option(None, "store the factors as 8-bit integers per output "
-                                           "row or 4-bit integers in groups (default: floats "
-                                           "in --save-dtype)", choices=(8, 4))
-    group_size: int = option(64, "4-bit factors: inputs per scale group (a width it does "
-                                 "not divide takes its largest divisor below); with "
-                                 "--factor-bits 4 the ranks default to multiples of it")
-    rounding: str = option("gptq", "how factors are rounded: " + "; ".join(
-        f"{k} = {v}" for k, v in ROUNDINGS.items()), choices=ROUNDINGS)
 
     def __post_init__(self):
         check_choice("save_dtype", self.save_dtype, SAVE_DTYPES)
-        if self.factor_bits is not None and (isinstance(self.factor_bits, bool) or
-                                             self.factor_bits not in FACTOR_BITS):
-            raise RankwiseError(f"factor_bits must be one of {list(FACTOR_BITS)}, got "
-                                f"{self.factor_bits!r}")
-        check_int("group_size", self.group_size)
-        check_choice("rounding", self.rounding, ROUNDINGS)
-
-    def grid(self) -> Grid | None:
-        return None if self.factor_bits is None else Grid.for_bits(self.factor_bits,
-                                                                   self.group_size)

@@ -1,10 +1,13 @@
-"""Quantized factors stored as the ecosystem stores quantized weights: the compressed-tensors
-format. Each quantized factor `X` is written as `X.weight_packed` (its integers packed into
-int32), `X.weight_scale` (per row or per group, in the folder's 16-bit dtype) and
-`X.weight_shape`, and config.json gains the `quantization_config` that names every such
-module. Plain transformers loads the folder through its compressed-tensors integration
-(the package installed, no rankwise) and vLLM reads the same layout; rankwise.load reads it
-through the same package.
+"""Rounded weights and factors stored as the ecosystem stores quantized weights: the
+compressed-tensors format. Each module on a grid `X` (a factor, a rounded weight, the base
+of a corrected layer) is written as `X.weight_packed` (its integers packed densely into
+int32), `X.weight_scale` (per group of 32, 64 or 128 inputs, or per row as the "channel"
+strategy, in the folder's 16-bit dtype) and `X.weight_shape`, and config.json gains the
+`quantization_config` that names every such module. Plain transformers loads the folder
+through its compressed-tensors integration (the package installed, no rankwise);
+rankwise.load reads it through the same package. Serving kernels (vLLM's) read 4- and
+8-bit weights in these groups; 3- and 2-bit weights are stored the same way but few
+kernels run them.
 
 Why compressed-tensors and not torchao's serialization: torchao saves tensor subclasses
 whose pickled layout depends on the torchao version and loads only with torchao's own
@@ -17,7 +20,8 @@ import torch
 from torch import nn
 
 from .errors import RankwiseError
-from .quantize import Grid, is_quantized, mark
+from .grids import Grid
+from .rounding import is_quantized, mark
 
 FORMAT = "pack-quantized"
 

@@ -39,16 +39,19 @@ def known_causal_lm_type(name) -> str:
     return name
 
 
-def hf_config(model: nn.Module, ranks: dict[str, int], siblings: list[list[str]]) -> dict:
-    """config.json of a factorized model: the base configuration, model type `rankwise`,
-    the ranks, the groups of factored layers that read one input (fused for inference when
-    loaded), and the auto_map that points transformers at modeling_rankwise.py."""
+def hf_config(model: nn.Module, ranks: dict[str, int], corrections: dict[str, int],
+              siblings: list[list[str]]) -> dict:
+    """config.json of a compressed model: the base configuration, model type `rankwise`,
+    the ranks of the factored layers and of the corrected layers' corrections, the groups
+    of factored layers that read one input (fused for inference when loaded), and the
+    auto_map that points transformers at modeling_rankwise.py. A source's own
+    quantization_config is dropped: the writer adds the one of what it stores."""
     config = model.config.to_dict()
-    config.pop("quantization_config", None)   # weights are plain floats once saved
+    config.pop("quantization_config", None)
     base = base_model_type(model.config)
     config.update(model_type="rankwise", architectures=["RankwiseForCausalLM"],
                   auto_map=AUTO_MAP, rankwise_base_model_type=base, rankwise_ranks=ranks,
-                  rankwise_siblings=siblings)
+                  rankwise_corrections=corrections, rankwise_siblings=siblings)
     return config
 
 
@@ -70,7 +73,8 @@ def base_config(folder: Path):
         data = json.loads((folder / "config.json").read_text())
         base = data.get("rankwise_base_model_type") or data["model_type"]
         for key in ("model_type", "architectures", "auto_map", "rankwise_base_model_type",
-                    "rankwise_ranks", "rankwise_siblings", "transformers_version"):
+                    "rankwise_ranks", "rankwise_corrections", "rankwise_siblings",
+                    "transformers_version"):
             data.pop(key, None)
         return AutoConfig.for_model(base, **data)
     except (OSError, ValueError, KeyError) as e:

@@ -6,9 +6,12 @@ trust_remote_code=True)` then loads the folder where rankwise is not installed. 
 nothing but torch and transformers. The model is the base architecture itself (its
 attention goes through transformers' shared attention interface, so attention backends
 and vLLM's Transformers backend see a standard model) with the layers named in
-`config.rankwise_ranks` replaced by two thin nn.Linear factors, y = B (A x) + bias; the
-groups of those layers that read one input (`config.rankwise_siblings`: q/k/v, gate/up) run
-their first factors as one stacked matmul at inference.
+`config.rankwise_ranks` replaced by two thin nn.Linear factors, y = B (A x) + bias, and
+those named in `config.rankwise_corrections` by a weight plus a low-rank correction,
+y = base(x) + B (A x); the groups of factored layers that read one input
+(`config.rankwise_siblings`: q/k/v, gate/up) run their first factors as one stacked matmul
+at inference. Weights on integer grids are read by transformers' compressed-tensors
+integration, which the folder's quantization_config names.
 """
 import torch
 from torch import nn
@@ -25,11 +28,14 @@ _BaseModel = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[BASE_MODEL_
 
 
 class RankwiseConfig(_BaseConfig):
-    """The base configuration plus `rankwise_ranks`: {module name: rank}."""
+    """The base configuration plus `rankwise_ranks` and `rankwise_corrections`: {module
+    name: rank}."""
     model_type = "rankwise"
 
-    def __init__(self, rankwise_ranks=None, rankwise_siblings=None, **kwargs):
+    def __init__(self, rankwise_ranks=None, rankwise_corrections=None, rankwise_siblings=None,
+                 **kwargs):
         self.rankwise_ranks = dict(rankwise_ranks or {})
+        self.rankwise_corrections = dict(rankwise_corrections or {})
         self.rankwise_siblings = [list(g) for g in rankwise_siblings or []]
         super().__init__(**kwargs)
 
@@ -60,6 +66,25 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self):
         return f"rank={self.rank}"
+
+
+class CorrectedLinear(nn.Module):
+    """A weight (on an integer grid, as stored) plus a low-rank correction of its rounding
+    error: y = base(x) + B (A x), the bias on `base`."""
+
+    def __init__(self, in_features, out_features, rank, bias=True, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.base = nn.Linear(in_features, out_features, bias=bias, **kw)
+        self.A = nn.Linear(in_features, rank, bias=False, **kw)
+        self.B = nn.Linear(rank, out_features, bias=False, **kw)
+
+    def forward(self, x):
+        return self.base(x) + self.B(self.A(x))
+
+    def extra_repr(self):
+        return f"correction rank={self.rank}"
 
 
 def _plain(module):
@@ -130,16 +155,19 @@ class RankwiseForCausalLM(_BaseModel):
 
     def __init__(self, config):
         super().__init__(config)
-        for name, rank in config.rankwise_ranks.items():
-            owner_name, _, child = name.rpartition(".")
-            owner = self.get_submodule(owner_name) if owner_name else self
-            dense = getattr(owner, child)        # nn.Linear, or GPT-2's Conv1D (nf out, nx in)
-            out_features, in_features = (dense.nf, dense.nx) if hasattr(dense, "nf") else \
-                (dense.out_features, dense.in_features)
-            layer = LowRankLinear(in_features, out_features, int(rank), dense.bias is not None,
-                                  dense.weight.device, dense.weight.dtype)
-            layer.register_state_dict_post_hook(_own_storage)
-            setattr(owner, child, layer)
+        for kind, layers in ((LowRankLinear, config.rankwise_ranks),
+                             (CorrectedLinear, config.rankwise_corrections)):
+            for name, rank in layers.items():
+                owner_name, _, child = name.rpartition(".")
+                owner = self.get_submodule(owner_name) if owner_name else self
+                dense = getattr(owner, child)     # nn.Linear, or GPT-2's Conv1D (nf out, nx in)
+                out_features, in_features = (dense.nf, dense.nx) if hasattr(dense, "nf") else \
+                    (dense.out_features, dense.in_features)
+                layer = kind(in_features, out_features, int(rank), dense.bias is not None,
+                             dense.weight.device, dense.weight.dtype)
+                if kind is LowRankLinear:
+                    layer.register_state_dict_post_hook(_own_storage)
+                setattr(owner, child, layer)
         self._rankwise_fused = False
         self.register_forward_pre_hook(RankwiseForCausalLM._fuse)
 

@@ -16,10 +16,11 @@ from .errors import RankwiseError
 from .hf_format import MODELING_FILE, base_config, hf_config, modeling_source
 from . import ct_format
 from .fusion import fuse_siblings
-from .layers import LowRankLinear, fused_groups, linear_shape, ranks_of, set_module
+from .layers import (CorrectedLinear, LowRankLinear, corrections_of, fused_groups,
+                     linear_shape, ranks_of, set_module)
 from .models import DEFAULT_MODEL_NAME, check_finite, load_model, model_path
 from .outputs import Output
-from .quantize import is_quantized
+from .rounding import is_quantized
 from .version import __version__
 
 MANIFEST = "rankwise.json"
@@ -56,11 +57,11 @@ def write_model(folder: Path, model: nn.Module, manifest: dict | None = None,
 
     storage = storage or torch.float32
     record = {"format": FORMAT, **(manifest or {}), "ranks": ranks_of(model),
-              "versions": _versions()}
+              "corrections": corrections_of(model), "versions": _versions()}
     round_to(model, storage)
     quantized = ct_format.quantized_modules(model)
     tensors = _stored_tensors(model, storage, quantized)
-    config = hf_config(model, record["ranks"], fused_groups(model))
+    config = hf_config(model, record["ranks"], record["corrections"], fused_groups(model))
     config["dtype"] = str(storage).removeprefix("torch.")
     if quantized:
         config["quantization_config"] = ct_format.quantization_config(quantized)
@@ -109,24 +110,16 @@ def _stored_tensors(model: nn.Module, storage: torch.dtype,
 
 def storage_record(tensors: dict[str, torch.Tensor], record: dict, storage: torch.dtype,
                    quantized: dict[str, nn.Module]) -> dict:
-    """What the weights file holds: its dtype, the factors' grid, its bytes, and the bits
-    per original parameter of the targeted layers (their stored bytes, factored or kept
-    dense, over their dense parameter count)."""
-    layers = [*record["ranks"], *record.get("kept_dense", [])]
+    """What the weights file holds: its dtype, the grids it uses, its bytes, and the bits
+    per original parameter of the targeted layers (their stored bytes, whatever their
+    form, over their dense parameter count)."""
+    layers = record.get("forms") or [*record["ranks"], *record.get("kept_dense", [])]
     targeted = sum(t.numel() * t.element_size() for key, t in tensors.items()
                    if any(key.startswith(name + ".") for name in layers))
     dense = record.get("targeted_params", {}).get("dense")
-    grids = {f"int{m.rankwise_grid.bits}" + (
-        f" in groups of {m.rankwise_grid.group_size}"
-        if m.rankwise_grid.group_size not in (None, m.in_features) else " per row")
-        for m in quantized.values()}
-    if len(grids) > 3:           # many group widths (ranks): the range, not the list
-        sizes = sorted({m.rankwise_grid.group_size for m in quantized.values()
-                        if m.rankwise_grid.group_size not in (None, m.in_features)})
-        grids = {f"int{m.rankwise_grid.bits} in groups of {sizes[0]}-{sizes[-1]} or per row"
-                 for m in quantized.values()}
+    grids = sorted({str(m.rankwise_grid) for m in quantized.values()})
     return {"dtype": str(storage).removeprefix("torch."),
-            "factors": ", ".join(sorted(grids)) if grids else "float",
+            "grids": grids,
             "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
             "targeted_bytes": targeted,
             "bits_per_targeted_param": 8 * targeted / dense if dense else None}
@@ -176,7 +169,8 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise RankwiseError(f"{folder / MANIFEST} is unreadable or corrupted: {e}") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT \
-            or not isinstance(record.get("ranks"), dict):
+            or not isinstance(record.get("ranks"), dict) \
+            or not isinstance(record.get("corrections", {}), dict):
         raise RankwiseError(f"{folder / MANIFEST} is not a {FORMAT} manifest")
     return record
 
@@ -190,11 +184,13 @@ def load(folder: str | os.PathLike) -> nn.Module:
     record = read_manifest(folder)
     model = AutoModelForCausalLM.from_config(base_config(folder), dtype=torch.float32)
     try:
-        for name, rank in record["ranks"].items():
-            linear = model.get_submodule(name)
-            m, n = linear_shape(linear)
-            set_module(model, name, LowRankLinear(n, m, int(rank), linear.bias is not None))
-    except (AttributeError, ValueError) as e:
+        for kind, layers in ((LowRankLinear, record["ranks"]),
+                             (CorrectedLinear, record.get("corrections", {}))):
+            for name, rank in layers.items():
+                linear = model.get_submodule(name)
+                m, n = linear_shape(linear)
+                set_module(model, name, kind(n, m, int(rank), linear.bias is not None))
+    except (AttributeError, ValueError, TypeError) as e:
         raise RankwiseError(f"{folder / MANIFEST} does not match the model in config.json: {e}") from None
     quantization = json.loads((folder / "config.json").read_text()).get("quantization_config")
     try:

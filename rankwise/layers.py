@@ -31,19 +31,20 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_factorable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, LowRankLinear)) or is_conv1d(module)
+    return isinstance(module, (nn.Linear, LowRankLinear, CorrectedLinear)) or is_conv1d(module)
 
 
 def factorable_modules(module: nn.Module) -> dict[str, nn.Module]:
-    """Every factorable submodule by name (not `module` itself), a LowRankLinear counted
-    as one layer: its factors, nn.Linear modules themselves, are parts of it."""
+    """Every factorable submodule by name (not `module` itself), a LowRankLinear or a
+    CorrectedLinear counted as one layer: its parts, nn.Linear modules themselves, are
+    parts of it."""
     found, inside = {}, []
     for name, m in module.named_modules():
         if not name or any(name.startswith(outer + ".") for outer in inside):
             continue
         if is_factorable(m):
             found[name] = m
-        if isinstance(m, LowRankLinear):
+        if isinstance(m, (LowRankLinear, CorrectedLinear)):
             inside.append(name)
     return found
 
@@ -63,8 +64,9 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
 def held_by(module: nn.Module) -> torch.Tensor:
     """The tensor holding a linear layer's parameters, whose dtype and device are the
-    layer's: A's weight for a LowRankLinear, the weight otherwise."""
-    return module.A.weight if isinstance(module, LowRankLinear) else module.weight
+    layer's: A's weight for a LowRankLinear or a CorrectedLinear, the weight otherwise."""
+    return module.A.weight if isinstance(module, (LowRankLinear, CorrectedLinear)) else \
+        module.weight
 
 
 def params_at(shape: tuple[int, int], rank: int | None) -> int:
@@ -166,6 +168,60 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}"
+
+
+class CorrectedLinear(nn.Module):
+    """A linear map stored as a weight on an integer grid plus a low-rank correction of
+    its rounding error: y = base(x) + B (A x), `base` a plain nn.Linear (the rounded weight
+    and the bias), `A` (in -> rank) and `B` (rank -> out) plain nn.Linear factors without
+    bias. The shape a LoRA adapter has over a quantized base, which is how it can also be
+    written (rankwise.export's lora format)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise RankwiseError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
+        kw = {"device": torch.get_default_device() if device is None else device, "dtype": dtype}
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.base = nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, **kw)
+        if bias:
+            nn.init.zeros_(self.base.bias)
+        self.A = nn.utils.skip_init(nn.Linear, in_features, rank, bias=False, **kw)
+        self.B = nn.utils.skip_init(nn.Linear, rank, out_features, bias=False, **kw)
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.base.bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, base: torch.Tensor, A: torch.Tensor,
+                    B: torch.Tensor) -> "CorrectedLinear":
+        """`base` + B A in place of a linear layer (its bias kept)."""
+        rank, (m, n) = A.shape[0], linear_shape(linear)
+        if base.shape != (m, n) or A.shape != (rank, n) or B.shape != (m, rank):
+            raise RankwiseError(f"a {tuple(base.shape)} base and factors {tuple(B.shape)} @ "
+                                f"{tuple(A.shape)} do not match a linear map {m} x {n}")
+        like = held_by(linear)
+        layer = cls(n, m, rank, linear.bias is not None, device=like.device, dtype=like.dtype)
+        with torch.no_grad():
+            for target, value in ((layer.base.weight, base), (layer.A.weight, A),
+                                  (layer.B.weight, B)):
+                target.copy_(value)
+            if linear.bias is not None:
+                layer.base.bias.copy_(linear.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.B(self.A(x))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense map base + B @ A (for inspection, never used by forward)."""
+        return self.base.weight + self.B.weight @ self.A.weight
+
+    def extra_repr(self) -> str:
+        return f"correction rank={self.rank}"
 
 
 def _plain(weight: torch.Tensor) -> bool:
@@ -295,6 +351,11 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def corrections_of(model: nn.Module) -> dict[str, int]:
+    """The correction rank of every CorrectedLinear."""
+    return {n: m.rank for n, m in model.named_modules() if isinstance(m, CorrectedLinear)}
 
 
 def ranks_of(model: nn.Module, names=None) -> dict[str, int | None]:

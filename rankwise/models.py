@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import RankwiseError
-from .layers import LowRankLinear, factorable_modules, held_by
+from .layers import CorrectedLinear, LowRankLinear, factorable_modules, held_by
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +211,9 @@ def _float_weight(module: nn.Module) -> bool:
 
 
 def _inside_factors(name: str, factorable: dict[str, nn.Module]) -> bool:
-    """A factor of a LowRankLinear (its A or B), part of a layer already listed."""
+    """A part of a LowRankLinear or a CorrectedLinear (A, B, base), of a layer already listed."""
     owner = name.rpartition(".")[0]
-    return isinstance(factorable.get(owner), LowRankLinear)
+    return isinstance(factorable.get(owner), (LowRankLinear, CorrectedLinear))
 
 
 def _holds_a_matrix(module: nn.Module) -> bool:

@@ -43,6 +43,8 @@ class LayerStats:
     grad_cov: torch.Tensor | None = None        # m x m, G
     input_grad_cov: torch.Tensor | None = None  # n x n, W^T G W
     grad_diag: torch.Tensor | None = None       # m, diag(G)
+    weighted_cov: torch.Tensor | None = None    # n x n, H = sum |g|^2 x x^T (rounding)
+    token_weights: list[torch.Tensor] | None = None   # |g_t|^2 per token, one per batch
 
     def matrices(self, kinds: tuple[str, ...] = KINDS) -> dict[str, torch.Tensor | None]:
         return {k: getattr(self, k) for k in kinds}
@@ -160,14 +162,22 @@ class Sums:
 
 class Accumulator:
     """Sums of one set of layers' statistics, fed by hooks, where the activations are.
-    `leader` maps each layer to the first layer reading its input (shared_inputs)."""
+    `leader` maps each layer to the first layer reading its input (shared_inputs).
+
+    Besides the metric's sides, the rounding of a layer (rankwise.rounding) reads two
+    things the backward pass gives: `weighted`, the sum H = sum_t |g_t|^2 x_t x_t^T of the
+    layer's inputs weighted by the squared gradient at its output, and `token_weights`,
+    those |g_t|^2 themselves, per batch (a number a token), for weighing the inputs of a
+    later forward-only walk the same way."""
 
     def __init__(self, layers: dict[str, nn.Module], leader: dict[str, str], inputs: bool,
-                 gradients: str | None, both_sides: bool = False):
+                 gradients: str | None, both_sides: bool = False, weighted: bool = False,
+                 token_weights: bool = False):
         if gradients not in GRADIENT_MODES:
             raise RankwiseError(f"gradients must be one of {GRADIENT_MODES}, got {gradients!r}")
         self.layers, self.leader, self.inputs, self.gradients = layers, leader, inputs, gradients
-        self.both_sides = both_sides
+        self.both_sides, self.weighted = both_sides, weighted
+        self.weights: dict[str, list[torch.Tensor]] | None = {} if token_weights else None
         self.sums = Sums()
         self.input_cov = {n: self._uses_input_cov(n) for n in layers}
 
@@ -203,18 +213,29 @@ class Accumulator:
 
     def _forward_hook(self, name: str):
         wide, input_cov = self._wide(name), self.input_cov[name]
+        per_token = self.weighted or self.weights is not None
 
         def hook(module, args, out):
             if self.inputs and not input_cov:
                 self.gram("output_cov", name, out if module.bias is None else out - module.bias)
-            if self.gradients and out.requires_grad:
-                out.register_hook(lambda g: self._output_grad(name, wide, g))
+            if (self.gradients or per_token) and out.requires_grad:
+                x = args[0].detach() if self.weighted else None
+                out.register_hook(lambda g: self._output_grad(name, wide, g, x))
         return hook
 
-    def _output_grad(self, name: str, wide: bool, g: torch.Tensor) -> None:
-        self.sums.add(("grad_diag", name), g.detach().float().square().reshape(-1, g.shape[-1]).sum(0))
+    def _output_grad(self, name: str, wide: bool, g: torch.Tensor, x: torch.Tensor | None
+                     ) -> None:
+        g = g.detach()
+        if self.gradients:
+            self.sums.add(("grad_diag", name), g.float().square().reshape(-1, g.shape[-1]).sum(0))
         if self.gradients == "full" and not wide:
             self.gram("grad_cov", name, g)
+        if self.weighted or self.weights is not None:
+            w = g.float().square().sum(-1).reshape(-1)
+            if self.weights is not None:
+                self.weights.setdefault(name, []).append(w)
+            if self.weighted:
+                self.gram("weighted_cov", name, x.reshape(-1, x.shape[-1]).float() * w.sqrt()[:, None])
 
     @contextlib.contextmanager
     def attached(self):
@@ -234,8 +255,10 @@ class Accumulator:
         for name in self.layers:
             s = LayerStats(tokens=tokens)
             s.input_cov = sums.get(("input_cov", self.leader[name]))
-            for kind in ("output_cov", *GRADIENT_SIDE):
+            for kind in ("output_cov", *GRADIENT_SIDE, "weighted_cov"):
                 setattr(s, kind, sums.get((kind, name)))
+            if self.weights is not None:
+                s.token_weights = self.weights.pop(name, [])
             out[name] = s
         return out
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rankwise import CompressConfig, RankwiseError, compress_, evaluate
-from rankwise.compress import Execution, _Originals
+from rankwise.compress import Execution
+from rankwise.plans import _Originals
 from rankwise.layers import LowRankLinear, set_module
 from rankwise.models import find_blocks, target_linears
 from rankwise.pipeline.spill import Spill
@@ -56,7 +57,7 @@ def test_anchored_cut_keeps_the_allocation_and_fits_the_calibration_better(famil
     kw = dict(metric="kfac", ratio=0.6, allocation="spectrum")
     one_shot, a = compressed(dense, calib, cut="oneshot", **kw)
     anchored, b = compressed(dense, calib, cut="anchored", refine_steps=0, **kw)
-    assert a.ranks == b.ranks and b.plan == "anchored" and a.plan == "parked"
+    assert a.ranks == b.ranks and b.cut == "anchored" and a.cut == "oneshot"
     assert calib_kl(anchored, dense, calib) < calib_kl(one_shot, dense, calib)
 
 
@@ -137,7 +138,7 @@ def test_targets_in_one_block_only_leave_the_others_dense(tiny, calib):
 
 def test_whiten_anchors_and_refines_with_the_plain_squared_error(tiny, calib):
     model, summary = compressed(tiny, calib, metric="whiten", ratio=0.4, refine_steps=8)
-    assert summary.plan == "anchored" and sorted(summary.refinement) == [0, 1]
+    assert summary.cut == "anchored" and sorted(summary.refinement) == [0, 1]
     assert torch.isfinite(logits(model, calib)).all()
 
 
@@ -172,7 +173,7 @@ def test_anchored_cut_takes_the_searched_ranks(tiny, calib):
     model, summary = compressed(tiny, calib, metric="kfac", ratio=0.4, allocation="search",
                                 refine_steps=2, search_generations=2, search_offspring=2,
                                 search_windows=2)
-    assert summary.plan == "anchored" and summary.search is not None
+    assert summary.cut == "anchored" and summary.search is not None
     assert summary.ranks == summary.search.ranks
     assert torch.isfinite(logits(model, calib)).all()
 

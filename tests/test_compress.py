@@ -104,7 +104,7 @@ def test_nan_weights_are_refused(tiny, calib):
 
 
 @pytest.mark.parametrize("kw,match", [
-    ({"ratio": 1.5}, "ratio must be in"), ({"ratio": 0}, "ratio must be in"),
+    ({"ratio": 1.5}, "ratio must be in"), ({"ratio": 0}, "ratio 0 removes nothing"),
     ({"ratio": "a lot"}, "ratio must be a number"), ({"metric": "pca"}, "unknown metric"),
     ({"include": "("}, "invalid regular expression"), ({"damping": -1}, "damping"),
     ({"rank_pattern": {"q_proj": 0}}, "positive integer"),

@@ -13,12 +13,15 @@ from rankwise.cli import main
 
 @pytest.mark.parametrize("extra", [["--allocation", "spectrum", "--cut", "oneshot"],
                                    ["--allocation", "uniform", "--steps", "2",
-                                    "--refine-steps", "4", "--refine-lr", "1e-4"]])
+                                    "--refine-steps", "4", "--refine-lr", "1e-4"],
+                                   ["--bits", "5", "--group-size", "32", "--refine-steps", "2"]],
+                         ids=["oneshot", "anchored in two steps", "bits"])
 def test_two_gloo_processes_equal_one(tiny_folder, tmp_path, extra):
     """Equal up to round-off, at the default anchor damping: each process sums its share
     of the batches, so the sums (and what is decomposed from them) differ in the last
     bits; the refinement takes the same steps in both."""
-    args = ["compress", "--model", str(tiny_folder), "--metric", "kfac", "--ratio", "0.4",
+    budget = [] if "--bits" in extra else ["--ratio", "0.4"]
+    args = ["compress", "--model", str(tiny_folder), "--metric", "kfac", *budget,
             "--calib-samples", "6", "--seqlen", "32", "--batch-size", "2", *extra]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     result = subprocess.run(
@@ -28,7 +31,7 @@ def test_two_gloo_processes_equal_one(tiny_folder, tmp_path, extra):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("compressed ") == 1           # rank 0 alone reports
     one, two = (json.loads((tmp_path / f / "rankwise.json").read_text()) for f in ("one", "two"))
-    assert one["ranks"] == two["ranks"]
+    assert one["ranks"] == two["ranks"] and one["forms"] == two["forms"]
     for block, record in one.get("refinement", {}).items():
         assert record["after"] < record["before"]
         assert two["refinement"][block]["after"] == pytest.approx(record["after"], rel=1e-3)

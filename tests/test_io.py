@@ -7,7 +7,8 @@ import torch
 
 from rankwise import CompressConfig, RankwiseError, compress_, load, save
 from rankwise.layers import LowRankLinear, fused_groups
-from rankwise.quantize import Grid, quantize_factors
+from rankwise.grids import Grid
+from rankwise.rounding import round_factors, store
 
 from conftest import structured_tiny
 
@@ -189,7 +190,12 @@ def test_torchao_int8_weight_only_quantizes_the_factors_of_a_loaded_model(tmp_pa
               progress=False)
     loaded = load(save(model, tmp_path / "out"))
     ours = copy.deepcopy(loaded)       # the same grid (int8 per row), rounded by rankwise
-    quantize_factors(ours, None, Grid.for_bits(8, 64), torch.float32, "rtn")
+    for layer in ours.modules():
+        if isinstance(layer, LowRankLinear):
+            rounded = round_factors(layer.A.weight.detach(), layer.B.weight.detach(), None,
+                                    Grid.for_bits(8, 64), torch.float32, "rtn")
+            for linear, r in zip((layer.A, layer.B), rounded):
+                store(linear, r, torch.float32)
     with torch.no_grad():
         reference, expected = loaded(calib).logits, ours(calib).logits
     torchao.quantize_(loaded, torchao.Int8WeightOnlyConfig())

@@ -66,7 +66,8 @@ def compression_peak(blocks: int, placement: Placement, overlap=overlap_for, **c
                        num_key_value_heads=4)
     calib = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))
     execution = Execution(batch_size=2, placement=placement, overlap=overlap)
-    return peak_bytes(lambda: compress_(model, CompressConfig(ratio=0.4, **config), calib,
+    budget = {} if "bits" in config else {"ratio": 0.4}
+    return peak_bytes(lambda: compress_(model, CompressConfig(**budget, **config), calib,
                                         progress=False, execution=execution))
 
 
@@ -74,8 +75,10 @@ def compression_peak(blocks: int, placement: Placement, overlap=overlap_for, **c
 @pytest.mark.parametrize("copy", [True, False], ids=["onloaded", "resident"])
 @pytest.mark.parametrize("config", [dict(metric="kfac", cut="oneshot"),
                                     dict(metric="kfac", refine_steps=4),
-                                    dict(metric="whiten", allocation="uniform", cut="oneshot")],
-                         ids=["spectrum", "anchored (two streams, refined)", "uniform"])
+                                    dict(metric="whiten", allocation="uniform", cut="oneshot"),
+                                    dict(bits=4.0, refine_steps=4)],
+                         ids=["spectrum", "anchored (two streams, refined)", "uniform",
+                              "bits (priced, rounded on the walk)"])
 def test_peak_memory_does_not_grow_with_depth(copy, config):
     placement = Placement("cpu", copy=copy)
     compression_peak(2, placement, **config)            # first-time allocations of the runtime

@@ -23,7 +23,7 @@ def test_kfac_on_smollm2_end_to_end(tmp_path):
     # the default recipe (the anchored cut), with fewer refinement steps to bound the time
     summary = compress_(model, CompressConfig(metric="kfac", ratio=0.2, refine_steps=4), calib,
                         progress=False)
-    assert summary.plan == "anchored" and len(summary.refinement) == 30
+    assert summary.cut == "anchored" and len(summary.refinement) == 30
     assert len(summary.ranks) == 210 and 0.2 - 1e-9 <= summary.achieved_ratio < 0.21
     report = evaluate(model, test, dense, progress=False)
     assert report.reference_perplexity < report.perplexity < 4 * report.reference_perplexity

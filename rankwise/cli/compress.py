@@ -23,6 +23,6 @@ def run(configs) -> None:
           f"in {s.seconds['total']:.1f} s -> {outcome.folder}")
     stored = outcome.manifest.get("storage")      # under torchrun: the writing rank's
     if stored:
-        print(f"weights: {stored['tensor_bytes']:,} bytes ({stored['dtype']}, factors "
-              f"{stored['factors']}); targeted layers {stored['bits_per_targeted_param']:.2f} "
-              "bits per original parameter")
+        print(f"weights: {stored['tensor_bytes']:,} bytes ({stored['dtype']}; "
+              f"{', '.join(stored['grids']) or 'no integer grid'}); targeted layers "
+              f"{stored['bits_per_targeted_param']:.2f} bits per original parameter")

@@ -18,9 +18,9 @@ def run(configs) -> None:
           + (f"; dense {o.reference_params:,}" if o.reference_params else "") + ")")
     if o.disk:
         bits = o.disk["bits_per_targeted_param"]
-        print(f"  weights on disk: {o.disk['bytes']:,} bytes ({o.disk['dtype']}, factors "
-              f"{o.disk['factors']}" + (f"; {bits:.2f} bits per original targeted parameter"
-                                        if bits else "") + ")")
+        grids = ", ".join(o.disk["grids"]) or "no integer grid"
+        print(f"  weights on disk: {o.disk['bytes']:,} bytes ({o.disk['dtype']}; {grids}"
+              + (f"; {bits:.2f} bits per original targeted parameter" if bits else "") + ")")
     compared = o.reference_params is not None
     if o.reports:
         print(f"  {'text':12s} {'tokens':>8s} {'ppl':>10s}" + (

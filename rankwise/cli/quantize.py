@@ -1,21 +1,24 @@
-"""rankwise quantize: round an output's factors onto 8- or 4-bit integers."""
-DESCRIPTION = ("Round the factors of a rankwise output onto 8-bit (per output row) or 4-bit "
-               "(per group) integers with error-compensating rounding in the factors' input "
-               "metric, and save them to --out in the compressed-tensors format.")
+"""rankwise quantize: round an output's layers, at a width or within a budget in bits."""
+DESCRIPTION = ("Round a rankwise output in its own metric and save it to --out in the "
+               "compressed-tensors format: its layers as they are at --factor-bits 8 or 4, "
+               "or each layer given the form (low rank, factors rounded, weight rounded, "
+               "rounded plus a low-rank correction) that a budget of --bits stored bits per "
+               "original parameter buys at the least predicted loss.")
 
 
 def option_classes():
     from ..config import StorageConfig
-    from ..entrypoints.quantize import QuantizeRun
-    return [QuantizeRun, StorageConfig]
+    from ..entrypoints.quantize import QuantizeConfig, QuantizeRun
+    return [QuantizeRun, QuantizeConfig, StorageConfig]
 
 
 def run(configs) -> None:
     from ..config import StorageConfig
-    from ..entrypoints.quantize import QuantizeRun, quantize_output
+    from ..entrypoints.quantize import QuantizeConfig, QuantizeRun, quantize_output
 
-    record = quantize_output(configs[QuantizeRun], configs[StorageConfig])
+    record = quantize_output(configs[QuantizeRun], configs[QuantizeConfig], configs[StorageConfig])
     stored = record["storage"]
-    print(f"factors rounded to {stored['factors']}: weights {stored['tensor_bytes']:,} bytes, "
-          f"targeted layers {stored['bits_per_targeted_param']:.2f} bits per original "
-          f"parameter -> {record['folder']}")
+    print(f"rounded ({', '.join(stored['grids']) or 'no grid'}): weights "
+          f"{stored['tensor_bytes']:,} bytes, targeted layers "
+          f"{stored['bits_per_targeted_param']:.2f} bits per original parameter -> "
+          f"{record['folder']}")

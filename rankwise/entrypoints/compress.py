@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from ..outputs import Output
 from ..pipeline import distributed
 from ..pipeline.placement import Placement
 from ..plots import rank_chart
-from ..quantize import kept_dense, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -100,20 +98,17 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
                    calibration: CalibrationConfig | None = None,
                    progress: bool = True, storage: StorageConfig | None = None) -> CompressOutcome:
     """Compress the model run.model (None: the embedded default; a rankwise output is cut
-    further) with `config`, calibrated on `calibration`, and write it to run.out
-    (atomically) with rankwise.json and ranks.png, stored as `storage` says (factors
-    rounded onto its grid on the same calibration windows). Everything cheap to check is
-    checked first."""
+    or rounded further) with `config`, calibrated on `calibration`, and write it to run.out
+    (atomically) with rankwise.json and ranks.png, its floats stored as `storage` says.
+    Everything cheap to check is checked first."""
     config = config or CompressConfig()
     calibration = calibration or CalibrationConfig()
     storage = storage or StorageConfig()
     model = run.model
     out = Output(run.out, "compress", inputs=[model_path(model)])
     stored_dtype = storage_dtype(model, storage.save_dtype)
-    if storage.grid() is not None:
+    if config.rounds:
         require_package()
-        if storage.factor_bits == 4 and config.rank_multiple == 0:   # B's width: whole groups
-            config = dataclasses.replace(config, rank_multiple=storage.group_size)
     device = resolve_device(run.device)
     sources = parse_sources(calibration.calib)
     cache = Cache(enabled=run.cache)
@@ -130,13 +125,10 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
             sources, tokenizer, net, calibration.calib_samples, calibration.seqlen,
             calibration.seed, calibration.self_temperature, calibration.self_top_p, progress,
             cache=cache, model_key=cache.digest(model_path(model)) if run.cache else None)
-    summary = compress_(net, config, windows, progress=progress, execution=Execution(
-        calibration.batch_size, calibration.seed, placement, run.scratch,
-        int(run.park_in_memory * 2 ** 30)))
-    grid, rounded = storage.grid(), None
-    if grid is not None:
-        rounded = quantize_model(net, grid, windows, calibration.batch_size, stored_dtype,
-                                 storage.rounding, kept_dense(net, config.to_dict()))
+    summary = compress_(net, config, windows, progress=progress, scale_dtype=stored_dtype,
+                        execution=Execution(calibration.batch_size, calibration.seed,
+                                            placement, run.scratch,
+                                            int(run.park_in_memory * 2 ** 30)))
     net.cpu()
     manifest = {
         "source_model": source,
@@ -149,9 +141,9 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
                         "tokens": summary.calibration_tokens},
         "seconds": summary.seconds,
         "decompositions": summary.decompositions,
-        "plan": summary.plan,
-        "kept_dense": [name for name, rank in summary.ranks.items() if rank is None],
-        "factor_rounding": None if grid is None else rounded.record(grid, storage.rounding),
+        "bits": summary.bits,
+        "forms": summary.layer_records(config.group_size),
+        "rounding": summary.made.tally.record(config.rounding) if config.rounds else None,
         "run": {"device": device, "dtype": run.dtype, "onload": run.onload,
                 "spilled_bytes": summary.spilled_bytes, "cache": cache.record},
     }
@@ -166,6 +158,8 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
         with out.writing() as tmp:
             manifest = write_model(tmp, net, manifest, tokenizer, stored_dtype)
             rank_chart(summary.ranks, summary.shapes, tmp / "ranks.png",
-                       f"{config.metric}, {config.allocation}, ratio {summary.achieved_ratio:.3f}")
+                       f"{config.metric}, {config.allocation}, " + (
+                           f"{summary.bits:.2f} bits" if config.bits is not None else
+                           f"ratio {summary.achieved_ratio:.3f}"))
     distributed.barrier()
     return CompressOutcome(out.path, summary, manifest)

@@ -91,7 +91,7 @@ def weights_on_disk(folder: Path, manifest: dict) -> dict[str, float]:
     are (dtype, factors, bits per original targeted parameter; absent for older outputs)."""
     stored = manifest.get("storage", {})
     return {"bytes": (folder / WEIGHTS).stat().st_size, "dtype": stored.get("dtype", "float32"),
-            "factors": stored.get("factors", "float"),
+            "grids": stored.get("grids", []),
             "bits_per_targeted_param": stored.get("bits_per_targeted_param")}
 
 

@@ -1,29 +1,34 @@
-"""quantize_output: round the factors of an existing rankwise output onto an integer grid
-(rankwise.quantize) and save it as a new output (rankwise.ct_format)."""
+"""quantize_output: round an existing rankwise output, in its own metric, and save it as a
+new output: its layers as they are at --factor-bits, or every layer given the form a
+budget in --bits buys among those its form allows (a factored layer stays factors, of
+its rank or lower). The same compression as `rankwise compress` (rankwise.plans), anchored
+to the output as it was given."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from ..config import StorageConfig
+from ..compress import Execution, compress_
+from ..config import CompressConfig, StorageConfig
 from ..ct_format import quantized_modules, require_package
 from ..data import mixture_windows, parse_sources
 from ..errors import RankwiseError
+from ..grids import GROUP_SIZES, WEIGHT_BITS
 from ..io import is_output, open_model, read_manifest, write_model
 from ..models import model_path, resolve_device
 from ..options import check_int, option
 from ..outputs import Output
-from ..quantize import kept_dense, quantize_model
+from ..rounding import ROUNDINGS
 
 
 @dataclass
 class QuantizeRun:
     """Which output to quantize, where the result goes, what the rounding measures on."""
-    model: str | None = option(None, "the rankwise output folder whose factors to round",
+    model: str | None = option(None, "the rankwise output folder to round",
                                positional=True, required=True)
     out: str | None = option(None, "output folder (written atomically)", required=True)
-    calib: list[str] | None = option(None, "text sources NAME[:WEIGHT] the covariances are "
+    calib: list[str] | None = option(None, "text sources NAME[:WEIGHT] the statistics are "
                                            "measured on (default: the output's calibration "
                                            "sources but self)", metavar="SOURCE")
     windows: int = option(32, "calibration windows")
@@ -40,22 +45,50 @@ class QuantizeRun:
         resolve_device(self.device)
 
 
-def quantize_output(run: QuantizeRun, storage: StorageConfig, progress: bool = True) -> dict:
-    """Round run.model's factors as `storage` says and write the result to run.out;
-    returns the new manifest."""
+@dataclass
+class QuantizeConfig:
+    """What the output becomes: one of a budget in bits or a width for its factors."""
+    bits: float | None = option(None, "the budget in stored bits per original targeted "
+                                      "parameter; each layer takes the form that costs least "
+                                      "in the K-FAC metric among those its form allows")
+    factor_bits: int | None = option(None, "round the layers as they are: factors to 8-bit "
+                                           "integers per row or 4-bit in groups, dense "
+                                           "layers to the same", choices=(8, 4))
+    weight_bits: list[int] = option(help="with --bits: the widths a rounded weight may take",
+                                    factory=lambda: list(WEIGHT_BITS), choices=WEIGHT_BITS)
+    group_size: int = option(64, "inputs per scale below 8 bits", choices=GROUP_SIZES)
+    rounding: str = option("gptq", "how weights and factors are rounded: " + "; ".join(
+        f"{k} = {v}" for k, v in ROUNDINGS.items()), choices=ROUNDINGS)
+
+    def compression(self) -> CompressConfig:
+        """The compression this is (validated as any recipe is)."""
+        if (self.bits is None) == (self.factor_bits is None):
+            raise RankwiseError("give one of --bits (a budget) or --factor-bits (a width)")
+        return CompressConfig(metric="kfac", cut="anchored",
+                              ratio=0.0 if self.factor_bits is not None else None,
+                              bits=self.bits, factor_bits=self.factor_bits,
+                              weight_bits=self.weight_bits, group_size=self.group_size,
+                              rounding=self.rounding)
+
+    def __post_init__(self):
+        self.compression()
+
+
+def quantize_output(run: QuantizeRun, config: QuantizeConfig, storage: StorageConfig,
+                    progress: bool = True) -> dict:
+    """Round run.model as `config` says and write the result to run.out; returns the new
+    manifest."""
     model_path(run.model)
     if not is_output(run.model):
         raise RankwiseError(f"{run.model} is not a rankwise output; compress a model first "
-                            "(or use rankwise compress --factor-bits)")
-    grid = storage.grid()
-    if grid is None:
-        raise RankwiseError("--factor-bits is required: 8 or 4")
+                            "(or use rankwise compress --bits / --factor-bits)")
     require_package()
+    compression = config.compression()
     manifest = read_manifest(run.model)
     out = Output(run.out, "quantize", inputs=[run.model])
     model, tokenizer, _, _ = open_model(run.model)
     if quantized_modules(model):
-        raise RankwiseError(f"{run.model} already holds quantized factors; quantize the float "
+        raise RankwiseError(f"{run.model} already holds rounded weights; quantize the float "
                             "output it was made from")
     stored = manifest.get("storage", {}).get("dtype", "bfloat16")
     dtype = getattr(torch, stored if storage.save_dtype == "auto" else storage.save_dtype)
@@ -65,10 +98,11 @@ def quantize_output(run: QuantizeRun, storage: StorageConfig, progress: bool = T
     windows, _ = mixture_windows(sources, tokenizer, model, run.windows, run.seqlen, run.seed,
                                  progress=progress)
     model.to(resolve_device(run.device))
-    rounded = quantize_model(model, grid, windows, run.batch_size, dtype, storage.rounding,
-                             kept_dense(model, manifest.get("config", {})))
-    record = {**manifest, "factor_rounding": rounded.record(grid, storage.rounding)}
+    summary = compress_(model, compression, windows, progress=progress, scale_dtype=dtype,
+                        execution=Execution(batch_size=run.batch_size, seed=run.seed))
+    record = {**manifest, "quantized": compression.to_dict(), "bits": summary.bits,
+              "forms": summary.layer_records(compression.group_size),
+              "rounding": summary.made.tally.record(compression.rounding)}
     with out.writing() as tmp:
         record = write_model(tmp, model.cpu(), record, tokenizer, dtype)
     return {"folder": out.path, **record}
-

@@ -194,20 +194,49 @@ def anchored(W: torch.Tensor, cov: torch.Tensor, cross: torch.Tensor, cov_root: 
     every layer reading that input), so (C + lambda I)^{-1} = F^{-1} F^{-T}; left /
     left_image: the output side as for `decompose` (G, or W^T G W for m > n). mix: 1
     anchors to the dense stream, 0 to the compressed stream's own outputs."""
+    W_star, Z, shift = _target(W, cov, cross, cov_root, mix)
+    m, n = W.shape
+    if m <= n:
+        return W_star, dict(left=left, right=cov_root, right_image=Z @ Z.T)
+    W64 = W.to(torch.float64)
+    inv_half = cov_root.inv_half
+    M = torch.eye(n, dtype=W64.dtype, device=W64.device) + shift @ inv_half @ inv_half.T
+    K = left_image.to(torch.float64) if left_image is not None else W64.T @ weigh(left, W64)
+    return W_star, dict(right=cov_root, left_image=M.T @ K @ M)
+
+
+def anchored_target(W: torch.Tensor, cov: torch.Tensor, cross: torch.Tensor, cov_root: Root,
+                    mix: float = 1.0) -> torch.Tensor:
+    """W* alone (float64): the full-rank weight that, fed the compressed stream, gives the
+    outputs the anchoring asks for; what a weight rounded on the compressed stream is
+    rounded from."""
+    return _target(W, cov, cross, cov_root, mix)[0]
+
+
+def residual_problem(E: torch.Tensor, root: Root, left: torch.Tensor | None) -> dict:
+    """Keyword arguments of `decompose_many` for an error E (m x n) in the metric (left, the
+    damped input statistic whose root is `root`): what a low-rank correction of E solves,
+    in the small form `decompose` takes (E R E^T through the root for m <= n, E^T L E for
+    m > n)."""
+    m, n = E.shape
+    E64 = E.to(torch.float64)
+    if m <= n:
+        Z = apply_root(root, E64, side="right")
+        return dict(left=left, right=root, right_image=Z @ Z.T)
+    return dict(right=root, left_image=E64.T @ weigh(left, E64))
+
+
+def _target(W, cov, cross, cov_root, mix):
+    """(W*, Z = W* F^T, mix D): the anchored target and what its small forms are built of."""
     # The target map is T = (C + lambda I) + mix (X^T - C) (X^T + lambda I at mix 1) and
     # W* = W T (C + lambda I)^{-1}; with C + lambda I = F^T F, W T F^{-1} = W F^T + mix W D
     # F^{-1} (D = X^T - C), so C + lambda I itself (an n^3 product) is never formed.
     W64 = W.to(torch.float64)
     inv_half = cov_root.inv_half
     shift = mix * (cross.to(torch.float64).T - cov.to(torch.float64))     # mix D
-    Z = apply_root(cov_root, W64, side="right") + W64 @ shift @ inv_half      # Z Z^T = W* F^T F W*^T
+    Z = apply_root(cov_root, W64, side="right") + W64 @ shift @ inv_half  # Z Z^T = W* F^T F W*^T
     W_star = apply_root(cov_root, Z, inverse=True, side="right")
-    m, n = W.shape
-    if m <= n:
-        return W_star, dict(left=left, right=cov_root, right_image=Z @ Z.T)
-    M = torch.eye(n, dtype=W64.dtype, device=W64.device) + shift @ inv_half @ inv_half.T
-    K = left_image.to(torch.float64) if left_image is not None else W64.T @ weigh(left, W64)
-    return W_star, dict(right=cov_root, left_image=M.T @ K @ M)
+    return W_star, Z, shift
 
 
 def project(W: torch.Tensor, rank: int, left: torch.Tensor | None = None,

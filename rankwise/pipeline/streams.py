@@ -30,7 +30,7 @@ before they are handed over.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -45,11 +45,14 @@ from .walk import Route, block_inputs, run_block
 
 @dataclass
 class GroupInputs:
-    """The sums of one input, shared by `names`, over every process's tokens."""
+    """The sums of one input, shared by `names`, over every process's tokens; with token
+    weights, per layer the same sums with each token weighted by the layer's weight (what
+    rounding reads: rankwise.rounding)."""
     names: list[str]
     cov: torch.Tensor        # C = sum x_c x_c^T (compressed stream)
     cross: torch.Tensor      # X = sum x_c x_d^T (compressed against dense)
     tokens: int
+    weighted: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -109,11 +112,13 @@ def _groups_in_call_order(block: nn.Module, block_name: str, names: list[str], c
 
 
 def walk_streams(model: nn.Module, layers, batches: list[torch.Tensor], route: Route,
-                 reference: Callable[[int, nn.Module], nn.Module]
+                 reference: Callable[[int, nn.Module], nn.Module],
+                 weights: Callable[[str], list[torch.Tensor]] | None = None
                  ) -> Iterator[GroupInputs | BlockStream]:
     """Yield each targeted block's groups' sums, then the block itself (see the module
     docstring). `layers`: the targeted names; reference(k, block) -> the dense block k on
-    the device."""
+    the device; weights(name) -> a layer's token weights, one tensor per batch of this
+    process (GroupInputs.weighted), or None for none."""
     prefix, blocks = find_blocks(model)
     owned = names_by_block(model, layers)
     targeted = [k for k in range(len(blocks)) if owned[k]]
@@ -148,8 +153,9 @@ def walk_streams(model: nn.Module, layers, batches: list[torch.Tensor], route: R
                     targets, inputs = _targets(ref, leaders, dense, rest)
                     ref = None                  # the reference copy goes
                     for group, leader, dense_inputs in zip(order, leaders, inputs):
+                        weighted = {n: weights(n) for n in group} if weights else {}
                         yield _measured(group, block.get_submodule(leader), dense_inputs,
-                                        compressed, block, rest, comm, tokens)
+                                        compressed, block, rest, comm, tokens, weighted)
                         dense_inputs.clear()
                     stream = BlockStream(k, block, list(owned[k]), compressed, targets, rest,
                                          mine, len(batches))
@@ -185,15 +191,53 @@ def _targets(ref: nn.Module, leaders: list[str], dense, rest
 
 
 def _measured(group: list[str], leader: nn.Module, dense_inputs: list[torch.Tensor],
-              compressed, block: nn.Module, rest, comm, tokens: int) -> GroupInputs:
+              compressed, block: nn.Module, rest, comm, tokens: int,
+              weights: dict[str, list[torch.Tensor]]) -> GroupInputs:
     """The sums of one group's input over every batch, all-reduced: the live block runs on
     the compressed stream as far as the group's leader."""
     sums = stats.Sums()
     with torch.no_grad():
-        for x_d, c, r in zip(dense_inputs, compressed, rest):
+        for j, (x_d, c, r) in enumerate(zip(dense_inputs, compressed, rest)):
             x_c = _caught_input(block, leader, c, r)
             sums.gram("cov", x_c)
             sums.gram("cross", x_c, x_d)
+            for name, w in weights.items():
+                root_w = _token_roots(w[j], x_c)
+                sums.gram(("weighted", name), x_c * root_w)
+                sums.gram(("weighted_cross", name), x_c * root_w, x_d * root_w)
     comm.all_reduce(sums.totals)
     totals = sums.pop()
-    return GroupInputs(list(group), totals["cov"], totals["cross"], tokens)
+    return GroupInputs(list(group), totals["cov"], totals["cross"], tokens,
+                       {n: (totals[("weighted", n)], totals[("weighted_cross", n)])
+                        for n in weights})
+
+
+def _token_roots(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sqrt of one batch's token weights, shaped to scale x (..., features) token by token."""
+    return w.to(x.device, torch.float32).sqrt().reshape(*x.shape[:-1], 1)
+
+
+def measure_inputs(stream: BlockStream, layers: dict[str, nn.Module],
+                   weights: dict[str, list[torch.Tensor]], comm) -> dict[str, torch.Tensor]:
+    """H = sum_t w_t x_t x_t^T of each of `layers`' inputs (the block's own layers), the
+    block run as it now is on this process's batches of the compressed stream, summed over
+    every process: what the rounding of its factors reads."""
+    sums = stats.Sums()
+
+    def hook(name):
+        def pre(module, args):
+            x = args[0]
+            scaled = x * _token_roots(weights[name][j], x)
+            sums.gram(name, scaled)
+        return pre
+
+    handles = [layer.register_forward_pre_hook(hook(n)) for n, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            for j in range(len(stream.inputs)):
+                stream.output(j)
+    finally:
+        for handle in handles:
+            handle.remove()
+    comm.all_reduce(sums.totals)
+    return sums.pop()

@@ -67,11 +67,22 @@ class Route:
 @dataclass(frozen=True)
 class Wants:
     """What a statistics walk collects: input-side covariances, the gradient side (None,
-    "diag" or "full"; labels sampled with `seed`), and each block's output Fisher."""
+    "diag" or "full"; labels sampled with `seed`), each block's output Fisher, both sides
+    of every layer whichever is smaller (`both_sides`: C and G, what pricing a rounded
+    weight needs), and what rounding reads (`weighted_inputs`: each layer's inputs weighted
+    by its squared output gradient; `token_weights`: those weights themselves)."""
     inputs: bool = True
     gradients: str | None = None
     output_fisher: bool = False
     seed: int = 0
+    both_sides: bool = False
+    weighted_inputs: bool = False
+    token_weights: bool = False
+
+    @property
+    def backward(self) -> bool:
+        """Whether the walk goes back down the blocks (anything from gradients)."""
+        return bool(self.gradients or self.weighted_inputs or self.token_weights)
 
 
 @dataclass
@@ -201,16 +212,18 @@ def walk(model: nn.Module, layers, batches: list[torch.Tensor], route: Route,
     placement, spill, comm = route.placement, route.spill, route.comm
     mine = route.mine(len(batches))
     tokens = sum(b.numel() for b in batches)
-    gradients = wants.gradients
+    backward = wants.backward
     lowest, highest = targeted[0], targeted[-1]
-    last = len(blocks) - 1 if gradients else highest
+    last = len(blocks) - 1 if backward else highest
     groups = _Groups()
 
-    def accumulator(k, block, hidden, rest, with_gradients):
+    def accumulator(k, block, hidden, rest, on_the_way_back: bool):
         name = f"{prefix}.{k}" if prefix else str(k)
         leader = groups.leader(block, name, owned[k], lambda: run_block(block, hidden, rest))
         return stats.Accumulator({n: model.get_submodule(n) for n in owned[k]}, leader,
-                                 wants.inputs, with_gradients)
+                                 wants.inputs, wants.gradients if on_the_way_back else None,
+                                 wants.both_sides, on_the_way_back and wants.weighted_inputs,
+                                 on_the_way_back and wants.token_weights)
 
     def handed_over(k, acc, fisher=None):
         comm.all_reduce(acc.sums.totals)
@@ -234,10 +247,10 @@ def walk(model: nn.Module, layers, batches: list[torch.Tensor], route: Route,
                               disable=not route.progress):
                     block = placement.onload(blocks[k])
                     try:
-                        if gradients and k >= lowest:
+                        if backward and k >= lowest:
                             spill.put(f"inputs{k}", {str(j): h for j, h in enumerate(hidden)})
-                        acc = accumulator(k, block, hidden[0], rest[0], None) \
-                            if owned[k] and not gradients else None
+                        acc = accumulator(k, block, hidden[0], rest[0], False) \
+                            if owned[k] and not backward else None
                         outs = []
                         with torch.no_grad(), (acc.attached() if acc else contextlib.nullcontext()):
                             for h, r in zip(hidden, rest):
@@ -248,7 +261,7 @@ def walk(model: nn.Module, layers, batches: list[torch.Tensor], route: Route,
                     finally:
                         placement.offload(block)
                     hidden = outs
-                if not gradients:
+                if not backward:
                     return
                 grads = _top_gradients(model, blocks, batches, mine, hidden, as_tuple,
                                        placement, wants.seed)
@@ -260,7 +273,7 @@ def walk(model: nn.Module, layers, batches: list[torch.Tensor], route: Route,
                     parked = spill.take(f"inputs{k}")
                     stored = [placement.to_device(parked[str(j)]) for j in range(len(rest))]
                     del parked
-                    acc = accumulator(k, block, stored[0], rest[0], gradients) if owned[k] else None
+                    acc = accumulator(k, block, stored[0], rest[0], True) if owned[k] else None
                     fisher = stats.Sums() if acc and wants.output_fisher else None
                     below = []
                     with torch.enable_grad(), (acc.attached() if acc else contextlib.nullcontext()):

@@ -33,8 +33,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .. import allocate, geometry
-from ..config import CompressConfig
+from .. import allocate, geometry, metrics
 from ..layers import (LowRankLinear, linear_shape, linear_weight, params_at, ranks_of,
                       set_module)
 from .config import FinetuneConfig, check_resume
@@ -146,21 +145,20 @@ class _Run:
         record.params = self.kept_params = sum(params_at(self.shapes[k], r) for k, r in kept.items())
 
     def cut(self) -> None:
-        """Exact factors at the budget: global allocation over the metric's spectra."""
-        from ..compress import compress_    # compress refines blocks through this package
+        """Exact factors at the budget: global allocation over the metric's spectra (for
+        `factors`, of the dense weights in the dense model's statistics: the one-shot cut)."""
         c = self.config
         if c.method == "factors":
-            names = set(self.names)
-            compress_(self.model, CompressConfig(metric=c.metric, ratio=c.ratio, cut="oneshot",
-                                                 allocation="spectrum", min_rank=c.min_rank,
-                                                 damping=c.damping),
-                      precomputed=self.collected or None, progress=False,
-                      filter_fn=lambda module, name: name in names)
-            return
-        svds = self.decompositions()
-        ranks = allocate.spectrum_ranks(self.shapes, {k: d.S.square() for k, d in svds.items()},
-                                        c.ratio, c.min_rank)
-        self.set_ranks(ranks, svds)
+            metric = metrics.get(c.metric)
+            problems = [(linear_weight(self.layer(name)).detach(),
+                         metric.statistics(self.shapes[name], **self.collected[name].matrices())
+                         if self.collected else {}) for name in self.names]
+            found = dict(zip(self.names, geometry.decompose_many(problems, c.damping)))
+            spectra = {k: d.spectrum for k, d in found.items()}
+        else:
+            found = self.decompositions()
+            spectra = {k: d.S.square() for k, d in found.items()}
+        self.set_ranks(allocate.spectrum_ranks(self.shapes, spectra, c.ratio, c.min_rank), found)
 
     def set_ranks(self, ranks: dict[str, int | None], svds: dict | None = None) -> None:
         """Swap layers for LowRankLinear of the given ranks (factors from `svds`, or left

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .. import geometry
-from ..layers import LowRankLinear
+from ..layers import CorrectedLinear, LowRankLinear
 from ..pipeline.distributed import Comm
 from ..pipeline.streams import BlockStream
 from .runner import Runner
@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 
 def factor_parameters(block: nn.Module) -> list[nn.Parameter]:
-    """The factors of every LowRankLinear in the block (no biases, no norms)."""
-    return [p for m in block.modules() if isinstance(m, LowRankLinear)
+    """The factors of every LowRankLinear and the corrections of every CorrectedLinear in
+    the block (no biases, no norms, no rounded weight)."""
+    return [p for m in block.modules() if isinstance(m, (LowRankLinear, CorrectedLinear))
             for p in (m.A.weight, m.B.weight)]
 
 

@@ -1,0 +1,237 @@
+"""One budget in bits: every layer given the form the K-FAC metric prices cheapest
+(rankwise.pricing, rankwise.allocate.knapsack), made on the two-stream walk, stored in
+compressed-tensors, loaded by rankwise and by plain transformers."""
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rankwise import CompressConfig, RankwiseError, compress_, load, save
+from rankwise.allocate import knapsack
+from rankwise.compress import Execution
+from rankwise.forms import Form
+from rankwise.layers import CorrectedLinear, LowRankLinear
+from rankwise.pipeline.placement import Placement
+from rankwise.rounding import is_quantized
+
+from conftest import structured_tiny
+
+pytest.importorskip("compressed_tensors")
+
+WIDE = dict(hidden_size=128, intermediate_size=256)      # room for groups of 32
+
+
+@pytest.fixture(scope="module")
+def windows():
+    return torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))
+
+
+def bits_model(windows, bits=4.0, **kw):
+    model = structured_tiny("llama", **WIDE)
+    summary = compress_(model, CompressConfig(bits=bits, group_size=32, refine_steps=2, **kw),
+                        windows, progress=False)
+    return model, summary
+
+
+@pytest.fixture(scope="module")
+def made(windows):
+    return bits_model(windows)
+
+
+def test_the_budget_is_met_and_is_what_the_disk_holds(made, tmp_path):
+    """The allocation's stored bits (packed integers, scales, 16-bit floats) are within
+    the budget, spend nearly all of it, and are exactly what the written file holds."""
+    model, summary = made
+    assert 3.9 <= summary.bits <= 4.0
+    kinds = {f.kind for f in summary.forms.values()}
+    assert len(kinds) >= 2, kinds                     # a mixture, not one form everywhere
+    folder = save(model, tmp_path / "b", {"targeted_params": {"dense": summary.dense_params},
+                                          "forms": list(summary.forms)}, storage=torch.bfloat16)
+    stored = json.loads((folder / "rankwise.json").read_text())["storage"]
+    assert stored["bits_per_targeted_param"] == pytest.approx(summary.bits, rel=1e-12)
+
+
+def test_each_layer_is_in_the_form_it_was_given(made):
+    model, summary = made
+    for name, form in summary.forms.items():
+        layer = model.get_submodule(name)
+        if form.kind == "lowrank":
+            assert isinstance(layer, LowRankLinear) and layer.rank == form.rank
+            assert is_quantized(layer.A) == (form.bits < 16)
+            if form.bits == 4:
+                assert form.rank % 32 == 0 and layer.B.rankwise_grid.group_size == 32
+        elif form.kind == "corrected":
+            assert isinstance(layer, CorrectedLinear) and layer.rank == form.rank
+            assert layer.base.rankwise_grid.bits == form.bits and not is_quantized(layer.A)
+        elif form.kind == "rounded":
+            assert is_quantized(layer) and layer.rankwise_grid.bits == form.bits
+        else:
+            assert not is_quantized(layer)
+        assert summary.made.priced[name] >= 0
+
+
+def test_more_bits_buy_a_model_closer_to_the_dense_one(windows):
+    dense = structured_tiny("llama", **WIDE)
+    with torch.no_grad():
+        reference = torch.log_softmax(dense(windows).logits, -1)
+
+    def kl(model):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(windows).logits, -1)
+        return float((reference.exp() * (reference - logp)).sum(-1).mean())
+    kls = [kl(bits_model(windows, bits)[0]) for bits in (3.0, 4.5, 8.5)]
+    assert kls[0] > kls[1] > kls[2]
+
+
+def test_saved_then_loaded_gives_identical_logits_and_plain_transformers_agrees(made, windows,
+                                                                               tmp_path):
+    model, _ = made
+    folder = save(model, tmp_path / "q", storage=torch.bfloat16)
+    loaded = load(folder)
+    with torch.no_grad():
+        assert torch.equal(model(windows).logits, loaded(windows).logits)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["rankwise_corrections"] == {n: m.rank for n, m in model.named_modules()
+                                              if isinstance(m, CorrectedLinear)}
+    schemes = config["quantization_config"]["config_groups"].values()
+    assert {s["weights"]["group_size"] for s in schemes} <= {32, None}
+    assert all((s["weights"]["strategy"] == "channel") == (s["weights"]["group_size"] is None)
+               for s in schemes)
+    torch.save(windows, tmp_path / "ids.pt")
+    code = (
+        "import sys, torch\n"
+        "sys.modules['rankwise'] = None\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True,"
+        " dtype=torch.float32)\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(model(input_ids=ids).logits, {str(tmp_path / 'hf.pt')!r})\n")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
+    with torch.no_grad():
+        mine = loaded(windows).logits
+    assert (torch.load(tmp_path / "hf.pt") - mine).abs().max() < 1e-3
+
+
+def test_the_device_route_gives_what_the_resident_one_gives(windows):
+    """Onloaded with every move a real copy (the route a GPU takes: pricing, rounding and
+    corrections on the device, the model at home) gives the resident model's logits."""
+    resident, _ = bits_model(windows)
+    model = structured_tiny("llama", **WIDE)
+    compress_(model, CompressConfig(bits=4.0, group_size=32, refine_steps=2), windows,
+              progress=False, execution=Execution(placement=Placement("cpu", copy=True)))
+    with torch.no_grad():
+        torch.testing.assert_close(model(windows).logits, resident(windows).logits)
+
+
+def test_the_knapsack_spends_within_the_budget_and_no_fitting_change_helps():
+    """Against brute force on small instances: within the budget, never worse than the
+    best single-option-per-layer Lagrangian point, and no single change of one layer's
+    option that still fits lowers the total price."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        costs = [torch.rand(5, generator=g) * 10 for _ in range(4)]
+        prices = [torch.rand(5, generator=g) * 10 for _ in range(4)]
+        budget = float(sum(c.min() for c in costs)) + 8.0
+        chosen = knapsack(costs, prices, budget)
+        spent = sum(float(c[i]) for c, i in zip(costs, chosen))
+        total = sum(float(p[i]) for p, i in zip(prices, chosen))
+        assert spent <= budget + 1e-9
+        best = min(sum(float(p[i]) for p, i in zip(prices, pick))
+                   for pick in itertools.product(range(5), repeat=4)
+                   if sum(float(c[i]) for c, i in zip(costs, pick)) <= budget)
+        assert total <= 1.6 * best + 1e-9
+        for layer, option in itertools.product(range(4), range(5)):
+            extra = float(costs[layer][option] - costs[layer][chosen[layer]])
+            if spent + extra <= budget:
+                assert float(prices[layer][option]) >= float(prices[layer][chosen[layer]]) - 1e-9
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(bits=4, ratio=0.2), "--ratio or as --bits, not both"),
+    (dict(bits=4, metric="whiten"), "takes no --metric"),
+    (dict(bits=4, cut="oneshot"), "takes no --cut"),
+    (dict(bits=4, factor_bits=4), "takes no --factor-bits"),
+    (dict(bits=4, allocation="search"), "takes no --allocation"),
+    (dict(bits=0.5), "bits must be in"),
+    (dict(ratio=0.0), "ratio 0 removes nothing"),
+])
+def test_a_budget_that_cannot_be_is_one_sentence(bad, message):
+    with pytest.raises(RankwiseError, match=message):
+        CompressConfig(**bad)
+
+
+def test_bits_below_what_any_form_makes_is_one_sentence(windows):
+    model = structured_tiny("llama", **WIDE)
+    with pytest.raises(RankwiseError, match="below the smallest model these forms make"):
+        compress_(model, CompressConfig(bits=1.01, group_size=32, weight_bits=[8], min_rank=32),
+                  windows,
+                  progress=False)
+
+
+def test_a_form_costs_what_its_parts_are_stored_in():
+    shape = (96, 128)
+    assert Form.dense().stored_bits(shape, 32) == 16 * 96 * 128
+    assert Form.rounded(4).stored_bits(shape, 32) == 96 * 128 * 4 + 96 * 4 * 16 + 128
+    assert Form.low_rank(32, 16).stored_bits(shape, 32) == 16 * 32 * (96 + 128)
+    assert Form.low_rank(32, 4).stored_bits(shape, 32) == \
+        (32 * 128 * 4 + 32 * 4 * 16 + 128) + (96 * 32 * 4 + 96 * 1 * 16 + 128)
+    assert Form.corrected(3, 8).stored_bits(shape, 32) == \
+        Form.rounded(3).stored_bits(shape, 32) + 16 * 8 * (96 + 128)
+
+
+@pytest.fixture(scope="module")
+def wide_folder(tmp_path_factory):
+    from conftest import word_tokenizer
+    folder = tmp_path_factory.mktemp("wide-hf")
+    structured_tiny("llama", **WIDE).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _cli(capsys, *argv):
+    from rankwise.cli import main
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+CALIB = ["--calib-samples", "8", "--seqlen", "64", "--refine-steps", "2"]
+
+
+def test_the_verbs_compress_to_bits_and_quantize_an_output(wide_folder, tmp_path, capsys):
+    """compress --bits writes each layer's form, bits and predicted loss; quantize --bits
+    takes a float output where its forms allow (a factored layer stays factors, of its rank
+    or lower), quantize --factor-bits rounds the layers as they are, and an output already
+    rounded is refused in one sentence."""
+    code, text, _ = _cli(capsys, "compress", "--model", wide_folder, *CALIB, "--bits", "4",
+                         "--group-size", "32", "--out", tmp_path / "b")
+    manifest = json.loads((tmp_path / "b" / "rankwise.json").read_text())
+    assert code == 0 and "bits per original parameter" in text
+    assert manifest["bits"] <= 4 and len(manifest["forms"]) == 14
+    assert all({"form", "bits", "stored_bits"} <= set(r) for r in manifest["forms"].values())
+    assert manifest["storage"]["bits_per_targeted_param"] == pytest.approx(manifest["bits"])
+    code, _, err = _cli(capsys, "quantize", tmp_path / "b", "--bits", "3", "--windows", "4",
+                        "--seqlen", "64", "--out", tmp_path / "again")
+    assert code == 2 and "already holds rounded weights" in err
+    assert _cli(capsys, "compress", "--model", wide_folder, *CALIB, "--ratio", "0.3",
+                "--out", tmp_path / "f")[0] == 0
+    ranks = json.loads((tmp_path / "f" / "rankwise.json").read_text())["ranks"]
+    code, text, _ = _cli(capsys, "quantize", tmp_path / "f", "--bits", "5", "--group-size", "32",
+                         "--windows", "8", "--seqlen", "64", "--out", tmp_path / "q")
+    record = json.loads((tmp_path / "q" / "rankwise.json").read_text())
+    assert code == 0 and record["bits"] <= 5
+    for name, rank in ranks.items():
+        assert record["forms"][name]["form"] == "lowrank" and record["forms"][name]["rank"] <= rank
+    code, _, _ = _cli(capsys, "quantize", tmp_path / "f", "--factor-bits", "8", "--windows", "8",
+                      "--seqlen", "64", "--out", tmp_path / "r")
+    record = json.loads((tmp_path / "r" / "rankwise.json").read_text())
+    assert code == 0 and record["ranks"] == ranks
+    assert all(r["bits"] == 8 for r in record["forms"].values())
+    code, _, err = _cli(capsys, "quantize", tmp_path / "f", "--out", tmp_path / "x")
+    assert code == 2 and "one of --bits" in err
