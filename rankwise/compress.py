@@ -7,6 +7,7 @@ accelerator), whatever the depth. A layer is decomposed once per walk that measu
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from .pipeline.overlap import for_device as overlap_for
 from .pipeline.placement import Placement
 from .pipeline.spill import Spill
 from .pipeline.walk import Route
-from .plans import Outcome, _Originals, plan_for
+from .plans import Measurement, Outcome, _Originals, plan_for
 from .search import SearchResult
 from .stats import LayerStats
 
@@ -96,7 +97,8 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
               filter_fn: Callable[[nn.Module, str], bool] | None = None,
               precomputed: dict[str, LayerStats] | None = None, progress: bool = True,
               execution: Execution | None = None,
-              scale_dtype: torch.dtype = torch.bfloat16) -> Summary:
+              scale_dtype: torch.dtype = torch.bfloat16,
+              measurement: Measurement | None = None) -> Summary:
     """Make the targeted linear layers of `model` into the forms the budget buys, in place:
     low-rank factors (--ratio), or any of rankwise.forms (--bits), rounded weights and
     factors kept on their grids with scales in `scale_dtype` (the dtype the caller stores).
@@ -108,7 +110,9 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
     With `config.steps = k` the ratio is reached in k cuts, the statistics measured again on
     the partly compressed model before each (an anchored cut still anchors to the model as
     it was given). Factored layers that read the same input (q/k/v, gate/up) are then fused
-    for inference (layers.Siblings). Returns a Summary with the per-layer forms.
+    for inference (layers.Siblings). measurement (plans.Measurement, --bits only): an empty
+    one is filled with this compression's first walk, a filled one replaces it (several
+    budgets from one measurement). Returns a Summary with the per-layer forms.
     """
     execution = execution or Execution()
     if precomputed is not None and (config.steps > 1 or config.cut != "oneshot" or config.rounds):
@@ -139,7 +143,9 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
     eighs_before, made = geometry.EIGH_COUNT.snapshot(), Made()
     outcome = Outcome()
     overlap = execution.overlap(placement.device)
-    with Spill(execution.scratch, execution.keep_bytes) as spill:
+    own_spill = measurement is None
+    with Spill(execution.scratch, execution.keep_bytes) if own_spill else \
+            contextlib.nullcontext(measurement.spill) as spill:
         route = Route(placement, spill, Comm.current(), progress)
         originals = _Originals(model, list(shapes), spill) \
             if config.cut == "anchored" and config.steps > 1 else None
@@ -149,13 +155,14 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
                           execution.batch_size, seconds, overlap, scale_dtype, made)
                 ratio = None if config.bits is not None else config.ratio * step / config.steps
                 plan = plan_for(cut, ratio, fitness if step == config.steps else None, calib,
-                                originals)
-                for block in cut.statistics(plan.wants, calib, precomputed):
-                    plan.block(block)
+                                originals, measurement)
+                if plan.wants is not None:
+                    for block in cut.statistics(plan.wants, calib, precomputed):
+                        plan.block(block)
                 outcome = plan.finish()
         finally:
             overlap.close()
-        spilled = spill.written
+        spilled = spill.written if own_spill else 0
     fuse_causal_lm(model)
     t_total = time.perf_counter() - t0
 
@@ -170,8 +177,8 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
         forms=forms, bits=sum(f.stored_bits(shapes[n], config.group_size)
                               for n, f in forms.items()) / dense_params,
         calibration_tokens=tokens, predicted_loss=sum(made.predicted.values()),
-        seconds={**seconds, "projection": t_total - seconds["statistics"] - seconds["anchored"]
-                 - seconds["refinement"], "total": t_total},
+        seconds={**seconds, "projection": t_total - seconds["statistics"] - seconds["anchored"],
+                 "total": t_total},                       # refinement: part of "anchored"
         search=outcome.searched, spilled_bytes=spilled, cut=config.cut,
         refinement=outcome.refinement,
         decompositions=vars(geometry.EIGH_COUNT.since(eighs_before)), made=made)

@@ -14,7 +14,8 @@ from .data import DOMAINS, SELF
 from .errors import RankwiseError
 from .geometry import DEFAULT_DAMPING
 from .metrics import METRICS
-from .grids import FACTOR_BITS, FLOAT_BITS, GROUP_SIZES, WEIGHT_BITS, check_group_size
+from .grids import (DEFAULT_WEIGHT_BITS, FLOAT_BITS, GROUP_SIZES, WEIGHT_BITS,
+                    check_group_size)
 from .options import check_choice, check_int, check_number, option
 from .rounding import ROUNDINGS
 
@@ -28,6 +29,7 @@ CUTS = {
                 "factors refined toward the dense block's output",
 }
 DEFAULT_RATIO = 0.2
+FORM_CHOICES = ("lowrank", "rounded", "corrected")       # rankwise.forms, besides dense
 
 
 @dataclass
@@ -84,13 +86,21 @@ class CompressConfig:
     search_seconds: float | None = option(None, "search: time limit in seconds (default none)")
     search_windows: int = option(4, "search: calibration windows held out as fitness data")
     search_offspring: int = option(8, "search: candidates per generation")
-    factor_bits: int | None = option(None, "with --ratio: store the factors as 8-bit integers "
-                                           "per output row or 4-bit integers in groups, and "
-                                           "the layers kept dense at the same bits (default: "
-                                           "floats)", choices=tuple(b for b in FACTOR_BITS
-                                                                    if b < FLOAT_BITS))
+    factor_bits: int | None = option(None, "with --ratio: store the factors as integers (8 "
+                                           "bits per output row, fewer in groups), and the "
+                                           "layers kept dense at the same bits (default: "
+                                           "floats); with --ratio 0, round the layers as they "
+                                           "are (every width: uniform rounding)",
+                                     choices=WEIGHT_BITS)
+    forms: list[str] = option(help="with --bits: the forms a layer may take besides its dense "
+                                   "floats: lowrank (factors in 16, 8 or 4 bits), rounded (its "
+                                   "weight at one of --weight-bits), corrected (rounded at 4, 3 "
+                                   "or 2 bits plus a low-rank correction); rounded alone is "
+                                   "mixed precision", factory=lambda: list(FORM_CHOICES),
+                              choices=FORM_CHOICES)
     weight_bits: list[int] = option(help="with --bits: the widths a rounded weight may take",
-                                    factory=lambda: list(WEIGHT_BITS), choices=WEIGHT_BITS)
+                                    factory=lambda: list(DEFAULT_WEIGHT_BITS),
+                                    choices=WEIGHT_BITS)
     group_size: int = option(64, "inputs per scale of a weight or factor stored below 8 bits "
                                  "(a width it does not divide gets one scale per row); "
                                  "factors stored so have ranks in multiples of it",
@@ -142,8 +152,12 @@ class CompressConfig:
         check_group_size(self.group_size)
         check_choice("rounding", self.rounding, ROUNDINGS)
         if self.factor_bits is not None and (isinstance(self.factor_bits, bool) or
-                                             self.factor_bits not in (8, 4)):
-            raise RankwiseError(f"factor_bits must be one of [8, 4], got {self.factor_bits!r}")
+                                             self.factor_bits not in WEIGHT_BITS):
+            raise RankwiseError(f"factor_bits must be one of {list(WEIGHT_BITS)}, got "
+                                f"{self.factor_bits!r}")
+        if not isinstance(self.forms, list) or not self.forms or \
+                any(f not in FORM_CHOICES for f in self.forms):
+            raise RankwiseError(f"forms must be a list of {list(FORM_CHOICES)}, got {self.forms!r}")
         if not isinstance(self.weight_bits, list) or not self.weight_bits or \
                 any(isinstance(b, bool) or b not in WEIGHT_BITS for b in self.weight_bits):
             raise RankwiseError(f"weight_bits must be a list of widths from {list(WEIGHT_BITS)}, "

@@ -62,7 +62,8 @@ class Cut:
         """Each layer's rank step: --rank-multiple, or by default 64 for wide layers, and
         whole groups where factors are stored in groups (their width must divide)."""
         c = self.config
-        multiple = c.rank_multiple or (c.group_size if c.factor_bits == 4 else 0)
+        grouped = c.factor_bits is not None and c.factor_bits < 8
+        multiple = c.rank_multiple or (c.group_size if grouped else 0)
         return allocate.rank_multiples(self.shapes, multiple)
 
     def ranks(self, spectra: dict[str, torch.Tensor], ratio: float) -> dict[str, int | None]:

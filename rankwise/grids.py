@@ -23,6 +23,8 @@ import torch
 from .errors import RankwiseError
 
 WEIGHT_BITS = (8, 4, 3, 2)      # what a rounded weight may take
+DEFAULT_WEIGHT_BITS = (8, 4, 3)   # offered unless asked: 2 bits wreck a 135M model (even
+                                  # corrected), and pricing them costs a third more
 FACTOR_BITS = (16, 8, 4)        # what factors may take (16: floats)
 GROUP_SIZES = (32, 64, 128)     # what grouped kernels accept
 FLOAT_BITS = 16                 # a float parameter as outputs store it

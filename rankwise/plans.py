@@ -30,19 +30,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import allocate, geometry
+from . import allocate
 from .config import CUTS
+from .errors import RankwiseError
 from .cut import Cut
 from .forms import Form
 from .layers import LowRankLinear, linear_shape, linear_weight, set_module
 from .pipeline.spill import Spill
-from .pipeline.streams import BlockStream, GroupInputs, measure_inputs, walk_streams
 from .pipeline.walk import BlockStatistics, Wants
-from .pricing import Pricing
-from .rounding import round_weight
+from .pricing import Menu, Pricing
 from .search import SearchResult, search_ranks
 from .stats import GRADIENT_SIDE
-from .train.refine import refine_block
+from .stream_cut import Kept, StreamPass
 
 
 @dataclass
@@ -52,7 +51,7 @@ class Outcome:
 
 
 class _Plan:
-    wants: Wants
+    wants: Wants | None          # what the statistics walk collects (None: no walk)
 
     def block(self, block: BlockStatistics) -> None:
         raise NotImplementedError
@@ -203,15 +202,62 @@ def _copy_reference(k: int, block: nn.Module) -> nn.Module:
 
 # ---------------------------------------------------------------- anchored
 
+class Measurement:
+    """The first walk of a --bits compression, kept to make more budgets from: every
+    layer's menu (rankwise.pricing) and what the two-stream walk reads (gradient sides,
+    token weights, output Fishers), parked in the measurement's own spill and never let
+    go. The first compress_ given an empty one fills it; each later one skips the walk.
+    Later ones must compress the same dense model (a fresh copy) on the same windows with
+    the same recipe; --bits may differ, and --forms may offer fewer forms than were priced.
+    `with Measurement() as m:` lets the spill go."""
+
+    def __init__(self, scratch: str | None = None):
+        self.spill = Spill(scratch)
+        self.menus: dict[str, Menu] = {}
+        self.fishers: set[int] = set()
+        self.pricing: Pricing | None = None
+        self.calib: torch.Tensor | None = None
+
+    @property
+    def filled(self) -> bool:
+        return bool(self.menus)
+
+    def check(self, pricing: Pricing, names: list[str], calib) -> None:
+        """One sentence when a compression cannot be made from this measurement."""
+        offered = [(pricing.rounded_bits, self.pricing.rounded_bits),
+                   (pricing.corrected_bits, self.pricing.corrected_bits),
+                   (pricing.factor_bits, self.pricing.factor_bits)]
+        if sorted(names) != sorted(self.menus) or not torch.equal(calib, self.calib) or \
+                any(not set(asked) <= set(priced) for asked, priced in offered) or \
+                (pricing.group_size, pricing.rounding) != \
+                (self.pricing.group_size, self.pricing.rounding):
+            raise RankwiseError("this measurement was made for other layers, windows or forms; "
+                                "measure again (a new Measurement) for this recipe")
+
+    def close(self) -> None:
+        self.spill.close()
+
+    def __enter__(self) -> "Measurement":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class _Priced:
     """The bits budget's choice: every layer's menu of forms priced as its block's
-    statistics arrive (rankwise.pricing), one knapsack over all of them at the end."""
+    statistics arrive (rankwise.pricing), or taken from a filled measurement; one knapsack
+    over all of them at the end."""
 
-    def __init__(self, cut: Cut):
+    def __init__(self, cut: Cut, measurement: Measurement | None, calib):
         c = cut.config
-        self.cut, self.menus = cut, {}
-        self.setting = Pricing(tuple(c.weight_bits), (16, 8, 4), c.group_size, c.rounding,
-                               cut.scale_dtype, c.damping)
+        self.cut, self.measurement, self.calib = cut, measurement, calib
+        self.setting = Pricing.of(c.forms, c.weight_bits, c.group_size, c.rounding,
+                                  cut.scale_dtype, c.damping)
+        self.menus: dict[str, Menu] = {}
+        if measurement is not None and measurement.filled:
+            measurement.check(self.setting, list(cut.layers), calib)
+            self.menus = measurement.menus
 
     def block(self, block: BlockStatistics) -> None:
         cut, device = self.cut, self.cut.route.placement.device
@@ -228,6 +274,9 @@ class _Priced:
 
     def chosen(self) -> tuple[dict[str, Form], None]:
         self.cut.overlap.drain()
+        if self.measurement is not None and not self.measurement.filled:
+            self.measurement.menus, self.measurement.pricing = self.menus, self.setting
+            self.measurement.calib = self.calib
         forms = allocate.forms_within_bits(self.menus, self.setting, self.cut.config.bits,
                                            self.cut.rank_steps(), self.cut.config.min_rank)
         self.cut.made.priced.update({name: self.menus[name].price(form)
@@ -249,12 +298,14 @@ class _Known:
 class Anchored(_Plan):
     """The anchored cut (module docstring)."""
 
-    def __init__(self, cut: Cut, ratio: float | None, fitness, calib, originals):
+    def __init__(self, cut: Cut, ratio: float | None, fitness, calib, originals,
+                 measurement: Measurement | None = None):
         c = cut.config
         self.cut, self.calib, self.originals = cut, calib, originals
+        self.measurement = measurement
         bits = c.bits is not None
         if bits:
-            self.choice = _Priced(cut)
+            self.choice = _Priced(cut, measurement, calib)
         elif cut.allocation.needs_spectra and ratio > 0:
             self.choice = Parked(cut, ratio, fitness, park=fitness is not None)
         else:
@@ -265,8 +316,9 @@ class Anchored(_Plan):
         self.parking = _Parking(cut, gradients=bool(cut.metric.gradients), weights=c.rounds,
                                 fisher=fisher)
         measured = not isinstance(self.choice, _Known)
-        self.wants = cut.wants(inputs=measured and cut.metric.inputs, output_fisher=fisher,
-                               both_sides=bits, weighted_inputs=bits, token_weights=c.rounds)
+        self.wants = None if measurement is not None and measurement.filled else \
+            cut.wants(inputs=measured and cut.metric.inputs, output_fisher=fisher,
+                      both_sides=bits, weighted_inputs=bits, token_weights=c.rounds)
 
     def block(self, block: BlockStatistics) -> None:
         self.choice.block(block)
@@ -275,8 +327,13 @@ class Anchored(_Plan):
     def finish(self) -> Outcome:
         forms, searched = self.choice.chosen()
         outcome = Outcome(searched)
-        StreamPass(self.cut, forms, self.calib, self._reference, self.parking.fishers,
-                   self.refines).run(outcome)
+        fishers, parked = self.parking.fishers, None
+        if self.measurement is not None:
+            if self.wants is not None:           # this compression filled it
+                self.measurement.fishers = fishers
+            fishers, parked = self.measurement.fishers, Kept(self.measurement.spill)
+        StreamPass(self.cut, forms, self.calib, self._reference, fishers, self.refines,
+                   parked).run(outcome)
         return outcome
 
     def _reference(self, k: int, block: nn.Module) -> nn.Module:
@@ -286,111 +343,6 @@ class Anchored(_Plan):
         if self.originals is not None:
             self.originals.restore(ref, block, self.cut.model, self.cut.route.placement.device)
         return ref
-
-
-class StreamPass:
-    """The two-stream walk of a cut: each group made into its forms on the compressed
-    stream, each block refined (when asked) and its factors rounded (module docstring)."""
-
-    def __init__(self, cut: Cut, forms: dict[str, Form], calib, reference, fisher: set[int],
-                 refine: bool):
-        self.cut, self.forms, self.calib, self.reference = cut, forms, calib, reference
-        self.fisher, self.refine = fisher, refine
-
-    def run(self, outcome: Outcome) -> None:
-        cut = self.cut
-        t0 = time.perf_counter()
-        weights = self._weights if cut.config.rounds else None
-        for event in walk_streams(cut.model, list(cut.layers), cut.batches(self.calib),
-                                  cut.route, self.reference, weights):
-            if isinstance(event, GroupInputs):
-                self._cut_group(event)
-                continue
-            if self.refine:
-                t1 = time.perf_counter()
-                outcome.refinement[event.index] = self._refine(event)
-                cut.seconds["refinement"] += time.perf_counter() - t1
-            self._round_factors(event)
-        cut.seconds["anchored"] += time.perf_counter() - t0
-
-    def _weights(self, name: str) -> list[torch.Tensor] | None:
-        spill = self.cut.route.spill
-        parked = spill.read(f"weights.{name}")
-        return [parked[str(j)] for j in range(len(parked))]
-
-    def _cut_group(self, group: GroupInputs) -> None:
-        cut, c = self.cut, self.cut.config
-        wanted = [n for n in group.names if cut.needs_fit(n, self.forms[n])]
-        if not wanted:
-            return
-        spill, device = cut.route.spill, cut.route.placement.device
-        rounded = {n: self._rounded(n, group) for n in wanted if self.forms[n].rounds_weight}
-        to_solve = [n for n in wanted if self.forms[n].rank is not None]
-        if to_solve:
-            root = geometry.cholesky_root(group.cov, c.anchor_damping)
-            cut.made.damping(to_solve, root.damping, c.anchor_damping)
-
-        def problem(name):
-            layer, form = cut.layers[name], self.forms[name]
-            side = {k: v.to(device) for k, v in spill.read(f"gradients.{name}").items()} \
-                if cut.metric.gradients else {}
-            output_side = cut.metric.output_side(linear_shape(layer), **side)
-            if form.factored:
-                return geometry.anchored(linear_weight(layer).detach(), group.cov, group.cross,
-                                         root, mix=c.anchor_mix, **output_side)
-            target = geometry.anchored_target(linear_weight(layer).detach(), group.cov,
-                                              group.cross, root, c.anchor_mix)
-            error = target - rounded[name].weight.to(target)
-            return error, geometry.residual_problem(error, root, side.get("grad_cov"))
-        solved = cut.solve(to_solve, problem, {n: self.forms[n].rank for n in to_solve})
-        for name in wanted:
-            form = self.forms[name]
-            if form.factored:
-                spectrum, _, B, A = solved[name]
-                cut.put_factors(name, form, B, A, spectrum)
-            elif form.kind == "corrected":
-                spectrum, _, B, A = solved[name]
-                cut.put_corrected(name, form, rounded[name], B, A, spectrum)
-            else:
-                cut.put_rounded(name, form, rounded[name], 0.0)
-        for name in group.names:
-            spill.drop(f"gradients.{name}")
-
-    def _rounded(self, name: str, group: GroupInputs):
-        """A weight rounded on the compressed stream: from the anchored target in the
-        token-weighted covariance of the inputs it now gets."""
-        cut, c = self.cut, self.cut.config
-        layer, form = cut.layers[name], self.forms[name]
-        H, cross = group.weighted[name]
-        root = geometry.cholesky_root(H, c.anchor_damping)
-        cut.made.damping([name], root.damping, c.anchor_damping)
-        target = geometry.anchored_target(linear_weight(layer).detach(), H, cross, root,
-                                          c.anchor_mix)
-        return round_weight(target, H, form.grid(c.group_size), cut.scale_dtype, c.rounding)
-
-    def _refine(self, stream: BlockStream) -> tuple[float, float]:
-        cut, c = self.cut, self.cut.config
-        fisher = cut.route.spill.take(f"output_fisher.{stream.index}")["F"].to(
-            cut.route.placement.device) if stream.index in self.fisher else None
-        windows = c.refine_windows or stream.total * cut.batch_size
-        return refine_block(stream, fisher, c.refine_steps, c.refine_lr, cut.route.comm,
-                            cut.seed, -(-windows // cut.batch_size))
-
-    def _round_factors(self, stream: BlockStream) -> None:
-        """The block's factors that its forms round, in the covariance of their inputs on
-        the block as it now is; the block's outputs are then computed again."""
-        cut = self.cut
-        names = [n for n in stream.names if self.forms[n].rounds_factors]
-        covariances = {}
-        if names and cut.config.rounding == "gptq":
-            covariances = measure_inputs(stream, {n: cut.layers[n] for n in names},
-                                         {n: self._weights(n) for n in names}, cut.route.comm)
-        for name in stream.names:
-            cut.route.spill.drop(f"weights.{name}")
-        for name in names:
-            cut.round_factors(name, self.forms[name], covariances.get(name))
-        if names:
-            stream.outputs = None
 
 
 class _Originals:
@@ -418,6 +370,13 @@ PLANS = {"oneshot": Oneshot, "anchored": Anchored}       # keyed by config.CUTS'
 assert set(PLANS) == set(CUTS), "every cut the config offers has its plan"
 
 
-def plan_for(cut: Cut, ratio: float | None, fitness, calib, originals) -> _Plan:
-    """The one plan a cut takes, by the config's cut."""
+def plan_for(cut: Cut, ratio: float | None, fitness, calib, originals,
+             measurement: Measurement | None = None) -> _Plan:
+    """The one plan a cut takes, by the config's cut (a measurement: --bits only, which
+    takes the anchored cut)."""
+    if measurement is not None:
+        if cut.config.bits is None:
+            raise RankwiseError("a measurement keeps the prices of a --bits compression; "
+                                "give --bits")
+        return Anchored(cut, ratio, fitness, calib, originals, measurement)
     return PLANS[cut.config.cut](cut, ratio, fitness, calib, originals)

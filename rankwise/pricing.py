@@ -29,28 +29,35 @@ import torch
 
 from . import geometry
 from .forms import Form
-from .grids import FLOAT_BITS, Grid
+from .grids import FACTOR_BITS, FLOAT_BITS, Grid
 from .layers import max_useful_rank
-from .rounding import round_to_nearest, round_weight
+from .rounding import InverseFactor, round_to_nearest, round_weight
 
 CORRECTED_BITS = (4, 3, 2)      # a correction pays only on a weight rounded coarsely
 
 
 @dataclass(frozen=True)
 class Pricing:
-    """What is priced and how the cut will round: the candidate widths, the group size
-    and the rounding (rankwise.rounding's), the dtype of the scales, the damping of the
-    metric's roots."""
-    weight_bits: tuple[int, ...]
-    factor_bits: tuple[int, ...]
+    """What is priced and how the cut will round: the widths offered to each form (empty:
+    the form is not offered), the group size and the rounding (rankwise.rounding's), the
+    dtype of the scales, the damping of the metric's roots."""
+    rounded_bits: tuple[int, ...]       # a weight rounded
+    corrected_bits: tuple[int, ...]     # a weight rounded under a correction
+    factor_bits: tuple[int, ...]        # factors (16: floats)
     group_size: int
     rounding: str
     scale_dtype: torch.dtype
     damping: float
 
-    @property
-    def corrected_bits(self) -> tuple[int, ...]:
-        return tuple(b for b in self.weight_bits if b in CORRECTED_BITS)
+    @classmethod
+    def of(cls, forms: list[str], weight_bits: list[int], group_size: int, rounding: str,
+           scale_dtype: torch.dtype, damping: float) -> "Pricing":
+        """The pricing of a recipe's --forms and --weight-bits."""
+        return cls(tuple(weight_bits) if "rounded" in forms else (),
+                   tuple(b for b in weight_bits if b in CORRECTED_BITS)
+                   if "corrected" in forms else (),
+                   FACTOR_BITS if "lowrank" in forms else (), group_size, rounding,
+                   scale_dtype, damping)
 
     @property
     def rounded_factor_bits(self) -> tuple[int, ...]:
@@ -79,7 +86,7 @@ class Menu:
         k = min(shape)
         offered = _offered(pricing, factored_rank)
         return [(k,)] * (1 + len(pricing.rounded_factor_bits)) + \
-            [(len(offered.weight_bits),)] + [(k,)] * len(offered.corrected_bits)
+            [(len(offered.rounded_bits),)] + [(k,)] * len(offered.corrected_bits)
 
     @classmethod
     def from_tensors(cls, shape, pricing: Pricing, factored_rank, tensors) -> "Menu":
@@ -87,7 +94,7 @@ class Menu:
         spectrum, *rest = [t.to("cpu", torch.float64) for t in tensors]
         fb = pricing.rounded_factor_bits
         factor_error = dict(zip(fb, rest[:len(fb)]))
-        rounded = dict(zip(offered.weight_bits, rest[len(fb)].tolist()))
+        rounded = dict(zip(offered.rounded_bits, rest[len(fb)].tolist()))
         residual = dict(zip(offered.corrected_bits, rest[len(fb) + 1:]))
         return cls(tuple(shape), spectrum, factor_error, rounded, residual, factored_rank)
 
@@ -102,17 +109,18 @@ class Menu:
         if self.factored_rank is None:
             forms.append(Form.dense())
             prices.append(0.0)
-        for bits in pricing.factor_bits:
+        for bits in pricing.factor_bits:            # empty when low rank is not offered
             step = rank_step if bits >= 8 else _lcm(rank_step, pricing.group_size)
             extra = _prefix(self.factor_error.get(bits), min(m, n))
             for r in range(-(-max(min_rank, 1) // step) * step, cap + 1, step):
                 forms.append(Form.low_rank(r, bits))
                 prices.append(float(tail[r] + extra[r]))
-        for bits, price in self.rounded.items():
+        offered = _offered(pricing, self.factored_rank)     # a measurement priced more
+        for bits in offered.rounded_bits:
             forms.append(Form.rounded(bits))
-            prices.append(price)
-        for bits, residual in self.residual.items():
-            left = _tails(residual)
+            prices.append(self.rounded[bits])
+        for bits in offered.corrected_bits:
+            left = _tails(self.residual[bits])
             for r in range(rank_step, cap + 1, rank_step):
                 forms.append(Form.corrected(bits, r))
                 prices.append(float(left[r]))
@@ -136,7 +144,7 @@ class Menu:
 
 @dataclass(frozen=True)
 class _Offered:
-    weight_bits: tuple[int, ...]
+    rounded_bits: tuple[int, ...]
     corrected_bits: tuple[int, ...]
 
 
@@ -144,7 +152,7 @@ def _offered(pricing: Pricing, factored_rank: int | None) -> _Offered:
     """The rounded forms a layer is offered: none when it is factors already."""
     if factored_rank is not None:
         return _Offered((), ())
-    return _Offered(pricing.weight_bits, pricing.corrected_bits)
+    return _Offered(pricing.rounded_bits, pricing.corrected_bits)
 
 
 def _tails(spectrum: torch.Tensor) -> torch.Tensor:
@@ -173,30 +181,32 @@ def price(W: torch.Tensor, G: torch.Tensor, C: torch.Tensor, H: torch.Tensor | N
     W = W.to(torch.float64)
     decomposition = geometry.decompose(W, left=G, right=C, damping=pricing.damping)
     offered = _offered(pricing, factored_rank)
-    rounded, errors, gain = {}, {}, {}
-    for bits in sorted(set(offered.weight_bits) | set(pricing.rounded_factor_bits)):
+    weight_widths = {*offered.rounded_bits, *offered.corrected_bits}
+    factor = InverseFactor.of(H) if weight_widths and pricing.rounding == "gptq" else None
+    rounded, errors, nearest_price = {}, {}, {}
+    for bits in sorted(weight_widths | set(pricing.rounded_factor_bits)):
         grid = Grid.for_bits(bits, pricing.group_size)
         nearest = round_to_nearest(W, grid, pricing.scale_dtype).weight.to(W)
-        rtn = geometry.metric_error(W, nearest, G, C)
-        cost = rtn
-        if factored_rank is None:     # the weight itself, rounded as the cut would
-            Q = nearest if pricing.rounding != "gptq" else \
-                round_weight(W, H, grid, pricing.scale_dtype, pricing.rounding).weight.to(W)
-            cost = geometry.metric_error(W, Q, G, C)
-            if bits in offered.weight_bits:
-                rounded[bits] = cost
-            if bits in offered.corrected_bits:
-                errors[bits] = W - Q
-        gain[bits] = cost / rtn if rtn > 0 else 1.0
+        if bits in pricing.rounded_factor_bits:      # what GPTQ saves: scales the factors'
+            nearest_price[bits] = geometry.metric_error(W, nearest, G, C)
+        if bits not in weight_widths:
+            continue
+        Q = nearest if factor is None else \
+            round_weight(W, H, grid, pricing.scale_dtype, pricing.rounding, factor).weight.to(W)
+        if bits in offered.corrected_bits:
+            errors[bits] = W - Q
+        rounded[bits] = geometry.metric_error(W, Q, G, C)
     spectra = geometry.spectra_many([(E, dict(left=G, right=C)) for E in errors.values()],
                                     pricing.damping)
     residual = {b: s.values.cpu() for b, s in zip(errors, spectra)}
+    gain = {b: (rounded[b] / nearest_price[b] if b in rounded and nearest_price[b] > 0 else 1.0)
+            for b in nearest_price}
     cap = factored_rank if factored_rank is not None else max_useful_rank(m, n)
     k = min(m, n)
     factor_error = {b: _padded(e, k) for b, e in
                     _factor_errors(decomposition, min(cap, k), G, C, pricing, gain).items()}
     return Menu((m, n), decomposition.spectrum.cpu(), factor_error,      # in `layout`'s order
-                {b: rounded[b] for b in offered.weight_bits},
+                {b: rounded[b] for b in offered.rounded_bits},
                 {b: residual[b] for b in offered.corrected_bits}, factored_rank)
 
 

@@ -73,39 +73,54 @@ class Tally:
 def round_to_nearest(W: torch.Tensor, grid: Grid, dtype: torch.dtype) -> Rounded:
     W = W.float()
     grid = grid.fitted(W.shape[1])
-    blocks = W.unflatten(1, (-1, grid.group_for(W.shape[1])))       # m x groups x g
-    scale = torch.stack([grid.scale(blocks[:, k], dtype) for k in range(blocks.shape[1])], 1)
-    rounded = torch.cat([grid.round(blocks[:, k], scale[:, k]) for k in range(blocks.shape[1])], 1)
-    return Rounded(rounded, scale, grid)
+    m, n = W.shape
+    blocks = W.reshape(-1, grid.group_for(n))                      # (m * groups) x g
+    scale = grid.scale(blocks, dtype)
+    return Rounded(grid.round(blocks, scale).reshape(m, n), scale.reshape(m, -1), grid)
 
 
-def error_compensated(W: torch.Tensor, H: torch.Tensor, grid: Grid, dtype: torch.dtype,
-                      damping: float = 0.01) -> Rounded:
+@dataclass
+class InverseFactor:
+    """What GPTQ reads of an input covariance H: the upper Cholesky factor U of the damped
+    H^{-1}, and the inputs that never fire. One per H, whatever is rounded in it."""
+    U: torch.Tensor
+    dead: torch.Tensor
+
+    @classmethod
+    def of(cls, H: torch.Tensor, damping: float = 0.01,
+           device: torch.device | None = None) -> "InverseFactor":
+        """H damped by `damping` times its mean diagonal; inputs with H_jj = 0 are dead."""
+        H = H.to(device or H.device, torch.float64, copy=True)
+        n = H.shape[0]
+        dead = torch.diagonal(H) <= 0
+        H[dead, dead] = 1.0
+        H.diagonal().add_(damping * torch.diagonal(H).mean())
+        # H^{-1} = L^{-T} L^{-1} through a triangular solve (cholesky_inverse is many times
+        # slower on the CPU), then its upper Cholesky factor
+        eye = torch.eye(n, dtype=H.dtype, device=H.device)
+        L_inverse = torch.linalg.solve_triangular(torch.linalg.cholesky(H), eye, upper=False)
+        return cls(torch.linalg.cholesky(L_inverse.T @ L_inverse, upper=True).float(), dead)
+
+
+def error_compensated(W: torch.Tensor, H: torch.Tensor | InverseFactor, grid: Grid,
+                      dtype: torch.dtype) -> Rounded:
     """GPTQ: W (m x n) rounded column by column; each column's error spread over the later
-    columns through the upper Cholesky factor of H^{-1} (H damped by `damping` times its
-    mean diagonal), within a block of columns at once and onto the later blocks by one
+    columns through the upper Cholesky factor of H^{-1} (InverseFactor; H given as a matrix
+    is factored here), within a block of columns at once and onto the later blocks by one
     product. A per-row scale comes from the whole row; a group's scale from its columns
     as compensation has left them when the group is reached. Inputs that never fire
     (H_jj = 0) are zeroed."""
+    factor = H if isinstance(H, InverseFactor) else InverseFactor.of(H, device=W.device)
     W = W.float().clone()
-    H = H.to(W.device, torch.float64, copy=True)
     m, n = W.shape
-    dead = torch.diagonal(H) <= 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H.diagonal().add_(damping * torch.diagonal(H).mean())
-    # H^{-1} = L^{-T} L^{-1} through a triangular solve (cholesky_inverse is many times
-    # slower on the CPU), then its upper Cholesky factor
-    eye = torch.eye(n, dtype=H.dtype, device=H.device)
-    L_inverse = torch.linalg.solve_triangular(torch.linalg.cholesky(H), eye, upper=False)
-    U = torch.linalg.cholesky(L_inverse.T @ L_inverse, upper=True).float()
+    W[:, factor.dead] = 0.0
     grid = grid.fitted(n)
     g = grid.group_for(n)
     scale = torch.empty(m, n // g, device=W.device)     # every tensor where W is
     if g == n:
         scale[:, 0] = grid.scale(W, dtype)
     with _one_thread():       # column-sized operations: thread hand-offs cost more than they do
-        Q = _compensate_columns(W, U, scale, grid, dtype, g)
+        Q = _compensate_columns(W, factor.U, scale, grid, dtype, g)
     return Rounded(Q, scale, grid, "gptq")
 
 
@@ -148,13 +163,14 @@ def _compensate_columns(W: torch.Tensor, U: torch.Tensor, scale: torch.Tensor, g
 
 
 def round_weight(W: torch.Tensor, H: torch.Tensor | None, grid: Grid, dtype: torch.dtype,
-                 rounding: str) -> Rounded:
+                 rounding: str, factor: InverseFactor | None = None) -> Rounded:
     """W on `grid` by `rounding` ('gptq' needs H, the covariance of W's inputs, and keeps
-    round-to-nearest where that is better in H: module docstring)."""
+    round-to-nearest where that is better in H: module docstring; `factor`: H's, when
+    several widths are rounded in one H)."""
     nearest = round_to_nearest(W, grid, dtype)
     if rounding != "gptq":
         return nearest
-    compensated = error_compensated(W, H, grid, dtype)
+    compensated = error_compensated(W, factor or H, grid, dtype)
     # tr((W - Q) H (W - Q)^T): the expected squared output change for inputs of covariance H
     better = metric_error(W, compensated.weight, right=H) <= metric_error(W, nearest.weight, right=H)
     return compensated if better else nearest

@@ -90,9 +90,10 @@ class Solver:
                 if ranks[name] >= 1:
                     out[name] += [t.to(dtypes[name]) for t in d.factors(ranks[name])]
         done = geometry.EIGH_COUNT.since(before)
-        log.info("%d layers from %s: %d eigendecompositions (%d eigenvalues only, %d redone in "
-                 "float64) in %.2f s", len(mine), mine[0] if mine else "-", done.decompositions,
-                 done.values_only, done.float64_redos, done.seconds)
+        if mine:
+            log.info("%d layers from %s: %d eigendecompositions (%d eigenvalues only, %d redone in "
+                     "float64) in %.2f s", len(mine), mine[0], done.decompositions,
+                     done.values_only, done.float64_redos, done.seconds)
         return out
 
     def menus(self, names: list[str], problem, shapes: dict[str, tuple[int, int]],

@@ -235,3 +235,24 @@ def test_the_verbs_compress_to_bits_and_quantize_an_output(wide_folder, tmp_path
     assert all(r["bits"] == 8 for r in record["forms"].values())
     code, _, err = _cli(capsys, "quantize", tmp_path / "f", "--out", tmp_path / "x")
     assert code == 2 and "one of --bits" in err
+
+
+def test_budgets_made_from_one_measurement_equal_their_own_compressions(windows):
+    """The first walk measured once (every layer's menu, the parked statistics) gives each
+    budget what a compression of its own gives; a mixed-precision row takes the same
+    measurement with fewer forms offered; a measurement of other windows is refused."""
+    from rankwise.plans import Measurement
+    kw = dict(group_size=32, refine_steps=2)
+    with Measurement() as measurement:
+        for bits, forms in ((4.0, None), (3.75, ["rounded"])):
+            model = structured_tiny("llama", **WIDE)
+            extra = {"forms": forms} if forms else {}
+            compress_(model, CompressConfig(bits=bits, **extra, **kw), windows, progress=False,
+                      measurement=measurement)
+            alone = structured_tiny("llama", **WIDE)
+            compress_(alone, CompressConfig(bits=bits, **extra, **kw), windows, progress=False)
+            with torch.no_grad():
+                assert torch.equal(model(windows).logits, alone(windows).logits), bits
+        with pytest.raises(RankwiseError, match="other layers, windows or forms"):
+            compress_(structured_tiny("llama", **WIDE), CompressConfig(bits=4.0, **kw),
+                      windows.roll(1, 0), progress=False, measurement=measurement)

@@ -105,7 +105,8 @@ def test_groups_are_the_kernels_widths_or_a_scale_per_row():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(factor_bits=3), "factor_bits must be one of"),
+    (dict(factor_bits=5), "factor_bits must be one of"),
+    (dict(bits=4, forms=["pruned"]), "forms must be a list of"),
     (dict(rounding="best"), "rounding"),
     (dict(group_size=48), "group_size must be one of"),
     (dict(weight_bits=[5]), "weight_bits must be a list"),

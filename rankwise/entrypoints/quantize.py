@@ -14,7 +14,7 @@ from ..config import CompressConfig, StorageConfig
 from ..ct_format import quantized_modules, require_package
 from ..data import mixture_windows, parse_sources
 from ..errors import RankwiseError
-from ..grids import GROUP_SIZES, WEIGHT_BITS
+from ..grids import DEFAULT_WEIGHT_BITS, GROUP_SIZES, WEIGHT_BITS
 from ..io import is_output, open_model, read_manifest, write_model
 from ..models import model_path, resolve_device
 from ..options import check_int, option
@@ -51,11 +51,12 @@ class QuantizeConfig:
     bits: float | None = option(None, "the budget in stored bits per original targeted "
                                       "parameter; each layer takes the form that costs least "
                                       "in the K-FAC metric among those its form allows")
-    factor_bits: int | None = option(None, "round the layers as they are: factors to 8-bit "
-                                           "integers per row or 4-bit in groups, dense "
-                                           "layers to the same", choices=(8, 4))
+    factor_bits: int | None = option(None, "round the layers as they are: factors to "
+                                           "integers (8 bits per row, fewer in groups), dense "
+                                           "layers to the same", choices=WEIGHT_BITS)
     weight_bits: list[int] = option(help="with --bits: the widths a rounded weight may take",
-                                    factory=lambda: list(WEIGHT_BITS), choices=WEIGHT_BITS)
+                                    factory=lambda: list(DEFAULT_WEIGHT_BITS),
+                                    choices=WEIGHT_BITS)
     group_size: int = option(64, "inputs per scale below 8 bits", choices=GROUP_SIZES)
     rounding: str = option("gptq", "how weights and factors are rounded: " + "; ".join(
         f"{k} = {v}" for k, v in ROUNDINGS.items()), choices=ROUNDINGS)

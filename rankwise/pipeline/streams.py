@@ -46,13 +46,13 @@ from .walk import Route, block_inputs, run_block
 @dataclass
 class GroupInputs:
     """The sums of one input, shared by `names`, over every process's tokens; with token
-    weights, per layer the same sums with each token weighted by the layer's weight (what
-    rounding reads: rankwise.rounding)."""
+    weights, per layer given them the covariance with each token weighted by the layer's
+    weight, H = sum_t w_t x_t x_t^T (what rounding reads: rankwise.rounding)."""
     names: list[str]
     cov: torch.Tensor        # C = sum x_c x_c^T (compressed stream)
     cross: torch.Tensor      # X = sum x_c x_d^T (compressed against dense)
     tokens: int
-    weighted: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    weighted: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -118,7 +118,7 @@ def walk_streams(model: nn.Module, layers, batches: list[torch.Tensor], route: R
     """Yield each targeted block's groups' sums, then the block itself (see the module
     docstring). `layers`: the targeted names; reference(k, block) -> the dense block k on
     the device; weights(name) -> a layer's token weights, one tensor per batch of this
-    process (GroupInputs.weighted), or None for none."""
+    process (GroupInputs.weighted), or None where the layer needs none."""
     prefix, blocks = find_blocks(model)
     owned = names_by_block(model, layers)
     targeted = [k for k in range(len(blocks)) if owned[k]]
@@ -153,7 +153,8 @@ def walk_streams(model: nn.Module, layers, batches: list[torch.Tensor], route: R
                     targets, inputs = _targets(ref, leaders, dense, rest)
                     ref = None                  # the reference copy goes
                     for group, leader, dense_inputs in zip(order, leaders, inputs):
-                        weighted = {n: weights(n) for n in group} if weights else {}
+                        weighted = {n: w for n in group if weights and
+                                    (w := weights(n)) is not None}
                         yield _measured(group, block.get_submodule(leader), dense_inputs,
                                         compressed, block, rest, comm, tokens, weighted)
                         dense_inputs.clear()
@@ -202,14 +203,11 @@ def _measured(group: list[str], leader: nn.Module, dense_inputs: list[torch.Tens
             sums.gram("cov", x_c)
             sums.gram("cross", x_c, x_d)
             for name, w in weights.items():
-                root_w = _token_roots(w[j], x_c)
-                sums.gram(("weighted", name), x_c * root_w)
-                sums.gram(("weighted_cross", name), x_c * root_w, x_d * root_w)
+                sums.gram(("weighted", name), x_c * _token_roots(w[j], x_c))
     comm.all_reduce(sums.totals)
     totals = sums.pop()
     return GroupInputs(list(group), totals["cov"], totals["cross"], tokens,
-                       {n: (totals[("weighted", n)], totals[("weighted_cross", n)])
-                        for n in weights})
+                       {n: totals[("weighted", n)] for n in weights})
 
 
 def _token_roots(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
