@@ -18,7 +18,7 @@ import time
 import torch
 
 from rankwise import CompressConfig, compress_, stats
-from rankwise.data import mixture_windows, parse_sources
+from rankwise.data import Draw, mixture_windows, parse_sources
 from rankwise.models import load_model, target_linears
 
 from common import Domains, header
@@ -48,8 +48,8 @@ def main():
     for spec in args.sources:
         for count in args.windows:
             t0 = time.perf_counter()
-            calib, _ = mixture_windows(parse_sources(spec.split()), tokenizer, dense, count,
-                                       args.seqlen, seed=0)
+            calib, _ = mixture_windows(parse_sources(spec.split()), tokenizer, dense,
+                                       Draw(count, args.seqlen))
             t_sample = time.perf_counter() - t0
             collected = stats.collect(dense, layers, calib.split(4), gradients="full") \
                 if args.steps == 1 else None

@@ -31,7 +31,7 @@ import torch
 from rankwise import CompressConfig, compress_, stats
 from rankwise.cache import Cache
 from rankwise.config import DEFAULT_CALIBRATION
-from rankwise.data import mixture_windows, parse_sources
+from rankwise.data import Draw, mixture_windows, parse_sources
 from rankwise.geometry import DEFAULT_DAMPING
 from rankwise.metrics import METRICS
 from rankwise.models import load_model, model_path, target_linears
@@ -76,8 +76,8 @@ def main():
     # come from the very windows every other row uses (the first ones of one seeded draw)
     cache = Cache()      # sampled windows shared with rankwise compress (same count and seed)
     with_fitness, drawn = mixture_windows(parse_sources(args.calib), tokenizer, dense,
-                                          args.calib_samples + args.search_windows,
-                                          args.seqlen, seed=0, cache=cache,
+                                          Draw(args.calib_samples + args.search_windows,
+                                               args.seqlen), cache=cache,
                                           model_key=cache.digest(model_path(None)))
     calib = with_fitness[:args.calib_samples]
     domains = Domains(dense, tokenizer, args.windows, args.seqlen)

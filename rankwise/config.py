@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from .allocate import ALLOCATIONS
-from .data import DOMAINS, SELF
+from .data import DOMAINS, SELF, Draw
 from .errors import RankwiseError
 from .geometry import DEFAULT_DAMPING
 from .metrics import METRICS
@@ -222,6 +222,10 @@ class CalibrationConfig:
         check_int("seqlen", self.seqlen, 2)
         check_int("seed", self.seed, 0)
         check_int("batch_size", self.batch_size)
+
+    def draw(self) -> Draw:
+        return Draw(self.calib_samples, self.seqlen, self.seed, self.self_temperature,
+                    self.self_top_p)
 
 
 SAVE_DTYPES = ("auto", "bfloat16", "float16", "float32")

@@ -166,14 +166,25 @@ def without_self(sources: list[Source]) -> list[Source]:
     return [Source(s.name, s.weight / total, s.text) for s in kept]
 
 
-def mixture_windows(sources: list[Source], tokenizer, model, count: int, seqlen: int,
-                    seed: int = 0, temperature: float = 1.0, top_p: float = 0.95,
-                    progress: bool = True, cache=None, model_key: str | None = None
-                    ) -> tuple[torch.Tensor, list[dict]]:
-    """`count` calibration windows split over the sources by weight (source i drawn with
-    seed + i), and a record of what each source gave, for the manifest. With a `cache`
+@dataclass(frozen=True)
+class Draw:
+    """Which windows a mixture gives: how many, how long, from which seed, and how the
+    model samples its own (`self`) windows."""
+    count: int
+    seqlen: int
+    seed: int = 0
+    temperature: float = 1.0
+    top_p: float = 0.95
+
+
+def mixture_windows(sources: list[Source], tokenizer, model, draw: Draw, progress: bool = True,
+                    cache=None, model_key: str | None = None) -> tuple[torch.Tensor, list[dict]]:
+    """`draw.count` calibration windows split over the sources by weight (source i drawn
+    with seed + i), and a record of what each source gave, for the manifest. With a `cache`
     (rankwise.cache.Cache) and the model's content digest `model_key`, sampled windows are
     kept and reused."""
+    count, seqlen, seed = draw.count, draw.seqlen, draw.seed
+    temperature, top_p = draw.temperature, draw.top_p
     parts, record = [], []
     for i, (source, n) in enumerate(zip(sources, split_counts([s.weight for s in sources], count))):
         if source.is_self:

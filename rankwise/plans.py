@@ -39,7 +39,7 @@ from .layers import LowRankLinear, linear_shape, linear_weight, set_module
 from .pipeline.spill import Spill
 from .pipeline.walk import BlockStatistics, Wants
 from .pricing import Menu, Pricing
-from .search import SearchResult, search_ranks
+from .search import Budget, Fitness, SearchResult, SearchSettings, search_ranks
 from .stats import GRADIENT_SIDE
 from .stream_cut import Kept, StreamPass
 
@@ -163,11 +163,11 @@ class Parked(_Plan):
     def _search(self, ranks) -> SearchResult:
         cut, c = self.cut, self.cut.config
         caps = {k: l.rank for k, l in cut.layers.items() if isinstance(l, LowRankLinear)}
-        return search_ranks(cut.model, cut.layers, self._parked, cut.shapes, ranks,
-                            *self.fitness, generations=c.search_generations,
-                            seconds=c.search_seconds, offspring=c.search_offspring,
-                            min_rank=c.min_rank, caps=caps, multiples=cut.rank_steps(),
-                            seed=cut.seed, progress=cut.route.progress)
+        return search_ranks(cut.model, cut.layers, self._parked, ranks, Fitness(*self.fitness),
+                            Budget(cut.shapes, caps, c.min_rank, cut.rank_steps()),
+                            SearchSettings(c.search_generations, c.search_offspring,
+                                           seconds=c.search_seconds, seed=cut.seed,
+                                           progress=cut.route.progress))
 
 
 class Oneshot(_Plan):

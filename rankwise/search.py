@@ -132,37 +132,54 @@ class Budget:
         return slack
 
 
+@dataclass(frozen=True)
+class Fitness:
+    """What a candidate is scored on: held-out windows and the dense model's
+    log-probabilities on them (one tensor per batch of `batch_size` windows)."""
+    windows: torch.Tensor
+    reference: list[torch.Tensor]
+    batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How long and how wide the search goes: at most `generations` (or `seconds`),
+    `offspring` candidates a generation, the best `survivors` of them scored on every
+    window; `seed` of the mutations."""
+    generations: int = 50
+    offspring: int = 8
+    survivors: int = 2
+    seconds: float | None = None
+    seed: int = 0
+    progress: bool = True
+
+
 def search_ranks(model: nn.Module, layers: dict[str, nn.Module], factors,
-                 shapes: dict[str, tuple[int, int]], seed_ranks: dict[str, int | None],
-                 windows: torch.Tensor, reference: list[torch.Tensor], *,
-                 generations: int = 50, offspring: int = 8, survivors: int = 2,
-                 seconds: float | None = None, min_rank: int = 1, batch_size: int = 1,
-                 caps: dict[str, int | None] | None = None,
-                 multiples: dict[str, int] | None = None, seed: int = 0,
-                 progress: bool = True) -> SearchResult:
-    """Search per-layer ranks around `seed_ranks` (same parameter budget) minimising the KL
-    to the dense model's `reference` log-probabilities (one tensor per batch of
-    `batch_size` windows). `caps`: largest rank per layer (a layer already factorized may
-    not grow back); `multiples`: each layer's rank step (allocate.rank_multiples). Stops
-    after `generations` or `seconds`. The model is left as it was."""
+                 seed_ranks: dict[str, int | None], fitness: Fitness, budget: "Budget",
+                 settings: SearchSettings = SearchSettings()) -> SearchResult:
+    """Search per-layer ranks around `seed_ranks` (the budget's parameters) minimising the
+    KL to the dense model on `fitness`; factors(name, rank) -> (B, A) of a layer at a rank.
+    The model is left as it was."""
     t0 = time.perf_counter()
-    rng = random.Random(seed)
-    budget = Budget(shapes, caps or {}, min_rank, multiples)
-    candidates = _Candidates(model, layers, factors, windows, reference, batch_size)
+    rng = random.Random(settings.seed)
+    candidates = _Candidates(model, layers, factors, fitness.windows, fitness.reference,
+                             fitness.batch_size)
+    shapes = budget.shapes
     quantum = 8 * sorted(m + n for m, n in shapes.values())[len(shapes) // 2]
     try:
         parent = dict(seed_ranks)
         parent_fitness = seed_fitness = candidates.kl(parent)
         evaluations, trace, generation = 1, [], 0
-        bar = tqdm(range(generations), desc="rank search", unit="gen", disable=not progress)
+        bar = tqdm(range(settings.generations), desc="rank search", unit="gen",
+                   disable=not settings.progress)
         for generation in bar:
-            if seconds is not None and time.perf_counter() - t0 > seconds:
+            if settings.seconds is not None and time.perf_counter() - t0 > settings.seconds:
                 break
             children = [budget.mutate(parent, rng, quantum, rng.randint(1, 3))
-                        for _ in range(offspring)]
+                        for _ in range(settings.offspring)]
             cheap = sorted((candidates.kl(c, windows=1), i) for i, c in enumerate(children))
             evaluations += len(children)
-            for _, i in cheap[:survivors]:
+            for _, i in cheap[:settings.survivors]:
                 fitness = candidates.kl(children[i])
                 evaluations += 1
                 if fitness < parent_fitness:
@@ -170,7 +187,7 @@ def search_ranks(model: nn.Module, layers: dict[str, nn.Module], factors,
             trace.append(parent_fitness)
             bar.set_postfix(kl=f"{parent_fitness:.4f}")
         else:
-            generation = generations
+            generation = settings.generations
     finally:
         candidates.restore()
     result = SearchResult(ranks=parent, fitness=parent_fitness, seed_fitness=seed_fitness,

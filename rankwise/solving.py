@@ -91,7 +91,7 @@ class Solver:
                     out[name] += [t.to(dtypes[name]) for t in d.factors(ranks[name])]
         done = geometry.EIGH_COUNT.since(before)
         if mine:
-            log.info("%d layers from %s: %d eigendecompositions (%d eigenvalues only, %d redone in "
+            log.debug("%d layers from %s: %d eigendecompositions (%d eigenvalues only, %d redone in "
                      "float64) in %.2f s", len(mine), mine[0], done.decompositions,
                      done.values_only, done.float64_redos, done.seconds)
         return out

@@ -103,9 +103,36 @@ def test_anchor_mix_zero_is_the_sequential_fit_of_each_layers_own_outputs(tiny, 
     assert apart(seq, anchored, last) > 5e-2
 
 
-def test_anchored_steps_cut_further_each_time_and_anchor_to_the_original(tiny, calib):
-    _, summary = compressed(tiny, calib, metric="kfac", ratio=0.5, steps=2, refine_steps=4)
-    assert summary.achieved_ratio == pytest.approx(0.5, abs=0.05)
+def test_anchored_steps_cut_further_each_time_and_anchor_to_the_original(tiny, calib,
+                                                                        monkeypatch):
+    """The first of two steps is the one-step cut at half the ratio; the second only cuts
+    further (no layer's rank grows back) and reaches the ratio; and every step's dense
+    reference is the model as it was given (its dense layers), not the previous step's cut."""
+    from torch import nn
+
+    from rankwise import plans
+    references, real = [], plans.Anchored._reference
+
+    def spied(self, k, block):
+        ref = real(self, k, block)
+        references.append({n: m.weight.detach().clone() for n, m in ref.named_modules()
+                           if type(m) is nn.Linear})
+        return ref
+    monkeypatch.setattr(plans.Anchored, "_reference", spied)
+    _, first = compressed(tiny, calib, metric="kfac", ratio=0.25, refine_steps=4)
+    _, both = compressed(tiny, calib, metric="kfac", ratio=0.5, steps=2, refine_steps=4)
+    assert both.achieved_ratio == pytest.approx(0.5, abs=0.05)
+    cut_first = {n: r for n, r in first.ranks.items() if r is not None}
+    assert all(both.ranks[n] is not None and both.ranks[n] <= r for n, r in cut_first.items())
+    assert any(both.ranks[n] < r for n, r in cut_first.items())
+    blocks = find_blocks(tiny)[1]
+    dense = [{n: m.weight.detach() for n, m in block.named_modules() if type(m) is nn.Linear}
+             for block in blocks]
+    assert len(references) == 3 * len(blocks)     # one step alone, then two
+    for k, ref in enumerate(references):
+        original = dense[k % len(blocks)]
+        assert ref.keys() == original.keys()
+        assert all(torch.equal(ref[n], original[n]) for n in ref)
 
 
 def test_originals_restore_the_dense_block_into_a_copy(tiny, calib):

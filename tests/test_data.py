@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rankwise import RankwiseError
-from rankwise.data import (DOMAINS, evaluation_texts, mixture_windows, parse_sources,
+from rankwise.data import (DOMAINS, Draw, evaluation_texts, mixture_windows, parse_sources,
                            sampled_windows, split_counts, tokenize)
 
 from conftest import word_tokenizer
@@ -43,10 +43,10 @@ def test_split_counts_add_up_and_give_every_source_a_window(weights, total):
 def test_a_mixture_draws_each_source_by_weight(tmp_path):
     tok = word_tokenizer()
     sources = parse_sources(["wikitext:3", "pydoc:1"])
-    windows, record = mixture_windows(sources, tok, None, 8, 16, seed=2)
+    windows, record = mixture_windows(sources, tok, None, Draw(8, 16, seed=2))
     assert windows.shape == (8, 16)
     assert [(r["source"], r["windows"]) for r in record] == [("wikitext", 6), ("pydoc", 2)]
-    again, _ = mixture_windows(sources, tok, None, 8, 16, seed=2)
+    again, _ = mixture_windows(sources, tok, None, Draw(8, 16, seed=2))
     assert torch.equal(windows, again)
     wiki = tokenize(tok, sources[0].text)
     starts = [any(torch.equal(w, wiki[s:s + 16]) for s in range(0, wiki.numel() - 15))
@@ -83,21 +83,21 @@ def test_sampled_windows_are_cached_by_the_models_content(tiny, tmp_path):
     from rankwise.data import SELF, Source
     sources = [Source(SELF, 1.0)]
     cache = Cache(root=tmp_path)
-    first, _ = mixture_windows(sources, None, tiny, 2, 8, seed=1, cache=cache, model_key="a")
+    first, _ = mixture_windows(sources, None, tiny, Draw(2, 8, seed=1), cache=cache, model_key="a")
     assert cache.record["sampled-windows"] == "miss"
-    again, _ = mixture_windows(sources, None, tiny, 2, 8, seed=1, cache=cache, model_key="a")
+    again, _ = mixture_windows(sources, None, tiny, Draw(2, 8, seed=1), cache=cache, model_key="a")
     assert cache.record["sampled-windows"] == "hit" and torch.equal(first, again)
-    mixture_windows(sources, None, tiny, 2, 8, seed=1, cache=cache, model_key="b")
+    mixture_windows(sources, None, tiny, Draw(2, 8, seed=1), cache=cache, model_key="b")
     assert cache.record["sampled-windows"] == "miss"                  # another model
     entry = next(p for p in (tmp_path / "sampled-windows").iterdir()
                  if (p / "entry.json").read_text().count('"a"'))
     data = bytearray((entry / "windows.safetensors").read_bytes())
     data[-1] ^= 0xFF                                                   # one flipped bit
     (entry / "windows.safetensors").write_bytes(bytes(data))
-    recomputed, _ = mixture_windows(sources, None, tiny, 2, 8, seed=1, cache=cache, model_key="a")
+    recomputed, _ = mixture_windows(sources, None, tiny, Draw(2, 8, seed=1), cache=cache, model_key="a")
     assert cache.record["sampled-windows"] == "miss" and torch.equal(recomputed, first)
     off = Cache(enabled=False, root=tmp_path)
-    mixture_windows(sources, None, tiny, 2, 8, seed=1, cache=off, model_key="a")
+    mixture_windows(sources, None, tiny, Draw(2, 8, seed=1), cache=off, model_key="a")
     assert off.record["sampled-windows"] == "off"
 
 

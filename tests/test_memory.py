@@ -100,4 +100,7 @@ def test_decompositions_beside_the_walk_hold_one_block_more_at_any_depth(config)
     beside = lambda device: Beside(device, synchronize=lambda device: None)  # noqa: E731
     compression_peak(2, placement, beside, **config)
     shallow, deep = (compression_peak(n, placement, beside, **config) for n in (2, 8))
-    assert deep <= shallow + 4e6, (shallow, deep)
+    # whether the worker still holds a block's decompositions when the next block's
+    # statistics peak depends on the threads' timing: one block's worth (~9 MB) of slack,
+    # against ~50 MB if the 6 extra blocks were all kept
+    assert deep <= shallow + 9e6, (shallow, deep)

@@ -28,6 +28,47 @@ class Recorded(Beside):
         return super()._run(work)
 
 
+class RecordingStream:
+    """A stream that records how it is used, in one list shared with the work."""
+
+    def __init__(self, events):
+        self.events = events
+
+    def __enter__(self):
+        self.events.append("enter")
+
+    def __exit__(self, *exc):
+        self.events.append("exit")
+
+    def synchronize(self):
+        self.events.append("synchronize")
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_work_runs_on_its_own_stream_and_is_waited_for_before_it_is_handed_back(fails):
+    """On a GPU the worker's kernels run on a stream of its own; the caller may read (and
+    free) what they wrote only once they are done, so the worker waits for its stream
+    before the result or the failure comes back, failed or not."""
+    events = []
+
+    def work():
+        events.append("work")
+        if fails:
+            raise RuntimeError("boom")
+        return 1
+
+    overlap = Beside("cpu", synchronize=lambda device: None,
+                     stream=lambda device: RecordingStream(events))
+    overlap.submit(work, lambda result: events.append("then"))
+    if fails:
+        with pytest.raises(RuntimeError, match="boom"):
+            overlap.drain()
+    else:
+        overlap.drain()
+    overlap.close()
+    assert events == ["enter", "work", "exit", "synchronize"] + ([] if fails else ["then"])
+
+
 def test_the_mode_is_chosen_by_the_device():
     assert isinstance(for_device(torch.device("cpu")), Inline)
     assert isinstance(for_device(torch.device("cuda")), Beside)

@@ -122,9 +122,8 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
     placement = Placement.of(net, device if run.onload else None)
     with _sampling_place(net, sources, placement, calibration.seqlen, chosen) as sources:
         windows, drawn = mixture_windows(
-            sources, tokenizer, net, calibration.calib_samples, calibration.seqlen,
-            calibration.seed, calibration.self_temperature, calibration.self_top_p, progress,
-            cache=cache, model_key=cache.digest(model_path(model)) if run.cache else None)
+            sources, tokenizer, net, calibration.draw(), progress, cache=cache,
+            model_key=cache.digest(model_path(model)) if run.cache else None)
     summary = compress_(net, config, windows, progress=progress, scale_dtype=stored_dtype,
                         execution=Execution(calibration.batch_size, calibration.seed,
                                             placement, run.scratch,

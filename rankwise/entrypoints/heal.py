@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..cache import Cache
-from ..data import mixture_windows, parse_sources
+from ..data import Draw, mixture_windows, parse_sources
 from ..errors import RankwiseError
 from ..io import dense_source, is_output, open_model, read_manifest, write_model
 from ..models import load_model, model_path, resolve_device
@@ -56,8 +56,9 @@ def heal_model(run: HealRun, config: HealConfig, progress: bool = True) -> HealO
     cache = Cache(enabled=run.cache)
     student, tokenizer, _, _ = open_model(run.model)
     teacher = load_model(teacher_spec, cache=cache)[0].to(device)
-    windows, drawn = mixture_windows(sources, tokenizer, teacher, run.windows, run.seqlen,
-                                     run.seed + 1000, progress=progress, cache=cache,
+    windows, drawn = mixture_windows(sources, tokenizer, teacher,
+                                     Draw(run.windows, run.seqlen, run.seed + 1000),
+                                     progress=progress, cache=cache,
                                      model_key=cache.digest(model_path(teacher_spec)) if run.cache else None)
     task = DistillTask(teacher, windows, windows[:0], config.batch_size, config.steps, run.seed,
                        topk=config.teacher_topk or None, progress=progress)

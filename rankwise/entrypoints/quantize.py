@@ -12,7 +12,7 @@ import torch
 from ..compress import Execution, compress_
 from ..config import CompressConfig, StorageConfig
 from ..ct_format import quantized_modules, require_package
-from ..data import mixture_windows, parse_sources
+from ..data import Draw, mixture_windows, parse_sources
 from ..errors import RankwiseError
 from ..grids import DEFAULT_WEIGHT_BITS, GROUP_SIZES, WEIGHT_BITS
 from ..io import is_output, open_model, read_manifest, write_model
@@ -96,8 +96,8 @@ def quantize_output(run: QuantizeRun, config: QuantizeConfig, storage: StorageCo
     # `self` is left out: it would sample the compressed model, not the dense one
     specs = run.calib or [s["source"] for s in manifest.get("calibration", {}).get("sources", [])]
     sources = parse_sources([s for s in specs if s != "self"] or ["wikitext"])
-    windows, _ = mixture_windows(sources, tokenizer, model, run.windows, run.seqlen, run.seed,
-                                 progress=progress)
+    windows, _ = mixture_windows(sources, tokenizer, model,
+                                 Draw(run.windows, run.seqlen, run.seed), progress=progress)
     model.to(resolve_device(run.device))
     summary = compress_(model, compression, windows, progress=progress, scale_dtype=dtype,
                         execution=Execution(batch_size=run.batch_size, seed=run.seed))

@@ -52,10 +52,12 @@ class Beside:
     statistics it reads are complete; the walk synchronises at every block anyway), and
     the worker waits for its own stream before handing the result back, so the caller
     never reads a tensor still being written and no memory is freed under a running
-    kernel."""
+    kernel. `synchronize` and `stream` (a factory of the device's streams) are what a
+    test on the CPU stands in for."""
 
-    def __init__(self, device: torch.device, synchronize=device_synchronize):
-        self.device, self.synchronize = torch.device(device), synchronize
+    def __init__(self, device: torch.device, synchronize=device_synchronize,
+                 stream=torch.Stream):
+        self.device, self.synchronize, self._make_stream = torch.device(device), synchronize, stream
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankwise-beside")
         self._stream: torch.Stream | None = None
         self._pending: tuple[Future, Callable[[Any], None]] | None = None
@@ -64,7 +66,7 @@ class Beside:
         self.drain()
         self.synchronize(self.device)
         if self._stream is None:     # made here, on the device this thread works on
-            self._stream = torch.Stream(self.device)
+            self._stream = self._make_stream(self.device)
         self._pending = (self._worker.submit(self._run, work), then)
 
     def _run(self, work):
