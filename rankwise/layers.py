@@ -157,14 +157,7 @@ class LowRankLinear(nn.Module):
         return self.B.weight @ self.A.weight
 
     def merge(self) -> nn.Linear:
-        A = self.A.weight
-        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                           device=A.device, dtype=A.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.B.weight @ A)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return _dense_linear(self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}"
@@ -217,11 +210,25 @@ class CorrectedLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense map base + B @ A (for inspection, never used by forward)."""
+        """The dense map base + B @ A (for inspection and merging, never used by forward)."""
         return self.base.weight + self.B.weight @ self.A.weight
+
+    def merge(self) -> nn.Linear:
+        return _dense_linear(self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"correction rank={self.rank}"
+
+
+@torch.no_grad()
+def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A plain nn.Linear holding a merged map (and the layer's bias)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias is not None, device=weight.device,
+                       dtype=weight.dtype)
+    linear.weight.copy_(weight)
+    if bias is not None:
+        linear.bias.copy_(bias)
+    return linear
 
 
 def _plain(weight: torch.Tensor) -> bool:

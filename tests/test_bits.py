@@ -256,3 +256,39 @@ def test_budgets_made_from_one_measurement_equal_their_own_compressions(windows)
         with pytest.raises(RankwiseError, match="other layers, windows or forms"):
             compress_(structured_tiny("llama", **WIDE), CompressConfig(bits=4.0, **kw),
                       windows.roll(1, 0), progress=False, measurement=measurement)
+
+
+def test_corrections_exported_as_a_peft_lora_adapter_over_the_rounded_base(made, windows,
+                                                                           tmp_path):
+    """`export --format lora`: base/ holds the rounded model without its corrections and
+    adapter/ the corrections as LoRA (alpha = r, so PEFT's scale is 1); peft puts them
+    together into what the output computes. The dense export merges corrections too.
+    (The base is read by rankwise here: transformers 5.25 dequantizing on load applies one
+    scheme to every layer of a mixed-precision checkpoint; run compressed, it loads.)"""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    from rankwise.export import ExportConfig, export
+    model, _ = made
+    folder = save(model, tmp_path / "q", storage=torch.bfloat16)
+    lora = export(ExportConfig(model=str(folder), out=str(tmp_path / "lora"), format="lora"))
+    dense = export(ExportConfig(model=str(folder), out=str(tmp_path / "dense")))
+    adapter = json.loads((lora / "adapter" / "adapter_config.json").read_text())
+    corrected = {n: m.rank for n, m in model.named_modules() if isinstance(m, CorrectedLinear)}
+    assert adapter["rank_pattern"] == adapter["alpha_pattern"] == corrected
+    base = load(lora / "base")
+    assert not any(isinstance(m, CorrectedLinear) for m in base.modules())
+    with_adapter = peft.PeftModel.from_pretrained(base, str(lora / "adapter")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+    with torch.no_grad():
+        mine = load(folder)(windows).logits
+        assert (with_adapter(input_ids=windows).logits - mine).abs().max() < 1e-4
+        assert (merged(input_ids=windows).logits - mine).abs().max() < 1e-3
+
+
+def test_an_output_without_corrections_has_no_lora_to_export(tmp_path, windows):
+    from rankwise.export import ExportConfig, export
+    model = structured_tiny("llama", **WIDE)
+    compress_(model, CompressConfig(ratio=0.3, cut="oneshot"), windows, progress=False)
+    folder = save(model, tmp_path / "lowrank")
+    with pytest.raises(RankwiseError, match="no rounded layer with a low-rank correction"):
+        export(ExportConfig(model=str(folder), out=str(tmp_path / "lora"), format="lora"))

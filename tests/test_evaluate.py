@@ -4,6 +4,7 @@ import time
 import pytest
 import torch
 from rankwise import evaluate, measure_speed
+from rankwise.data import CALIBRATION_TEXT
 
 
 def test_speed_is_tokens_over_the_time_generate_takes(tiny):
@@ -64,3 +65,45 @@ def test_perplexity_kl_and_agreement_by_hand(tiny, heldout):
     assert report.top1_agreement == pytest.approx(
         float((ref.argmax(-1) == logp.argmax(-1)).double().mean()))
     assert evaluate(tiny, heldout, reference=tiny, progress=False).kl == pytest.approx(0, abs=1e-6)
+
+
+
+def test_a_second_evaluation_reads_the_dense_reference_from_the_cache(tiny_folder, tmp_path,
+                                                                      monkeypatch):
+    """The first run records the dense model's head inputs; the second reads them, runs the
+    dense model only through its head, and reports the same numbers to the last bit."""
+    import rankwise.entrypoints.evaluate as entry
+    from rankwise.cache import Cache
+    text = tmp_path / "text.txt"
+    text.write_text(CALIBRATION_TEXT.read_text()[:20_000])
+    config = entry.EvalConfig(model=str(tiny_folder), reference=str(tiny_folder),
+                              text=[str(text)], windows=3, seqlen=32, batch_size=2)
+    first = entry.evaluate_model(config, progress=False).reports[str(text)]
+    references = []
+
+    def recording(model, windows, reference, *args):
+        references.append(type(reference).__name__)
+        return evaluate(model, windows, reference, *args)
+    monkeypatch.setattr(entry, "evaluate", recording)
+    second = entry.evaluate_model(config, progress=False).reports[str(text)]
+    assert references == ["HeadInputs"]
+    assert first == second and first.kl == 0 and first.top1_agreement == 1
+    assert any(Cache().root.glob("reference/*/head_inputs.safetensors"))
+
+
+def test_a_model_that_changes_its_logits_after_its_head_is_not_held_by_its_head_inputs(
+        tiny, heldout):
+    from rankwise.evaluate import head_inputs_of, head_reproduces
+    with head_inputs_of(tiny) as collected:
+        evaluate(tiny, heldout[:2], progress=False)
+    inputs = torch.cat(collected)
+    assert inputs.shape == (2, heldout.shape[1], tiny.config.hidden_size)
+    assert head_reproduces(tiny, heldout, inputs)
+    forward = tiny.forward
+
+    def softcapped(*args, **kwargs):             # as Gemma 2 does after its head
+        out = forward(*args, **kwargs)
+        out.logits = 30 * torch.tanh(out.logits / 30)
+        return out
+    tiny.forward = softcapped
+    assert not head_reproduces(tiny, heldout, inputs)

@@ -1,19 +1,27 @@
 """evaluate_model: a model (or rankwise output) against its dense reference on a text."""
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
 from ..cache import Cache
 from ..data import DOMAINS, evaluation_texts, evaluation_windows, tokenize
-from ..evaluate import Report, evaluate, parameter_count
+from ..evaluate import HeadInputs, Report, evaluate, head_inputs_of, head_reproduces, parameter_count
 from ..io import EVAL_FILE, WEIGHTS, dense_source, is_output, open_model, read_manifest
 from ..lm_tasks import STANDARD_ZERO_SHOT, check_tasks, run_tasks
 from ..models import DEVICES, DTYPES, load_model, model_path, release_host_memory, resolve_device
 from ..options import check_bool, check_choice, check_int, option
 from ..outputs import write_file
 from ..speed import measure_speed
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -95,6 +103,31 @@ def weights_on_disk(folder: Path, manifest: dict) -> dict[str, float]:
             "bits_per_targeted_param": stored.get("bits_per_targeted_param")}
 
 
+def _against_dense(model, windows: torch.Tensor, reference, reference_key: dict | None,
+                   config: EvalConfig, cache: Cache, progress: bool) -> Report:
+    """evaluate, with the dense reference's head inputs on these windows taken from the
+    user's cache when an earlier run left them (keyed by the reference's content, the
+    windows' tokens, the dtype and device kind), else recorded for the next run."""
+    if reference is None or reference_key is None:
+        return evaluate(model, windows, reference, config.batch_size, progress)
+    key = {**reference_key, "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest()}
+    folder = cache.get("reference", key)
+    if folder is not None:
+        inputs = load_file(folder / "head_inputs.safetensors")["inputs"]
+        return evaluate(model, windows, HeadInputs(reference.get_output_embeddings(), inputs),
+                        config.batch_size, progress)
+    with head_inputs_of(reference) as collected:
+        report = evaluate(model, windows, reference, config.batch_size, progress)
+    inputs = torch.cat(collected)
+    if head_reproduces(reference, windows, inputs):
+        cache.put("reference", key, lambda folder: save_file(
+            {"inputs": inputs.contiguous()}, folder / "head_inputs.safetensors"))
+    else:
+        log.info("the reference changes its logits after its output head: it is run whole "
+                 "at every evaluation")
+    return report
+
+
 def evaluate_model(config: EvalConfig, progress: bool = True) -> EvalOutcome:
     """Perplexity of config.model on each text and, against the reference, the KL of
     next-token distributions and top-1 agreement. Paths are checked before any load."""
@@ -116,13 +149,17 @@ def evaluate_model(config: EvalConfig, progress: bool = True) -> EvalOutcome:
     model.to(device)
     reference = load_model(reference_spec, config.dtype, cache)[0].to(device) \
         if use_reference else None
+    reference_key = {"model": cache.digest(model_path(reference_spec)), "dtype": config.dtype,
+                     "device": torch.device(device).type, "torch": torch.__version__,
+                     "transformers": transformers.__version__} \
+        if use_reference and cache.enabled else None
     reports, shapes = {}, {}
     for name, text in texts.items():
         windows = evaluation_windows(tokenize(tokenizer, text), config.seqlen,
                                      None if config.full else config.windows, what=name)
         release_host_memory()      # what tokenizing a whole text left in the allocator
-        reports[name] = evaluate(model, windows, reference, batch_size=config.batch_size,
-                                 progress=progress)
+        reports[name] = _against_dense(model, windows, reference, reference_key, config,
+                                       cache, progress)
         shapes[name] = tuple(windows.shape)
     outcome = EvalOutcome(reports, shapes, source, parameter_count(model),
                           parameter_count(reference) if reference is not None else None, manifest)
