@@ -19,7 +19,7 @@ Columns: stored bits per original targeted parameter (as the weights file holds 
 perplexity and its ratio to dense on WikiText-2, pydoc and code; KL and top-1 on WikiText-2;
 the weights file's bytes (embeddings and norms included, bfloat16); compress seconds.
 
-    python bench/bytes.py [--bits 3.0 3.5 4.0 4.5] [--mixed 3.75 4.25] [--uniform 8 4 3]
+    python bench/bytes.py [--bits 3.0 3.5 4.0 4.25 4.5] [--mixed 3.75 4.25] [--uniform 8 4 3]
                           [--calib-samples 16] [--windows 10] [--png docs/figures/bytes.png]
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ from common import Domains, header
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bits", nargs="*", type=float, default=[3.0, 3.5, 4.0, 4.5])
+    p.add_argument("--bits", nargs="*", type=float, default=[3.0, 3.5, 4.0, 4.25, 4.5])
     p.add_argument("--mixed", nargs="*", type=float, default=[3.75, 4.25],
                    help="mixed-precision budgets (the least they make is about 3.3 bits)")
     p.add_argument("--uniform", nargs="*", type=int, default=[8, 4, 3])

@@ -1,6 +1,6 @@
 """Wide deep linear network vs its compressed form (C-DLN), and the transfer to MLP / ViT.
 
-Recovery (issue 6 settings): rank r = 5 targets of size d x d, depth L = 3, init scale
+Recovery: rank r = 5 targets of size d x d, depth L = 3, init scale
 1e-3, plain gradient descent at the same base learning rate 0.2 for both networks; the
 C-DLN has width r_hat = 10, spectral init from the surrogate and alpha = 4 on its outer
 layers. Problems: full observation, completion (30% of the entries) and sensing (1500

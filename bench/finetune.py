@@ -1,7 +1,7 @@
 """Fine-tuning under a rank constraint: factors vs hard (TRP) vs svt, same data, same
 steps, same final budget.
 
-LLM (issue 4 settings): SmolLM2-135M-Instruct, every linear layer in the blocks targeted,
+LLM: SmolLM2-135M-Instruct, every linear layer in the blocks targeted,
 ratio 0.5, 200 AdamW steps (lr 1e-4) of 2 x 256 tokens from the WikiText-2 validation
 split minus its last 20%, which holds the 16 x 512 calibration windows (K-FAC metric for
 all three methods); proximal step / truncation every 10 steps, the last 40 steps train the

@@ -1,5 +1,5 @@
-"""The GPU check, one script for one lent device (issue 26; built on
-../shared/tools/gpu_scale_check.py), in under 8 minutes on one GPU. Random-weight Llama
+"""The GPU check, one script for one device,
+in under 8 minutes on one GPU. Random-weight Llama
 shapes (quality means nothing there; time and memory do). Parts, in order, each a JSON
 line printed as it finishes and appended to $OUT/gpu_check.jsonl (or --out):
 

@@ -44,7 +44,7 @@ def main():
     p.add_argument("--metrics", nargs="*", default=["svd", "whiten", "fisher", "kfac"])
     p.add_argument("--ratios", nargs="*", type=float, default=[0.2, 0.4])
     p.add_argument("--spectrum-ratios", nargs="*", type=float, default=[0.2, 0.4, 0.6],
-                   help="ratios for kfac with allocation=spectrum (issue 5); none to skip")
+                   help="ratios for kfac with allocation=spectrum; none to skip")
     p.add_argument("--steps", type=int, default=4,
                    help="stages for the multi-step rows (kfac, spectrum, statistics "
                         "re-collected before each stage)")

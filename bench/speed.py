@@ -34,10 +34,11 @@ import argparse
 import copy
 import platform
 import statistics
+from pathlib import Path
 
 import torch
 
-from rankwise import CompressConfig, accelerate, compress_, measure_speed
+from rankwise import CompressConfig, accelerate, compress_, load, measure_speed
 from rankwise.evaluate import linear_macs
 from rankwise.fusion import unfuse_siblings
 from rankwise.models import load_model
@@ -138,7 +139,9 @@ def int8_weights(model: torch.nn.Module) -> torch.nn.Module:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ratios", nargs="+", type=float, default=[0.4])
+    p.add_argument("--ratios", nargs="*", type=float, default=[0.4])
+    p.add_argument("--outputs", nargs="*", default=[], help="rankwise output folders to time "
+                   "as rankwise.load gives them (embedded-model outputs: against its dense)")
     p.add_argument("--prompt", type=int, default=512, help="prefill length")
     p.add_argument("--decode", type=int, default=64, help="decoded tokens per round")
     p.add_argument("--batches", nargs="+", type=int, default=[1], help="sequences per generate call")
@@ -171,6 +174,8 @@ def main():
         if args.unfused:
             base[f"{ratio} unfused"] = copy.deepcopy(base[f"ratio {ratio}"])
             unfuse_siblings(base[f"{ratio} unfused"])
+    for folder in args.outputs:
+        base[Path(folder).name[:14]] = load(folder).to(args.device, getattr(torch, args.dtype)).eval()
     if args.int8:
         base.update({f"{name} int8": int8_weights(model) for name, model in list(base.items())})
     if args.profile:

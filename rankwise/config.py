@@ -14,10 +14,9 @@ from .data import DOMAINS, SELF, Draw
 from .errors import RankwiseError
 from .geometry import DEFAULT_DAMPING
 from .metrics import METRICS
-from .grids import (DEFAULT_WEIGHT_BITS, FLOAT_BITS, GROUP_SIZES, WEIGHT_BITS,
+from .grids import (DEFAULT_WEIGHT_BITS, FLOAT_BITS, GROUP_SIZES, ROUNDINGS, WEIGHT_BITS,
                     check_group_size)
 from .options import check_choice, check_int, check_number, option
-from .rounding import ROUNDINGS
 
 
 # The vocabulary of cuts, written once: the option's choices and help, the manifest's

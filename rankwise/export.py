@@ -58,7 +58,7 @@ def write_lora(model: nn.Module, tokenizer, manifest: dict, folder: Path) -> Non
     ranks = {name: layer.rank for name, layer in corrected.items()}
     kept = {key: manifest[key] for key in ("source", "targeted_params") if key in manifest}
     (folder / "base").mkdir()
-    write_model(folder / "base", model, {**kept, "lora_base_of": manifest.get("source")},
+    write_model(folder / "base", model, {**kept, "export": "the base of a lora export"},
                 tokenizer, storage)
     (folder / "adapter").mkdir()
     save_file(adapter, str(folder / "adapter" / "adapter_model.safetensors"),

@@ -30,6 +30,9 @@ GROUP_SIZES = (32, 64, 128)     # what grouped kernels accept
 FLOAT_BITS = 16                 # a float parameter as outputs store it
 SCALE_BITS = 16
 SHAPE_BITS = 2 * 64             # compressed-tensors' weight_shape: two int64 per matrix
+ROUNDINGS = {"gptq": "error-compensating, column by column in the layer's input covariance "
+                     "with each token weighted by its output gradient (GPTQ)",
+             "rtn": "round to nearest (the baseline)"}    # rankwise.rounding does them
 
 
 @dataclass(frozen=True)

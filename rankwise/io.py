@@ -50,7 +50,7 @@ def write_model(folder: Path, model: nn.Module, manifest: dict | None = None,
     """The files of a rankwise output, into an existing (temporary) folder. Floating-point
     weights are stored in `storage` (None: float32) and the model in memory is rounded to
     them first, so what was saved is what the caller holds; factors on an integer grid
-    (rankwise.quantize) are stored in the compressed-tensors format (rankwise.ct_format).
+    (rankwise.rounding) are stored in the compressed-tensors format (rankwise.ct_format).
     The manifest records the dtype, the file's bytes and the bits per original parameter
     of the targeted layers; returns it as written."""
     from safetensors.torch import save_file

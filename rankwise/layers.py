@@ -99,15 +99,10 @@ class LowRankLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
-        if not 1 <= rank <= min(in_features, out_features):
-            raise RankwiseError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
-        kw = {"device": torch.get_default_device() if device is None else device, "dtype": dtype}
+        kw = _checked(in_features, out_features, rank, device, dtype)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        # uninitialised: the factors are always filled in (from_linear, a state dict)
-        self.A = nn.utils.skip_init(nn.Linear, in_features, rank, bias=False, **kw)
-        self.B = nn.utils.skip_init(nn.Linear, rank, out_features, bias=bias, **kw)
-        if bias:
-            nn.init.zeros_(self.B.bias)
+        self.A = _unfilled(in_features, rank, False, kw)
+        self.B = _unfilled(rank, out_features, bias, kw)
         self.register_state_dict_post_hook(_own_storage)
 
     @property
@@ -173,15 +168,11 @@ class CorrectedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
-        if not 1 <= rank <= min(in_features, out_features):
-            raise RankwiseError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
-        kw = {"device": torch.get_default_device() if device is None else device, "dtype": dtype}
+        kw = _checked(in_features, out_features, rank, device, dtype)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.base = nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, **kw)
-        if bias:
-            nn.init.zeros_(self.base.bias)
-        self.A = nn.utils.skip_init(nn.Linear, in_features, rank, bias=False, **kw)
-        self.B = nn.utils.skip_init(nn.Linear, rank, out_features, bias=False, **kw)
+        self.base = _unfilled(in_features, out_features, bias, kw)
+        self.A = _unfilled(in_features, rank, False, kw)
+        self.B = _unfilled(rank, out_features, False, kw)
 
     @property
     def bias(self) -> nn.Parameter | None:
@@ -218,6 +209,22 @@ class CorrectedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"correction rank={self.rank}"
+
+
+def _checked(in_features: int, out_features: int, rank: int, device, dtype) -> dict:
+    """The factory arguments of a factored layer's modules, its rank checked."""
+    if not 1 <= rank <= min(in_features, out_features):
+        raise RankwiseError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
+    return {"device": torch.get_default_device() if device is None else device, "dtype": dtype}
+
+
+def _unfilled(in_features: int, out_features: int, bias: bool, kw: dict) -> nn.Linear:
+    """An nn.Linear left uninitialised (factors and bases are always filled in afterwards,
+    from a layer or a state dict), its bias zero."""
+    linear = nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, **kw)
+    if bias:
+        nn.init.zeros_(linear.bias)
+    return linear
 
 
 @torch.no_grad()

@@ -138,6 +138,23 @@ def release_host_memory(collect: bool = True) -> None:
         pass
 
 
+MMAP_THRESHOLD = 1 << 22         # bytes: every tensor this large mapped and unmapped whole
+
+
+def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
+    """glibc serves an allocation below its mmap threshold from its heap arenas, and raises
+    that threshold (up to 32 MB) each time a larger mapped block is freed: after a few
+    large temporaries, tensors of several MB come from the arenas, where what is freed
+    between long-lived tensors stays resident, and a walk whose allocated bytes are flat
+    creeps up in resident memory. A fixed threshold maps every tensor of 4 MB or more on
+    its own and returns it to the system when it is freed. False where not glibc."""
+    import ctypes
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))    # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def check_finite(model: nn.Module, what: str = "the model") -> None:
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():

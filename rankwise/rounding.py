@@ -38,11 +38,6 @@ from torch import nn
 from .geometry import metric_error
 from .grids import Grid
 
-ROUNDINGS = {"gptq": "error-compensating, column by column in the layer's input covariance "
-                     "with each token weighted by its output gradient (GPTQ)",
-             "rtn": "round to nearest (the baseline)"}
-
-
 @dataclass
 class Rounded:
     """A weight on its grid: `weight` (float, = q * scale), `scale` (rows x groups, one

@@ -68,27 +68,46 @@ def test_perplexity_kl_and_agreement_by_hand(tiny, heldout):
 
 
 
-def test_a_second_evaluation_reads_the_dense_reference_from_the_cache(tiny_folder, tmp_path,
-                                                                      monkeypatch):
-    """The first run records the dense model's head inputs; the second reads them, runs the
-    dense model only through its head, and reports the same numbers to the last bit."""
+def test_a_second_evaluation_reads_the_dense_reference_and_the_scores_from_the_cache(
+        tiny_folder, tmp_path, monkeypatch):
+    """The first run against a reference records its head inputs; another model scored
+    against it runs the reference only through its head, to the same numbers bit for bit;
+    scoring the same model again reads its report (an output's eval.json aside, nothing it
+    computes from changed)."""
     import rankwise.entrypoints.evaluate as entry
+    from conftest import structured_tiny, word_tokenizer
     from rankwise.cache import Cache
     text = tmp_path / "text.txt"
     text.write_text(CALIBRATION_TEXT.read_text()[:20_000])
-    config = entry.EvalConfig(model=str(tiny_folder), reference=str(tiny_folder),
-                              text=[str(text)], windows=3, seqlen=32, batch_size=2)
-    first = entry.evaluate_model(config, progress=False).reports[str(text)]
+    other = tmp_path / "other"
+    structured_tiny("llama", seed=3).save_pretrained(other)
+    word_tokenizer().save_pretrained(other)
+
+    def scored(model):
+        config = entry.EvalConfig(model=str(model), reference=str(tiny_folder),
+                                  text=[str(text)], windows=3, seqlen=32, batch_size=2)
+        return entry.evaluate_model(config, progress=False).reports[str(text)]
+    itself = scored(tiny_folder)
+    assert itself.kl == 0 and itself.top1_agreement == 1
+    assert any(Cache().root.glob("reference/*/head_inputs.safetensors"))
+    afresh = evaluate(structured_tiny("llama", seed=3), *_windows_of(text, tiny_folder),
+                      reference=structured_tiny("llama"), batch_size=2, progress=False)
     references = []
 
     def recording(model, windows, reference, *args):
         references.append(type(reference).__name__)
         return evaluate(model, windows, reference, *args)
     monkeypatch.setattr(entry, "evaluate", recording)
-    second = entry.evaluate_model(config, progress=False).reports[str(text)]
-    assert references == ["HeadInputs"]
-    assert first == second and first.kl == 0 and first.top1_agreement == 1
-    assert any(Cache().root.glob("reference/*/head_inputs.safetensors"))
+    first = scored(other)
+    assert references == ["HeadInputs"] and first == afresh
+    assert scored(other) == first and references == ["HeadInputs"]
+
+
+def _windows_of(text, folder):
+    from rankwise.data import evaluation_windows, tokenize
+    from transformers import AutoTokenizer
+    tokens = tokenize(AutoTokenizer.from_pretrained(folder), text.read_text())
+    return (evaluation_windows(tokens, 32, 3, what="text"),)
 
 
 def test_a_model_that_changes_its_logits_after_its_head_is_not_held_by_its_head_inputs(

@@ -104,3 +104,27 @@ def test_decompositions_beside_the_walk_hold_one_block_more_at_any_depth(config)
     # statistics peak depends on the threads' timing: one block's worth (~9 MB) of slack,
     # against ~50 MB if the 6 extra blocks were all kept
     assert deep <= shallow + 9e6, (shallow, deep)
+
+
+@pytest.mark.skipif(ALLOCATED is None, reason="needs glibc's mallinfo2")
+@pytest.mark.parametrize("fixed", [False, True], ids=["glibc's dynamic threshold", "fixed"])
+def test_a_fixed_mmap_threshold_maps_tensors_of_megabytes_after_a_larger_one_was_freed(fixed):
+    """What keeps a compression's resident memory flat: once a 24 MB tensor is freed glibc
+    serves 8 MB ones from its arenas (where freed memory stays resident), unless the
+    threshold is fixed (models.fix_mmap_threshold), as compress_model fixes it. In a
+    fresh process, since the setting is the process's."""
+    import subprocess
+    code = (
+        "import ctypes, torch\n"
+        "from rankwise.models import fix_mmap_threshold\n"
+        "class M(ctypes.Structure):\n"
+        f"    _fields_ = [(n, ctypes.c_size_t) for n in {[n for n, _ in _Mallinfo2._fields_]!r}]\n"
+        "libc = ctypes.CDLL('libc.so.6'); libc.mallinfo2.restype = M\n"
+        f"if {fixed}: assert fix_mmap_threshold()\n"
+        "big = torch.empty(24 << 20, dtype=torch.uint8); del big\n"
+        "before = libc.mallinfo2().hblkhd\n"
+        "t = torch.empty(8 << 20, dtype=torch.uint8)\n"
+        "print(libc.mallinfo2().hblkhd - before)\n")
+    mapped = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                text=True).stdout.split()[-1])
+    assert (mapped >= 8 << 20) == fixed

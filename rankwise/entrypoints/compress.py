@@ -17,7 +17,8 @@ from ..data import (Source, mixture_windows, parse_sources, sampling_bytes, with
 from ..errors import RankwiseError
 from ..hf_format import base_model_type
 from ..io import open_model, write_model
-from ..models import DEVICES, DTYPES, model_path, resolve_device, storage_dtype
+from ..models import (DEVICES, DTYPES, fix_mmap_threshold, model_path, resolve_device,
+                      storage_dtype)
 from ..options import check_bool, check_choice, check_number, option
 from ..outputs import Output
 from ..pipeline import distributed
@@ -104,6 +105,7 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
     config = config or CompressConfig()
     calibration = calibration or CalibrationConfig()
     storage = storage or StorageConfig()
+    fix_mmap_threshold()         # resident memory flat over the walks (models.py says why)
     model = run.model
     out = Output(run.out, "compress", inputs=[model_path(model)])
     stored_dtype = storage_dtype(model, storage.save_dtype)

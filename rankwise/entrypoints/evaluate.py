@@ -14,12 +14,13 @@ from safetensors.torch import load_file, save_file
 from ..cache import Cache
 from ..data import DOMAINS, evaluation_texts, evaluation_windows, tokenize
 from ..evaluate import HeadInputs, Report, evaluate, head_inputs_of, head_reproduces, parameter_count
-from ..io import EVAL_FILE, WEIGHTS, dense_source, is_output, open_model, read_manifest
+from ..io import EVAL_FILE, MANIFEST, WEIGHTS, dense_source, is_output, open_model, read_manifest
 from ..lm_tasks import STANDARD_ZERO_SHOT, check_tasks, run_tasks
 from ..models import DEVICES, DTYPES, load_model, model_path, release_host_memory, resolve_device
 from ..options import check_bool, check_choice, check_int, option
 from ..outputs import write_file
 from ..speed import measure_speed
+from ..version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +104,39 @@ def weights_on_disk(folder: Path, manifest: dict) -> dict[str, float]:
             "bits_per_targeted_param": stored.get("bits_per_targeted_param")}
 
 
-def _against_dense(model, windows: torch.Tensor, reference, reference_key: dict | None,
-                   config: EvalConfig, cache: Cache, progress: bool) -> Report:
+def _content(cache: Cache, spec: str | None) -> str:
+    """sha256 of what a model computes from: a rankwise output's weights and config (not
+    the eval.json each evaluation writes beside them), any other model's files."""
+    path = model_path(spec)
+    if not is_output(spec):
+        return cache.digest(path)
+    return hashlib.sha256("".join(cache.digest(path / name) for name in
+                                  (WEIGHTS, "config.json", MANIFEST)).encode()).hexdigest()
+
+
+def _scored(model, windows: torch.Tensor, reference, keys: dict | None, config: EvalConfig,
+            cache: Cache, progress: bool) -> Report:
+    """The model's report on these windows: from the user's cache when an earlier run
+    scored the same model content against the same reference on the same tokens (the
+    numbers are a function of those), else measured and kept. `keys` None: no cache."""
+    if keys is None:
+        return evaluate(model, windows, reference, config.batch_size, progress)
+    on = {**keys["reference"], "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest()}
+    report_key = {**on, "scored": keys["model"], "rankwise": __version__}
+    folder = cache.get("report", report_key)
+    if folder is not None:
+        return Report(**json.loads((folder / "report.json").read_text()))
+    report = _against_dense(model, windows, reference, on, config, cache, progress)
+    cache.put("report", report_key,
+              lambda folder: (folder / "report.json").write_text(json.dumps(asdict(report))))
+    return report
+
+
+def _against_dense(model, windows: torch.Tensor, reference, key: dict, config: EvalConfig,
+                   cache: Cache, progress: bool) -> Report:
     """evaluate, with the dense reference's head inputs on these windows taken from the
     user's cache when an earlier run left them (keyed by the reference's content, the
     windows' tokens, the dtype and device kind), else recorded for the next run."""
-    if reference is None or reference_key is None:
-        return evaluate(model, windows, reference, config.batch_size, progress)
-    key = {**reference_key, "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest()}
     folder = cache.get("reference", key)
     if folder is not None:
         inputs = load_file(folder / "head_inputs.safetensors")["inputs"]
@@ -149,17 +175,16 @@ def evaluate_model(config: EvalConfig, progress: bool = True) -> EvalOutcome:
     model.to(device)
     reference = load_model(reference_spec, config.dtype, cache)[0].to(device) \
         if use_reference else None
-    reference_key = {"model": cache.digest(model_path(reference_spec)), "dtype": config.dtype,
-                     "device": torch.device(device).type, "torch": torch.__version__,
-                     "transformers": transformers.__version__} \
-        if use_reference and cache.enabled else None
+    keys = {"reference": {"model": cache.digest(model_path(reference_spec)),
+                          "dtype": config.dtype, "device": torch.device(device).type,
+                          "torch": torch.__version__, "transformers": transformers.__version__},
+            "model": _content(cache, config.model)} if use_reference and cache.enabled else None
     reports, shapes = {}, {}
     for name, text in texts.items():
         windows = evaluation_windows(tokenize(tokenizer, text), config.seqlen,
                                      None if config.full else config.windows, what=name)
         release_host_memory()      # what tokenizing a whole text left in the allocator
-        reports[name] = _against_dense(model, windows, reference, reference_key, config,
-                                       cache, progress)
+        reports[name] = _scored(model, windows, reference, keys, config, cache, progress)
         shapes[name] = tuple(windows.shape)
     outcome = EvalOutcome(reports, shapes, source, parameter_count(model),
                           parameter_count(reference) if reference is not None else None, manifest)

@@ -14,12 +14,11 @@ from ..config import CompressConfig, StorageConfig
 from ..ct_format import quantized_modules, require_package
 from ..data import Draw, mixture_windows, parse_sources
 from ..errors import RankwiseError
-from ..grids import DEFAULT_WEIGHT_BITS, GROUP_SIZES, WEIGHT_BITS
+from ..grids import DEFAULT_WEIGHT_BITS, GROUP_SIZES, ROUNDINGS, WEIGHT_BITS
 from ..io import is_output, open_model, read_manifest, write_model
-from ..models import model_path, resolve_device
+from ..models import fix_mmap_threshold, model_path, resolve_device
 from ..options import check_int, option
 from ..outputs import Output
-from ..rounding import ROUNDINGS
 
 
 @dataclass
@@ -87,6 +86,7 @@ def quantize_output(run: QuantizeRun, config: QuantizeConfig, storage: StorageCo
     compression = config.compression()
     manifest = read_manifest(run.model)
     out = Output(run.out, "quantize", inputs=[run.model])
+    fix_mmap_threshold()         # resident memory flat over the walks (models.py says why)
     model, tokenizer, _, _ = open_model(run.model)
     if quantized_modules(model):
         raise RankwiseError(f"{run.model} already holds rounded weights; quantize the float "
