@@ -111,7 +111,7 @@ def test_decompositions_beside_the_walk_hold_one_block_more_at_any_depth(config)
 def test_a_fixed_mmap_threshold_maps_tensors_of_megabytes_after_a_larger_one_was_freed(fixed):
     """What keeps a compression's resident memory flat: once a 24 MB tensor is freed glibc
     serves 8 MB ones from its arenas (where freed memory stays resident), unless the
-    threshold is fixed (models.fix_mmap_threshold), as compress_model fixes it. In a
+    threshold is fixed (models.fix_mmap_threshold), as a compression that rounds fixes it. In a
     fresh process, since the setting is the process's."""
     import subprocess
     code = (
