@@ -180,10 +180,10 @@ def search_ranks(model: nn.Module, layers: dict[str, nn.Module], factors,
             cheap = sorted((candidates.kl(c, windows=1), i) for i, c in enumerate(children))
             evaluations += len(children)
             for _, i in cheap[:settings.survivors]:
-                fitness = candidates.kl(children[i])
+                score = candidates.kl(children[i])     # not `fitness`: that is the argument
                 evaluations += 1
-                if fitness < parent_fitness:
-                    parent, parent_fitness = children[i], fitness
+                if score < parent_fitness:
+                    parent, parent_fitness = children[i], score
             trace.append(parent_fitness)
             bar.set_postfix(kl=f"{parent_fitness:.4f}")
         else:
