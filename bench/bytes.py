@@ -15,12 +15,17 @@ its statistics and prices, made once and charged to the first row that uses it).
   mixed B        --bits B --forms rounded: each layer at 8, 4 or 3 bits, chosen by the
                  pricing and the knapsack --bits uses
   rankwise B     --bits B: every form (low rank, rounded, rounded plus a correction)
+  HQQ g          a public calibration-free quantizer as its users run it (hqq's
+                 HQQLinear, 4 bits, a scale and a zero per group of g, both 16-bit:
+                 4 + 32/g bits), every targeted layer; scored from its dequantized float32
+                 weights (HQQ's float32 compute), not saved
 Columns: stored bits per original targeted parameter (as the weights file holds them);
 perplexity and its ratio to dense on WikiText-2, pydoc and code; KL and top-1 on WikiText-2;
 the weights file's bytes (embeddings and norms included, bfloat16); compress seconds.
 
     python bench/bytes.py [--bits 3.0 3.5 4.0 4.25 4.5] [--mixed 3.75 4.25] [--uniform 8 4 3]
-                          [--calib-samples 16] [--windows 10] [--png docs/figures/bytes.png]
+                          [--hqq 128 64] [--calib-samples 16] [--windows 10]
+                          [--png docs/figures/bytes.png]
 """
 from __future__ import annotations
 
@@ -32,15 +37,15 @@ import time
 from pathlib import Path
 
 import torch
+from common import Domains, header
 
 from rankwise import CompressConfig, compress_, save
-from rankwise.cache import Cache
-from rankwise.config import DEFAULT_CALIBRATION
-from rankwise.data import Draw, mixture_windows, parse_sources
-from rankwise.models import load_model, model_path
-from rankwise.plans import Measurement
-
-from common import Domains, header
+from rankwise.cut.choosing import Measurement
+from rankwise.data.config import DEFAULT_CALIBRATION
+from rankwise.data.windows import Draw, mixture_windows, parse_sources
+from rankwise.formats.cache import Cache
+from rankwise.formats.loading import load_model, model_path
+from rankwise.formats.manifest import Manifest
 
 
 def main():
@@ -50,6 +55,8 @@ def main():
     p.add_argument("--mixed", nargs="*", type=float, default=[3.75, 4.25],
                    help="mixed-precision budgets (the least they make is about 3.3 bits)")
     p.add_argument("--uniform", nargs="*", type=int, default=[8, 4, 3])
+    p.add_argument("--hqq", nargs="*", type=int, default=[128, 64],
+                   help="HQQ 4-bit group sizes (pip install hqq)")
     p.add_argument("--calib-samples", type=int, default=16, help="calibration windows of 512")
     p.add_argument("--windows", type=int, default=10, help="evaluation windows per text")
     p.add_argument("--refine-steps", type=int, default=CompressConfig.refine_steps)
@@ -77,6 +84,12 @@ def main():
         points.append((kind, bits, scores.ratio["wikitext"]))
 
     row("dense", "dense", dense, 0.0)
+    for group in args.hqq:
+        model, seconds, bits = hqq(dense, group)
+        scores = domains.score(model)
+        print(f"{'HQQ g' + str(group):16s} {bits:5.2f} {scores.cells()} {'':>6s} {seconds:5.0f}",
+              flush=True)
+        points.append(("HQQ (calibration-free)", bits, scores.ratio["wikitext"]))
     for bits in args.uniform:
         row(f"uniform {bits}", "uniform GPTQ",
             *made(dense, calib, CompressConfig(ratio=0.0, factor_bits=bits)))
@@ -100,12 +113,28 @@ def made(dense, calib, config: CompressConfig, measurement: Measurement | None =
     return model, time.perf_counter() - t0, summary
 
 
+def hqq(dense, group: int):
+    """(the dense model with every targeted layer quantized by HQQ at 4 bits in groups of
+    `group` and dequantized to float32, the seconds it took, its stored bits)."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    from rankwise.models.blocks import target_linears
+    model, t0 = copy.deepcopy(dense), time.perf_counter()
+    config = BaseQuantizeConfig(nbits=4, group_size=group)
+    with torch.no_grad():
+        for layer in target_linears(model).values():
+            quantized = HQQLinear(copy.deepcopy(layer), config, compute_dtype=torch.float32,
+                                  device="cpu")
+            layer.weight.copy_(quantized.dequantize())
+    return model, time.perf_counter() - t0, 4 + 2 * 16 / group
+
+
 def stored(model, summary) -> tuple[float, int]:
     """(bits per original targeted parameter, bytes of the weights file) as saved in
     bfloat16 (the dense row: 16 bits); the model is left as saved (its floats rounded to
     bfloat16), which is what loading the folder gives and what the row scores."""
-    manifest = {} if summary is None else {
-        "targeted_params": {"dense": summary.dense_params}, "forms": list(summary.forms)}
+    manifest = None if summary is None else Manifest(
+        targeted_params={"dense": summary.dense_params}, forms=summary.layer_records())
     with tempfile.TemporaryDirectory() as folder:
         out = save(model, Path(folder) / "out", manifest, storage=torch.bfloat16)
         record = json.loads((out / "rankwise.json").read_text())["storage"]
@@ -119,7 +148,7 @@ def plot(points, path: str) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"uniform GPTQ": ("C0", "o-"), "mixed precision": ("C1", "s-"),
-              "rankwise --bits": ("C3", "D-")}
+              "HQQ (calibration-free)": ("C2", "^-"), "rankwise --bits": ("C3", "D-")}
     for kind, (color, marker) in styles.items():
         mine = sorted((b, r) for k, b, r in points if k == kind)
         if mine:

@@ -16,12 +16,13 @@ import copy
 import time
 
 import torch
-
-from rankwise import CompressConfig, compress_, stats
-from rankwise.data import Draw, mixture_windows, parse_sources
-from rankwise.models import load_model, target_linears
-
 from common import Domains, header
+
+from rankwise import CompressConfig, compress_
+from rankwise.data.windows import Draw, mixture_windows, parse_sources
+from rankwise.formats.loading import load_model
+from rankwise.models.blocks import target_linears
+from rankwise.statistics import hooks as stats
 
 
 def main():

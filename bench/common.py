@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from rankwise import evaluate
-from rankwise.data import DOMAINS, evaluation_texts, evaluation_windows, tokenize
-from rankwise.evaluate import reference_log_probs
+from rankwise.data.windows import DOMAINS, evaluation_texts, evaluation_windows, tokenize
+from rankwise.evaluation.scoring import reference_log_probs
 
 IN_DOMAIN = "wikitext"
 

@@ -24,16 +24,16 @@ import time
 from pathlib import Path
 
 import torch
+from common import Domains, header
 
-from rankwise import plots
-from rankwise.models import load_model, target_linears
-from rankwise.train.svt import SHRINKS
+from rankwise.entrypoints.finetune import FinetuneRun, training_task
+from rankwise.evaluation import plots
+from rankwise.formats.loading import load_model
 from rankwise.lab.image_finetune import ImageTask
 from rankwise.lab.vision import accuracy, build_model, fit, load_images
-from rankwise.entrypoints.finetune import FinetuneRun, training_task
+from rankwise.models.blocks import target_linears
 from rankwise.train import METHODS, PENALTIES, FinetuneConfig, finetune
-
-from common import Domains, header
+from rankwise.train.svt import SHRINKS
 
 
 def llm(steps: int, out: Path, methods, shrinks, penalty: str, recovery: int | None,

@@ -79,7 +79,7 @@ def tokens(vocab: int, count: int, seqlen: int) -> torch.Tensor:
 
 def compress_timed(model, ids, dev: Device, onload: str | None, cut: str | None) -> dict:
     from rankwise import CompressConfig, compress_
-    from rankwise.compress import Execution
+    from rankwise.cut.compress import Execution
     from rankwise.pipeline.placement import Placement
     dev.sync()
     dev.reset()

@@ -27,16 +27,17 @@ import re
 import time
 
 import torch
-
-from rankwise import CompressConfig, compress_, stats
-from rankwise.cache import Cache
-from rankwise.config import DEFAULT_CALIBRATION
-from rankwise.data import Draw, mixture_windows, parse_sources
-from rankwise.geometry import DEFAULT_DAMPING
-from rankwise.metrics import METRICS
-from rankwise.models import load_model, model_path, target_linears
-
 from common import Domains, header
+
+from rankwise import CompressConfig, compress_
+from rankwise.data.config import DEFAULT_CALIBRATION
+from rankwise.data.windows import Draw, mixture_windows, parse_sources
+from rankwise.formats.cache import Cache
+from rankwise.formats.loading import load_model, model_path
+from rankwise.geometry import DEFAULT_DAMPING
+from rankwise.models.blocks import target_linears
+from rankwise.statistics import hooks as stats
+from rankwise.statistics.metrics import METRICS
 
 
 def main():

@@ -36,8 +36,10 @@ def build(args):
     import torch
 
     if args.model == "smollm2":
-        from rankwise.data import CALIBRATION_TEXT, calibration_windows, read_text, tokenize
-        from rankwise.models import find_blocks, load_model
+        from rankwise.data.windows import (CALIBRATION_TEXT, calibration_windows, read_text,
+                                           tokenize)
+        from rankwise.formats.loading import load_model
+        from rankwise.models.blocks import find_blocks
         model, tokenizer, _ = load_model(None, args.dtype)
         _, blocks = find_blocks(model)
         del blocks[args.layers:]
@@ -71,8 +73,8 @@ def one(args) -> dict:
     import torch
 
     from rankwise import CompressConfig, compress_
-    from rankwise.compress import Execution
-    from rankwise.models import release_host_memory
+    from rankwise.cut.compress import Execution
+    from rankwise.models.host import release_host_memory
     from rankwise.pipeline.placement import Placement
     model, calib = build(args)
     if not args.onload:

@@ -39,9 +39,9 @@ from pathlib import Path
 import torch
 
 from rankwise import CompressConfig, accelerate, compress_, load, measure_speed
-from rankwise.evaluate import linear_macs
-from rankwise.fusion import unfuse_siblings
-from rankwise.models import load_model
+from rankwise.evaluation.scoring import linear_macs
+from rankwise.formats.loading import load_model
+from rankwise.models.fusion import unfuse_siblings
 
 SHAPES = {   # random-weight Llama shapes for a GPU (quality means nothing; time does)
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -63,7 +63,8 @@ def dense_model(shape: str | None, device: str, dtype: torch.dtype):
 
 def calibration(shape: str | None, vocab: int) -> torch.Tensor:
     if shape is None:
-        from rankwise.data import CALIBRATION_TEXT, calibration_windows, read_text, tokenize
+        from rankwise.data.windows import (CALIBRATION_TEXT, calibration_windows, read_text,
+                                           tokenize)
         tokenizer = load_model()[1]
         return calibration_windows(tokenize(tokenizer, read_text(CALIBRATION_TEXT)), 8, 512)
     return torch.randint(0, vocab, (8, 512), generator=torch.Generator().manual_seed(0))

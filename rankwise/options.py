@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .errors import RankwiseError
 
+
 def option(default=None, help: str = "", *, choices=None, required: bool = False,
            positional: bool = False, factory=None, metavar: str | None = None,
            aliases: tuple[str, ...] = ()):

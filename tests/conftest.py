@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 import torch
 
-from rankwise.data import CALIBRATION_TEXT
+from rankwise.data.windows import CALIBRATION_TEXT
 
 # the layouts users bring: separate q/k/v and gate/up (llama, gemma), biases on q/k/v
 # (qwen2), fused query_key_value (gpt_neox), fused qkv_proj and gate_up_proj (phi3),

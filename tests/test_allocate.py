@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from rankwise import CompressConfig, RankwiseError, compress_
-from rankwise.allocate import achieved_ratio, spectrum_ranks, uniform_ranks
-from rankwise.layers import factored_params
+from rankwise.forms.allocate import achieved_ratio, spectrum_ranks, uniform_ranks
+from rankwise.models.layers import factored_params
 
 
 def random_spectra(shapes, seed=0):
@@ -60,8 +60,8 @@ def test_spectrum_allocation_on_a_model_and_infeasible_floor(tiny, calib):
 
 
 def test_one_step_equals_the_one_shot_path(tiny, calib):
-    from rankwise import stats
-    from rankwise.models import target_linears
+    from rankwise.models.blocks import target_linears
+    from rankwise.statistics import hooks as stats
     a, b = copy.deepcopy(tiny), copy.deepcopy(tiny)
     compress_(a, CompressConfig(metric="kfac", ratio=0.4, steps=1, cut="oneshot"), calib,
               progress=False)
@@ -89,7 +89,7 @@ def test_multi_step_reduction_meets_the_budget(tiny, calib, allocation):
 @pytest.mark.parametrize("multiple", [4, 16])
 @pytest.mark.parametrize("allocation", ["uniform", "spectrum"])
 def test_rank_multiples_meet_the_budget(multiple, allocation):
-    from rankwise.allocate import ALLOCATIONS
+    from rankwise.forms.allocate import ALLOCATIONS
     ranks = ALLOCATIONS[allocation].choose(SHAPES, random_spectra(SHAPES, seed=5), 0.4,
                                            multiple=multiple)
     assert all(r is None or r % multiple == 0 for r in ranks.values())
@@ -100,7 +100,7 @@ def test_rank_multiples_meet_the_budget(multiple, allocation):
 
 @pytest.mark.parametrize("allocation", ["uniform", "spectrum"])
 def test_by_default_layers_from_1024_wide_get_ranks_in_tiles_of_64(allocation):
-    from rankwise.allocate import ALLOCATIONS, rank_multiples
+    from rankwise.forms.allocate import ALLOCATIONS, rank_multiples
     shapes = {"q": (2048, 2048), "k": (256, 2048), "up": (5632, 2048), "down": (2048, 5632),
               "small": (576, 1536)}
     multiples = rank_multiples(shapes, 0)

@@ -4,16 +4,15 @@ import copy
 
 import pytest
 import torch
+from conftest import FAMILIES, structured_tiny
 
 from rankwise import CompressConfig, RankwiseError, compress_, evaluate
-from rankwise.compress import Execution
-from rankwise.plans import _Originals
-from rankwise.layers import LowRankLinear, set_module
-from rankwise.models import find_blocks, target_linears
+from rankwise.cut.compress import Execution
+from rankwise.cut.plans import Originals
+from rankwise.models.blocks import find_blocks, target_linears
+from rankwise.models.layers import LowRankLinear, set_module
 from rankwise.pipeline.spill import Spill
 from rankwise.pipeline.walk import block_inputs, run_block
-
-from conftest import FAMILIES, structured_tiny
 
 
 def compressed(model, calib, **kw):
@@ -110,7 +109,7 @@ def test_anchored_steps_cut_further_each_time_and_anchor_to_the_original(tiny, c
     reference is the model as it was given (its dense layers), not the previous step's cut."""
     from torch import nn
 
-    from rankwise import plans
+    from rankwise.cut import plans
     references, real = [], plans.Anchored._reference
 
     def spied(self, k, block):
@@ -143,7 +142,7 @@ def test_originals_restore_the_dense_block_into_a_copy(tiny, calib):
     with torch.no_grad():
         dense_out = run_block(blocks[0], args[0], (args[1:], kwargs))[0]
     with Spill() as spill:
-        originals = _Originals(model, names, spill)
+        originals = Originals(model, names, spill)
         for name in names:
             layer = model.get_submodule(name)
             set_module(model, name, LowRankLinear.from_linear(
@@ -235,7 +234,7 @@ def test_the_anchored_fit_does_not_depend_on_how_the_sums_were_grouped(tiny, cal
     statistic agrees to round-off. At the default anchor damping the factors must agree to
     round-off as well; at 1e-6 the regression fitted the weakest input directions to that
     round-off (factors 43% apart on this model)."""
-    from rankwise.compress import Execution
+    from rankwise.cut.compress import Execution
     models = []
     for batch_size in (1, 2):
         model = copy.deepcopy(tiny)

@@ -1,5 +1,5 @@
 """One budget in bits: every layer given the form the K-FAC metric prices cheapest
-(rankwise.pricing, rankwise.allocate.knapsack), made on the two-stream walk, stored in
+(rankwise.forms.pricing, rankwise.forms.allocate.knapsack), made on the two-stream walk, stored in
 compressed-tensors, loaded by rankwise and by plain transformers."""
 import itertools
 import json
@@ -9,16 +9,18 @@ import sys
 
 import pytest
 import torch
+from conftest import structured_tiny
 
 from rankwise import CompressConfig, RankwiseError, compress_, load, save
-from rankwise.allocate import knapsack
-from rankwise.compress import Execution
-from rankwise.forms import Form
-from rankwise.layers import CorrectedLinear, LowRankLinear
+from rankwise.cut.compress import Execution
+from rankwise.formats.folder import read_manifest
+from rankwise.formats.manifest import Manifest
+from rankwise.forms.allocate import knapsack
+from rankwise.forms.kinds import CorrectedLinear
+from rankwise.forms.registry import Form, Storage
+from rankwise.forms.rounding import is_quantized
+from rankwise.models.layers import LowRankLinear
 from rankwise.pipeline.placement import Placement
-from rankwise.rounding import is_quantized
-
-from conftest import structured_tiny
 
 pytest.importorskip("compressed_tensors")
 
@@ -49,8 +51,9 @@ def test_the_budget_is_met_and_is_what_the_disk_holds(made, tmp_path):
     assert 3.9 <= summary.bits <= 4.0
     kinds = {f.kind for f in summary.forms.values()}
     assert len(kinds) >= 2, kinds                     # a mixture, not one form everywhere
-    folder = save(model, tmp_path / "b", {"targeted_params": {"dense": summary.dense_params},
-                                          "forms": list(summary.forms)}, storage=torch.bfloat16)
+    folder = save(model, tmp_path / "b", Manifest(targeted_params={"dense": summary.dense_params},
+                                                  forms=summary.layer_records()),
+                  storage=torch.bfloat16)
     stored = json.loads((folder / "rankwise.json").read_text())["storage"]
     assert stored["bits_per_targeted_param"] == pytest.approx(summary.bits, rel=1e-12)
 
@@ -95,8 +98,9 @@ def test_saved_then_loaded_gives_identical_logits_and_plain_transformers_agrees(
     with torch.no_grad():
         assert torch.equal(model(windows).logits, loaded(windows).logits)
     config = json.loads((folder / "config.json").read_text())
-    assert config["rankwise_corrections"] == {n: m.rank for n, m in model.named_modules()
-                                              if isinstance(m, CorrectedLinear)}
+    assert {n: s["rank"] for n, s in config["rankwise_layers"].items()
+            if s["form"] == "corrected"} == {n: m.rank for n, m in model.named_modules()
+                                             if isinstance(m, CorrectedLinear)}
     schemes = config["quantization_config"]["config_groups"].values()
     assert {s["weights"]["group_size"] for s in schemes} <= {32, None}
     assert all((s["weights"]["strategy"] == "channel") == (s["weights"]["group_size"] is None)
@@ -175,14 +179,18 @@ def test_bits_below_what_any_form_makes_is_one_sentence(windows):
 
 
 def test_a_form_costs_what_its_parts_are_stored_in():
-    shape = (96, 128)
-    assert Form.dense().stored_bits(shape, 32) == 16 * 96 * 128
-    assert Form.rounded(4).stored_bits(shape, 32) == 96 * 128 * 4 + 96 * 4 * 16 + 128
-    assert Form.low_rank(32, 16).stored_bits(shape, 32) == 16 * 32 * (96 + 128)
-    assert Form.low_rank(32, 4).stored_bits(shape, 32) == \
+    shape, s16, s32 = (96, 128), Storage(32), Storage(32, 32)
+    assert Form("dense").stored_bits(shape, s16) == 16 * 96 * 128
+    assert Form("dense").stored_bits(shape, s32) == 32 * 96 * 128
+    assert Form("rounded", None, 4).stored_bits(shape, s16) == 96 * 128 * 4 + 96 * 4 * 16 + 128
+    assert Form("rounded", None, 4).stored_bits(shape, s32) == 96 * 128 * 4 + 96 * 4 * 32 + 128
+    assert Form("lowrank", 32, 16).stored_bits(shape, s16) == 16 * 32 * (96 + 128)
+    assert Form("lowrank", 32, 4).stored_bits(shape, s16) == \
         (32 * 128 * 4 + 32 * 4 * 16 + 128) + (96 * 32 * 4 + 96 * 1 * 16 + 128)
-    assert Form.corrected(3, 8).stored_bits(shape, 32) == \
-        Form.rounded(3).stored_bits(shape, 32) + 16 * 8 * (96 + 128)
+    assert Form("corrected", 8, 3).stored_bits(shape, s16) == \
+        Form("rounded", None, 3).stored_bits(shape, s16) + 16 * 8 * (96 + 128)
+    assert Form("corrected", 8, 3).stored_bits(shape, s16, bias=True) == \
+        Form("corrected", 8, 3).stored_bits(shape, s16) + 16 * 96
 
 
 @pytest.fixture(scope="module")
@@ -218,10 +226,10 @@ def test_the_verbs_compress_to_bits_and_quantize_an_output(wide_folder, tmp_path
     assert manifest["storage"]["bits_per_targeted_param"] == pytest.approx(manifest["bits"])
     code, _, err = _cli(capsys, "quantize", tmp_path / "b", "--bits", "3", "--windows", "4",
                         "--seqlen", "64", "--out", tmp_path / "again")
-    assert code == 2 and "already holds rounded weights" in err
+    assert code == 2 and "holds rounded weights" in err
     assert _cli(capsys, "compress", "--model", wide_folder, *CALIB, "--ratio", "0.3",
                 "--out", tmp_path / "f")[0] == 0
-    ranks = json.loads((tmp_path / "f" / "rankwise.json").read_text())["ranks"]
+    ranks = read_manifest(tmp_path / "f").ranks
     code, text, _ = _cli(capsys, "quantize", tmp_path / "f", "--bits", "5", "--group-size", "32",
                          "--windows", "8", "--seqlen", "64", "--out", tmp_path / "q")
     record = json.loads((tmp_path / "q" / "rankwise.json").read_text())
@@ -231,7 +239,7 @@ def test_the_verbs_compress_to_bits_and_quantize_an_output(wide_folder, tmp_path
     code, _, _ = _cli(capsys, "quantize", tmp_path / "f", "--factor-bits", "8", "--windows", "8",
                       "--seqlen", "64", "--out", tmp_path / "r")
     record = json.loads((tmp_path / "r" / "rankwise.json").read_text())
-    assert code == 0 and record["ranks"] == ranks
+    assert code == 0 and read_manifest(tmp_path / "r").ranks == ranks
     assert all(r["bits"] == 8 for r in record["forms"].values())
     code, _, err = _cli(capsys, "quantize", tmp_path / "f", "--out", tmp_path / "x")
     assert code == 2 and "one of --bits" in err
@@ -241,7 +249,7 @@ def test_budgets_made_from_one_measurement_equal_their_own_compressions(windows)
     """The first walk measured once (every layer's menu, the parked statistics) gives each
     budget what a compression of its own gives; a mixed-precision row takes the same
     measurement with fewer forms offered; a measurement of other windows is refused."""
-    from rankwise.plans import Measurement
+    from rankwise.cut.choosing import Measurement
     kw = dict(group_size=32, refine_steps=2)
     with Measurement() as measurement:
         for bits, forms in ((4.0, None), (3.75, ["rounded"])):
@@ -267,7 +275,8 @@ def test_corrections_exported_as_a_peft_lora_adapter_over_the_rounded_base(made,
     scheme to every layer of a mixed-precision checkpoint; run compressed, it loads.)"""
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
-    from rankwise.export import ExportConfig, export
+
+    from rankwise.entrypoints.export import ExportConfig, export
     model, _ = made
     folder = save(model, tmp_path / "q", storage=torch.bfloat16)
     lora = export(ExportConfig(model=str(folder), out=str(tmp_path / "lora"), format="lora"))
@@ -286,7 +295,7 @@ def test_corrections_exported_as_a_peft_lora_adapter_over_the_rounded_base(made,
 
 
 def test_an_output_without_corrections_has_no_lora_to_export(tmp_path, windows):
-    from rankwise.export import ExportConfig, export
+    from rankwise.entrypoints.export import ExportConfig, export
     model = structured_tiny("llama", **WIDE)
     compress_(model, CompressConfig(ratio=0.3, cut="oneshot"), windows, progress=False)
     folder = save(model, tmp_path / "lowrank")

@@ -2,16 +2,15 @@ import copy
 
 import pytest
 import torch
+from conftest import FAMILIES, structured_tiny
 
 from rankwise import CompressConfig, RankwiseError, compress_, evaluate, load, save
-from rankwise.allocate import ALLOCATIONS
-from rankwise.compress import Execution
-from rankwise.evaluate import parameter_count
-from rankwise.layers import ranks_of
-from rankwise.metrics import METRICS
-from rankwise.models import find_blocks, target_linears
-
-from conftest import FAMILIES, structured_tiny
+from rankwise.cut.compress import Execution
+from rankwise.evaluation.scoring import parameter_count
+from rankwise.forms.allocate import ALLOCATIONS
+from rankwise.models.blocks import find_blocks, target_linears
+from rankwise.models.layers import ranks_of
+from rankwise.statistics.metrics import METRICS
 
 
 def kl_to_dense(model, dense, windows):
@@ -120,7 +119,7 @@ def test_data_driven_metrics_need_calibration(tiny):
 
 
 def test_shared_inputs_share_one_covariance(tiny, calib):
-    from rankwise import stats
+    from rankwise.statistics import hooks as stats
     layers = target_linears(tiny)
     st = stats.collect(tiny, layers, calib.split(4), progress=False)
     attn = [st[f"model.layers.0.self_attn.{p}_proj"].input_cov for p in "qkv"]
@@ -138,7 +137,7 @@ def test_shared_inputs_share_one_covariance(tiny, calib):
 
 
 def test_size_accounting(tiny):
-    from rankwise.evaluate import linear_macs
+    from rankwise.evaluation.scoring import linear_macs
     dense_macs, dense_params = linear_macs(tiny), parameter_count(tiny)
     summary = compress_(tiny, CompressConfig(metric="svd", ratio=0.4), progress=False)
     assert dense_macs - linear_macs(tiny) == summary.dense_params - summary.compressed_params
@@ -176,11 +175,11 @@ def test_layers_it_cannot_factor_are_named():
 def test_walked_statistics_equal_the_whole_models(family, calib):
     """Block by block, each block copied to and from the 'device' (the CPU, with real
     copies as a GPU's moves are), gives the very statistics of one pass through the model."""
-    from rankwise import stats
+    from rankwise.pipeline.distributed import ONE_PROCESS
     from rankwise.pipeline.placement import Placement
     from rankwise.pipeline.spill import Spill
-    from rankwise.pipeline.distributed import ONE_PROCESS
     from rankwise.pipeline.walk import Route, Wants, walk
+    from rankwise.statistics import hooks as stats
     model = structured_tiny(family)
     layers = target_linears(model)
     batches = list(calib.split(4))
@@ -220,7 +219,7 @@ def test_a_model_samples_resident_on_the_device_where_it_fits(calib, free, caplo
     the device's free bytes are given), home again after with nothing copied back; where
     it does not fit, the default mixture drops self with a warning and a chosen one keeps
     it."""
-    from rankwise.data import parse_sources
+    from rankwise.data.windows import parse_sources
     from rankwise.entrypoints.compress import _sampling_place
     from rankwise.pipeline.placement import Placement
     model = structured_tiny("llama")

@@ -1,11 +1,10 @@
 import pytest
 import torch
+from conftest import word_tokenizer
 
 from rankwise import RankwiseError
-from rankwise.data import (DOMAINS, Draw, evaluation_texts, mixture_windows, parse_sources,
-                           sampled_windows, split_counts, tokenize)
-
-from conftest import word_tokenizer
+from rankwise.data.windows import (DOMAINS, Draw, evaluation_texts, mixture_windows,
+                                   parse_sources, sampled_windows, split_counts, tokenize)
 
 
 def test_every_shipped_domain_has_disjoint_calibration_and_evaluation_parts():
@@ -69,8 +68,9 @@ def test_self_windows_are_the_models_own_samples(tiny):
 
 
 def test_the_start_token_lies_inside_the_vocabulary():
-    from rankwise.data import start_token
     from conftest import tiny_model
+
+    from rankwise.data.windows import start_token
     assert start_token(tiny_model("llama")) == 1                       # its BOS
     outside = tiny_model("gpt2", bos_token_id=50256, eos_token_id=50256)
     assert start_token(outside) is None
@@ -79,8 +79,8 @@ def test_the_start_token_lies_inside_the_vocabulary():
 
 
 def test_sampled_windows_are_cached_by_the_models_content(tiny, tmp_path):
-    from rankwise.cache import Cache
-    from rankwise.data import SELF, Source
+    from rankwise.data.windows import SELF, Source
+    from rankwise.formats.cache import Cache
     sources = [Source(SELF, 1.0)]
     cache = Cache(root=tmp_path)
     first, _ = mixture_windows(sources, None, tiny, Draw(2, 8, seed=1), cache=cache, model_key="a")
@@ -102,7 +102,7 @@ def test_sampled_windows_are_cached_by_the_models_content(tiny, tmp_path):
 
 
 def test_a_folders_digest_follows_its_content(tmp_path):
-    from rankwise.cache import Cache
+    from rankwise.formats.cache import Cache
     cache = Cache(root=tmp_path / "cache")
     model = tmp_path / "model"
     model.mkdir()
@@ -111,3 +111,42 @@ def test_a_folders_digest_follows_its_content(tmp_path):
     assert cache.digest(model) == first
     (model / "weights").write_bytes(b"abd")
     assert cache.digest(model) != first
+
+
+def test_a_cache_entry_holding_what_this_code_does_not_read_is_computed_again(tiny, tmp_path):
+    """Intact files of the wrong content (windows of another shape, an entry record naming
+    a file outside its folder) are recomputed, never a TypeError and never trusted."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from rankwise.data.windows import SELF, Source
+    from rankwise.formats.cache import Cache, file_digest
+    sources, cache = [Source(SELF, 1.0)], Cache(root=tmp_path / "cache")
+    first, _ = mixture_windows(sources, None, tiny, Draw(2, 8, seed=1), cache=cache, model_key="a")
+    entry = next((tmp_path / "cache" / "sampled-windows").iterdir())
+    save_file({"windows": torch.zeros(3, 5)}, str(entry / "windows.safetensors"))    # wrong
+    record = json.loads((entry / "entry.json").read_text())
+    record["files"] = {"windows.safetensors": file_digest(entry / "windows.safetensors")}
+    (entry / "entry.json").write_text(json.dumps(record))
+    again, _ = mixture_windows(sources, None, tiny, Draw(2, 8, seed=1), cache=cache, model_key="a")
+    assert torch.equal(again, first)
+    (tmp_path / "secret").write_bytes(b"x")
+    record = json.loads((entry / "entry.json").read_text())
+    record["files"] = {"../../secret": file_digest(tmp_path / "secret")}
+    (entry / "entry.json").write_text(json.dumps(record))
+    assert cache.get("sampled-windows", record["key"]) is None and not entry.exists()
+
+
+def test_the_cache_folder_is_private_and_one_others_can_write_is_not_used(tmp_path, caplog):
+    import os
+    import stat
+
+    from rankwise.formats.cache import Cache
+    cache = Cache(root=tmp_path / "fresh")
+    assert cache.enabled and stat.S_IMODE(os.stat(tmp_path / "fresh").st_mode) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    assert not Cache(root=shared).enabled
+    assert "can be written by other users" in caplog.text

@@ -31,7 +31,7 @@ def test_two_gloo_processes_equal_one(tiny_folder, tmp_path, extra):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("compressed ") == 1           # rank 0 alone reports
     one, two = (json.loads((tmp_path / f / "rankwise.json").read_text()) for f in ("one", "two"))
-    assert one["ranks"] == two["ranks"] and one["forms"] == two["forms"]
+    assert one["structure"] == two["structure"] and one["forms"] == two["forms"]
     for block, record in one.get("refinement", {}).items():
         assert record["after"] < record["before"]
         assert two["refinement"][block]["after"] == pytest.approx(record["after"], rel=1e-3)
@@ -48,7 +48,7 @@ import torch, torch.distributed as dist
 sys.path.insert(0, {tests!r})
 from conftest import structured_tiny
 from rankwise import CompressConfig, compress_
-from rankwise.compress import Execution
+from rankwise.cut.compress import Execution
 from rankwise.pipeline import distributed
 from rankwise.pipeline.overlap import Beside
 
@@ -97,8 +97,9 @@ def test_every_collective_takes_the_backends_device_tensors(tmp_path):
     2 gloo processes, checked at each collective; the result is one process's, inline
     (damped as in test_two_gloo_processes_equal_one)."""
     from conftest import structured_tiny
+
     from rankwise import CompressConfig, compress_
-    from rankwise.compress import Execution
+    from rankwise.cut.compress import Execution
     script = tmp_path / "routed.py"
     script.write_text(ROUTED.format(tests=str(Path(__file__).parent), out=str(tmp_path / "two.pt")))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -1,10 +1,12 @@
+import copy
 import math
 import time
 
 import pytest
 import torch
+
 from rankwise import evaluate, measure_speed
-from rankwise.data import CALIBRATION_TEXT
+from rankwise.data.windows import CALIBRATION_TEXT
 
 
 def test_speed_is_tokens_over_the_time_generate_takes(tiny):
@@ -74,9 +76,10 @@ def test_a_second_evaluation_reads_the_dense_reference_and_the_scores_from_the_c
     against it runs the reference only through its head, to the same numbers bit for bit;
     scoring the same model again reads its report (an output's eval.json aside, nothing it
     computes from changed)."""
-    import rankwise.entrypoints.evaluate as entry
     from conftest import structured_tiny, word_tokenizer
-    from rankwise.cache import Cache
+
+    import rankwise.entrypoints.evaluate as entry
+    from rankwise.formats.cache import Cache
     text = tmp_path / "text.txt"
     text.write_text(CALIBRATION_TEXT.read_text()[:20_000])
     other = tmp_path / "other"
@@ -104,15 +107,16 @@ def test_a_second_evaluation_reads_the_dense_reference_and_the_scores_from_the_c
 
 
 def _windows_of(text, folder):
-    from rankwise.data import evaluation_windows, tokenize
     from transformers import AutoTokenizer
+
+    from rankwise.data.windows import evaluation_windows, tokenize
     tokens = tokenize(AutoTokenizer.from_pretrained(folder), text.read_text())
     return (evaluation_windows(tokens, 32, 3, what="text"),)
 
 
 def test_a_model_that_changes_its_logits_after_its_head_is_not_held_by_its_head_inputs(
         tiny, heldout):
-    from rankwise.evaluate import head_inputs_of, head_reproduces
+    from rankwise.evaluation.scoring import head_inputs_of, head_reproduces
     with head_inputs_of(tiny) as collected:
         evaluate(tiny, heldout[:2], progress=False)
     inputs = torch.cat(collected)
@@ -126,3 +130,23 @@ def test_a_model_that_changes_its_logits_after_its_head_is_not_held_by_its_head_
         return out
     tiny.forward = softcapped
     assert not head_reproduces(tiny, heldout, inputs)
+
+
+def test_evaluation_runs_batch_size_windows_per_forward(tiny):
+    """--batch-size is honoured: ceil(N / b) forwards, the same numbers as one at a time."""
+    windows = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(0))
+    reference = copy.deepcopy(tiny)
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(1.1)
+    calls, forward = [], tiny.forward
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("input_ids", args[0] if args else None).shape[0])
+        return forward(*args, **kwargs)
+    tiny.forward = counted
+    one = evaluate(tiny, windows, reference, batch_size=1, progress=False)
+    calls.clear()
+    three = evaluate(tiny, windows, reference, batch_size=3, progress=False)
+    assert calls == [3, 2]
+    for key in ("perplexity", "reference_perplexity", "kl", "top1_agreement"):
+        assert getattr(three, key) == pytest.approx(getattr(one, key), rel=1e-5)

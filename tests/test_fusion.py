@@ -4,9 +4,10 @@ import copy
 
 import pytest
 import torch
+
 from rankwise import CompressConfig, compress_
-from rankwise.fusion import fuse_causal_lm, fused_groups, unfuse_siblings
-from rankwise.layers import LowRankLinear
+from rankwise.models.fusion import fuse_causal_lm, fused_groups, unfuse_siblings
+from rankwise.models.layers import LowRankLinear
 
 
 @pytest.fixture
@@ -20,7 +21,7 @@ def pair(tiny):
 
 def _stacked_calls(model, ids):
     """How many first-factor matmuls one forward runs."""
-    import rankwise.layers as layers
+    import rankwise.models.layers as layers
     calls, linear = [], layers.F.linear
 
     def counting(x, w, *rest):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rankwise import geometry
-from rankwise.metrics import METRICS
+from rankwise.statistics.metrics import METRICS
 
 
 def spd(n, seed, decay=3.0):
@@ -412,3 +412,19 @@ def test_the_damping_a_root_took_is_what_it_says():
     assert root.damping == pytest.approx(1e-5)
     assert geometry.raised(root, 1e-6) == pytest.approx(1e-5)
     assert geometry.raised(geometry.cholesky_root(_spd(40)[0], 1e-6), 1e-6) is None
+
+
+def test_a_full_rank_error_is_priced_in_the_metric_a_truncation_is():
+    """metric_totals damps as the decomposition does (raised damping included), so the
+    price of an error equals the price of truncating that error to rank 0, whatever
+    damping its statistics needed."""
+    torch.manual_seed(0)
+    W = torch.randn(24, 40, dtype=torch.float64)
+    X = torch.randn(40, 3, dtype=torch.float64)
+    C = X @ X.T                                   # rank 3 of 40: damping is raised
+    g = torch.randn(24, 2, dtype=torch.float64)
+    G = g @ g.T
+    for kw in (dict(left=G, right=C), dict(left=C[:24, :24], right=C)):
+        total = geometry.metric_totals([(W, kw)], 1e-6)[0]
+        assert total == pytest.approx(float(geometry.decompose(W, damping=1e-6, **kw)
+                                            .spectrum.sum()), rel=1e-9)

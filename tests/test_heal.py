@@ -6,7 +6,7 @@ import torch
 
 from rankwise import CompressConfig, RankwiseError, compress_, evaluate, load
 from rankwise.cli import main
-from rankwise.layers import LowRankLinear
+from rankwise.models.layers import LowRankLinear
 from rankwise.train.distill import DistillTask, kl_to_teacher
 from rankwise.train.heal import HealConfig, heal
 
@@ -116,8 +116,8 @@ def test_heal_verb_writes_an_ordinary_output(tiny_folder, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "healed" in text and "KL to the teacher" in text
     manifest = json.loads((healed / "rankwise.json").read_text())
-    assert manifest["heal"]["steps_done"] == 3 and manifest["ranks"] == json.loads(
-        (out / "rankwise.json").read_text())["ranks"]
+    assert manifest["heal"]["steps_done"] == 3 and manifest["structure"] == json.loads(
+        (out / "rankwise.json").read_text())["structure"]
     model = load(healed)
     assert any(isinstance(m, LowRankLinear) for m in model.modules())
     assert main(["heal", str(tiny_folder), "--out", str(tmp_path / "x")]) == 2

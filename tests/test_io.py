@@ -1,16 +1,16 @@
 import copy
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import structured_tiny
 
 from rankwise import CompressConfig, RankwiseError, compress_, load, save
-from rankwise.layers import LowRankLinear, fused_groups
-from rankwise.grids import Grid
-from rankwise.rounding import round_factors, store
-
-from conftest import structured_tiny
+from rankwise.formats.folder import read_manifest
+from rankwise.formats.manifest import Manifest
+from rankwise.forms.grids import Grid
+from rankwise.forms.rounding import round_factors, store
+from rankwise.models.layers import LowRankLinear, fused_groups
 
 
 @pytest.fixture
@@ -18,7 +18,7 @@ def saved(tmp_path, calib):
     model = structured_tiny("llama", tie_word_embeddings=True)
     model.tie_weights()
     compress_(model, CompressConfig(metric="kfac", ratio=0.4), calib, progress=False)
-    folder = save(model, tmp_path / "out", {"metric": "kfac"})
+    folder = save(model, tmp_path / "out", Manifest(config={"metric": "kfac"}))
     return model, folder
 
 
@@ -29,7 +29,7 @@ def test_save_load_gives_identical_logits(saved, calib):
     loaded = load(folder)
     with torch.no_grad():
         assert torch.equal(model(calib).logits, loaded(calib).logits)
-    ranks = json.loads((folder / "rankwise.json").read_text())["ranks"]
+    ranks = read_manifest(folder).ranks
     assert ranks == {n: m.rank for n, m in loaded.named_modules() if isinstance(m, LowRankLinear)}
     assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
 
@@ -115,6 +115,7 @@ def test_plain_transformers_loads_the_folder_without_rankwise(tmp_path, calib):
     for separate, fused, biased and transposed (Conv1D) projection layouts."""
     import subprocess
     import sys
+
     from conftest import structured_tiny
     folders = []
     for family in ("llama", "phi3", "qwen2", "gpt_neox", "gpt2"):
@@ -152,7 +153,7 @@ def test_plain_transformers_loads_the_folder_without_rankwise(tmp_path, calib):
 def test_dense_export_is_a_plain_checkpoint_with_the_same_function(saved, tmp_path, calib):
     from transformers import AutoModelForCausalLM
 
-    from rankwise.export import ExportConfig, export
+    from rankwise.entrypoints.export import ExportConfig, export
     model, folder = saved
     out = export(ExportConfig(model=str(folder), out=str(tmp_path / "dense")))
     dense = AutoModelForCausalLM.from_pretrained(out)

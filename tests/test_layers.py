@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from rankwise.layers import LowRankLinear, factored_params, max_useful_rank
+from rankwise.models.layers import LowRankLinear, factored_params, max_useful_rank
 
 
 def full_rank_factors(linear: nn.Linear):

@@ -12,14 +12,13 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from rankwise import CompressConfig, compress_
-from rankwise.compress import Execution
+from rankwise.cut.compress import Execution
 from rankwise.pipeline.overlap import Beside
 from rankwise.pipeline.overlap import for_device as overlap_for
 from rankwise.pipeline.placement import Placement
-
-from conftest import tiny_model
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -116,7 +115,7 @@ def test_a_fixed_mmap_threshold_maps_tensors_of_megabytes_after_a_larger_one_was
     import subprocess
     code = (
         "import ctypes, torch\n"
-        "from rankwise.models import fix_mmap_threshold\n"
+        "from rankwise.models.host import fix_mmap_threshold\n"
         "class M(ctypes.Structure):\n"
         f"    _fields_ = [(n, ctypes.c_size_t) for n in {[n for n, _ in _Mallinfo2._fields_]!r}]\n"
         "libc = ctypes.CDLL('libc.so.6'); libc.mallinfo2.restype = M\n"

@@ -9,10 +9,9 @@ import sys
 import pytest
 import torch
 
-
 from rankwise import RankwiseError, load
 from rankwise.cli import main
-from rankwise.outputs import MARKER, Output, host_tag, writer_of
+from rankwise.formats.atomic import MARKER, Output, host_tag, writer_of
 
 
 def run(capsys, *argv):
@@ -98,7 +97,7 @@ def test_a_failed_replace_keeps_the_old_output(compressed, tiny_folder, capsys, 
 
 KILLED = r'''
 import sys, time
-from rankwise.outputs import Output
+from rankwise.formats.atomic import Output
 out = Output(sys.argv[1], "compress")
 with out.writing() as tmp:
     (tmp / "model.safetensors").write_bytes(b"half a checkpoint")
@@ -217,6 +216,7 @@ def test_the_spill_writes_in_the_background_with_few_groups_waiting(tmp_path, mo
     import threading
 
     import safetensors.torch
+
     from rankwise.pipeline.spill import IN_FLIGHT, Spill
     gate, write = threading.Event(), safetensors.torch.save_file
 
@@ -243,6 +243,7 @@ def test_the_spill_writes_in_the_background_with_few_groups_waiting(tmp_path, mo
 def test_a_background_write_that_fails_is_one_sentence_and_leaves_nothing(tmp_path,
                                                                           monkeypatch):
     import safetensors.torch
+
     from rankwise.pipeline.spill import Spill
 
     def full(*a, **k):

@@ -4,13 +4,12 @@ import threading
 
 import pytest
 import torch
+from conftest import structured_tiny
 
 from rankwise import CompressConfig, compress_
-from rankwise.compress import Execution
+from rankwise.cut.compress import Execution
 from rankwise.pipeline.overlap import Beside, Inline, for_device
 from rankwise.pipeline.placement import Placement
-
-from conftest import structured_tiny
 
 
 class Recorded(Beside):

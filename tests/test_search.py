@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from rankwise import CompressConfig, compress_
+from rankwise.cut.search import Budget
 from rankwise.errors import RankwiseError
-from rankwise.search import Budget
 
 
 def test_mutations_never_exceed_the_parents_spend():

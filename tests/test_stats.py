@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from rankwise import stats
-from rankwise.models import target_linears
+from rankwise.models.blocks import target_linears
+from rankwise.statistics import hooks as stats
 
 
 def by_hand(model, layers, batches, seed):
@@ -39,8 +39,9 @@ def by_hand(model, layers, batches, seed):
                                            ("llama", torch.float32)])
 def test_every_statistic_equals_autograd(family, totals, calib, monkeypatch):
     """float32 totals: the route an accelerator takes (one addmm_ per product), on the CPU."""
-    from conftest import structured_tiny
     from functools import partialmethod
+
+    from conftest import structured_tiny
     monkeypatch.setattr(stats.Sums, "__init__", partialmethod(stats.Sums.__init__, totals))
     model = structured_tiny(family)
     layers = target_linears(model)
@@ -117,7 +118,8 @@ def test_tf32_switch_uses_the_precision_api_and_restores_it():
     torch.backends.cuda.matmul: the new fp32_precision API when present (torch refuses to
     mix it with allow_tf32), the legacy flag otherwise; restored after, even on error."""
     from types import SimpleNamespace
-    from rankwise.stats import tf32_matmuls
+
+    from rankwise.statistics.hooks import tf32_matmuls
     new, old = SimpleNamespace(fp32_precision="ieee"), SimpleNamespace(allow_tf32=False)
     with tf32_matmuls(True, new), tf32_matmuls(True, old):
         assert new.fp32_precision == "tf32" and old.allow_tf32 is True

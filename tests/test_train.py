@@ -4,11 +4,10 @@ import pytest
 import torch
 
 from rankwise import geometry
-from rankwise.train import svt
 from rankwise.errors import RankwiseError
-from rankwise.layers import LowRankLinear
-from rankwise.models import target_linears
-from rankwise.train import FinetuneConfig, LanguageTask, finetune
+from rankwise.models.blocks import target_linears
+from rankwise.models.layers import LowRankLinear
+from rankwise.train import FinetuneConfig, LanguageTask, finetune, svt
 from rankwise.train.prox import (budget_threshold, metric_roots, penalty_weights, removed_loss,
                                  thresholded)
 

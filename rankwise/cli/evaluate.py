@@ -46,5 +46,5 @@ def run(configs) -> None:
         print(line)
     if config.ranks and o.manifest is not None:
         print("  per-layer ranks:")
-        for name, rank in o.manifest["ranks"].items():
+        for name, rank in o.manifest.ranks.items():
             print(f"    {name:50s} {rank}")

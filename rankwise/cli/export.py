@@ -7,11 +7,11 @@ DESCRIPTION = ("Write a rankwise output in another format to --out, for runtimes
 
 
 def option_classes():
-    from ..export import ExportConfig
+    from ..entrypoints.export import ExportConfig
     return [ExportConfig]
 
 
 def run(configs) -> None:
-    from ..export import ExportConfig, export
+    from ..entrypoints.export import ExportConfig, export
     config = configs[ExportConfig]
     print(f"{config.format} export -> {export(config)}")

@@ -7,18 +7,18 @@ DESCRIPTION = ("Round a rankwise output in its own metric and save it to --out i
 
 
 def option_classes():
-    from ..config import StorageConfig
     from ..entrypoints.quantize import QuantizeConfig, QuantizeRun
+    from ..formats.storage import StorageConfig
     return [QuantizeRun, QuantizeConfig, StorageConfig]
 
 
 def run(configs) -> None:
-    from ..config import StorageConfig
     from ..entrypoints.quantize import QuantizeConfig, QuantizeRun, quantize_output
+    from ..formats.storage import StorageConfig
 
-    record = quantize_output(configs[QuantizeRun], configs[QuantizeConfig], configs[StorageConfig])
-    stored = record["storage"]
-    print(f"rounded ({', '.join(stored['grids']) or 'no grid'}): weights "
-          f"{stored['tensor_bytes']:,} bytes, targeted layers "
-          f"{stored['bits_per_targeted_param']:.2f} bits per original parameter -> "
-          f"{record['folder']}")
+    folder, record = quantize_output(configs[QuantizeRun], configs[QuantizeConfig],
+                                     configs[StorageConfig])
+    stored = record.storage
+    print(f"rounded ({', '.join(stored.grids) or 'no grid'}): weights "
+          f"{stored.tensor_bytes:,} bytes, targeted layers "
+          f"{stored.bits_per_targeted_param:.2f} bits per original parameter -> {folder}")

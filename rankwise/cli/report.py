@@ -6,10 +6,10 @@ DESCRIPTION = ("Write one self-contained HTML page comparing rankwise output fol
 
 
 def option_classes():
-    from ..report import ReportConfig
+    from ..evaluation.report import ReportConfig
     return [ReportConfig]
 
 
 def run(configs) -> None:
-    from ..report import ReportConfig, write_report
+    from ..evaluation.report import ReportConfig, write_report
     print(f"report -> {write_report(configs[ReportConfig])}")

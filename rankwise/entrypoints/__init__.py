@@ -1,6 +1,6 @@
 """The pipelines a user runs end to end, from a model spec and config objects to a saved,
 evaluated result; the command-line verbs are thin layers over these."""
-from .compress import CompressRun, CompressOutcome, compress_model
+from .compress import CompressOutcome, CompressRun, compress_model
 from .evaluate import EvalConfig, EvalOutcome, evaluate_model
 from .finetune import finetune_model
 from .heal import HealRun, heal_model

@@ -8,22 +8,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ..compress import Execution, Summary, compress_
-from ..cache import Cache
-from ..config import DEFAULT_CALIBRATION, CalibrationConfig, CompressConfig, StorageConfig
-from ..ct_format import require_package
-from ..data import (Source, mixture_windows, parse_sources, sampling_bytes, without_self,
-                    without_self_if_unsampleable)
+from ..cut.compress import Execution, Summary, check_compressible, compress_
+from ..cut.config import CompressConfig
+from ..data.config import DEFAULT_CALIBRATION, CalibrationConfig
+from ..data.windows import (Source, mixture_windows, parse_sources, sampling_bytes,
+                            without_self, without_self_if_unsampleable)
 from ..errors import RankwiseError
-from ..hf_format import base_model_type
-from ..io import open_model, write_model
-from ..models import (DEVICES, DTYPES, fix_mmap_threshold, model_path, resolve_device,
-                      storage_dtype)
+from ..evaluation.plots import rank_chart
+from ..formats.atomic import Output
+from ..formats.cache import Cache
+from ..formats.folder import open_model, write_model
+from ..formats.hf import base_model_type
+from ..formats.loading import DTYPES, model_path, storage_dtype
+from ..formats.manifest import Manifest
+from ..formats.storage import StorageConfig
+from ..models.host import DEVICES, fix_mmap_threshold, resolve_device
 from ..options import check_bool, check_choice, check_number, option
-from ..outputs import Output
 from ..pipeline import distributed
 from ..pipeline.placement import Placement
-from ..plots import rank_chart
+from ..serving.engines import serving_reports
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +95,7 @@ def _sampling_place(net, sources: list[Source], placement: Placement, seqlen: in
 class CompressOutcome:
     folder: Path
     summary: Summary
-    manifest: dict
+    manifest: Manifest
 
 
 def compress_model(run: CompressRun, config: CompressConfig | None = None,
@@ -109,7 +112,6 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
     out = Output(run.out, "compress", inputs=[model_path(model)])
     stored_dtype = storage_dtype(model, storage.save_dtype)
     if config.rounds:
-        require_package()
         # pricing and rounding free many tensors of a few MB between long-lived ones: with
         # the threshold fixed, resident memory stays flat (1.94 GB against 2.38 for --bits
         # 3.5 on the 135M) for about a fifth more time, so only where a run rounds
@@ -119,6 +121,7 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
     cache = Cache(enabled=run.cache)
     net, tokenizer, source, _ = open_model(model, dtype=run.dtype, cache=cache)
     base_model_type(net.config)          # written into the output: checked before the work
+    check_compressible(net)
     if not run.onload:
         net.to(device)
     chosen = calibration.calib != list(DEFAULT_CALIBRATION)
@@ -134,36 +137,18 @@ def compress_model(run: CompressRun, config: CompressConfig | None = None,
                                             placement, run.scratch,
                                             int(run.park_in_memory * 2 ** 30)))
     net.cpu()
-    manifest = {
-        "source_model": source,
-        "config": config.to_dict(),
-        "achieved_ratio": summary.achieved_ratio,
-        "targeted_params": {"dense": summary.dense_params, "compressed": summary.compressed_params},
-        "calibration": {"sources": drawn,
-                        "windows": calibration.calib_samples, "seqlen": calibration.seqlen,
-                        "seed": calibration.seed, "batch_size": calibration.batch_size,
-                        "tokens": summary.calibration_tokens},
-        "seconds": summary.seconds,
-        "decompositions": summary.decompositions,
-        "bits": summary.bits,
-        "forms": summary.layer_records(config.group_size),
-        "rounding": summary.made.tally.record(config.rounding) if config.rounds else None,
-        "run": {"device": device, "dtype": run.dtype, "onload": run.onload,
-                "spilled_bytes": summary.spilled_bytes, "cache": cache.record},
-    }
-    if summary.refinement:
-        manifest["refinement"] = {str(k): {"before": before, "after": after}
-                                  for k, (before, after) in summary.refinement.items()}
-    if summary.search is not None:
-        manifest["search"] = {"seed_kl": summary.search.seed_fitness, "kl": summary.search.fitness,
-                              "generations": summary.search.generations,
-                              "evaluations": summary.search.evaluations}
+    manifest = Manifest(
+        source_model=source, config=config.to_dict(), **summary.recorded(config),
+        calibration={"sources": drawn, "windows": calibration.calib_samples,
+                     "seqlen": calibration.seqlen, "seed": calibration.seed,
+                     "batch_size": calibration.batch_size, "tokens": summary.calibration_tokens},
+        run={"device": device, "dtype": run.dtype, "onload": run.onload,
+             "spilled_bytes": summary.spilled_bytes, "cache": cache.record},
+        serving=serving_reports(net, stored_dtype))
     if distributed.is_leader():      # under torchrun every rank holds the result; one writes
         with out.writing() as tmp:
             manifest = write_model(tmp, net, manifest, tokenizer, stored_dtype)
             rank_chart(summary.ranks, summary.shapes, tmp / "ranks.png",
-                       f"{config.metric}, {config.allocation}, " + (
-                           f"{summary.bits:.2f} bits" if config.bits is not None else
-                           f"ratio {summary.achieved_ratio:.3f}"))
+                       f"{config.metric}, {config.allocation}, {config.budget.title(summary)}")
     distributed.barrier()
     return CompressOutcome(out.path, summary, manifest)

@@ -11,15 +11,19 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from ..cache import Cache
-from ..data import DOMAINS, evaluation_texts, evaluation_windows, tokenize
-from ..evaluate import HeadInputs, Report, evaluate, head_inputs_of, head_reproduces, parameter_count
-from ..io import EVAL_FILE, MANIFEST, WEIGHTS, dense_source, is_output, open_model, read_manifest
-from ..lm_tasks import STANDARD_ZERO_SHOT, check_tasks, run_tasks
-from ..models import DEVICES, DTYPES, load_model, model_path, release_host_memory, resolve_device
+from ..data.windows import DOMAINS, evaluation_texts, evaluation_windows, tokenize
+from ..evaluation.scoring import (HeadInputs, Report, evaluate, head_inputs_of,
+                                  head_reproduces, parameter_count)
+from ..evaluation.speed import measure_speed
+from ..evaluation.tasks import STANDARD_ZERO_SHOT, check_tasks, run_tasks
+from ..formats.atomic import write_file
+from ..formats.cache import Cache
+from ..formats.folder import (EVAL_FILE, MANIFEST, WEIGHTS, dense_source, is_output,
+                              open_model, read_manifest)
+from ..formats.loading import DTYPES, load_model, model_path
+from ..formats.manifest import Manifest, StorageRecord
+from ..models.host import DEVICES, release_host_memory, resolve_device
 from ..options import check_bool, check_choice, check_int, option
-from ..outputs import write_file
-from ..speed import measure_speed
 from ..version import __version__
 
 log = logging.getLogger(__name__)
@@ -81,7 +85,7 @@ class EvalOutcome:
     source: str
     params: int
     reference_params: int | None
-    manifest: dict | None
+    manifest: Manifest | None
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)            # lm-eval
     reference_tasks: dict[str, dict[str, float]] = field(default_factory=dict)
     speed: dict[str, float] = field(default_factory=dict)     # tokens/s; dense_* for the reference
@@ -95,13 +99,12 @@ class EvalOutcome:
                 "tasks": self.tasks, "reference_tasks": self.reference_tasks, "speed": self.speed}
 
 
-def weights_on_disk(folder: Path, manifest: dict) -> dict[str, float]:
+def weights_on_disk(folder: Path, manifest: Manifest) -> dict[str, float]:
     """The weights file's bytes as the disk holds them, with what the manifest says they
     are (dtype, factors, bits per original targeted parameter; absent for older outputs)."""
-    stored = manifest.get("storage", {})
-    return {"bytes": (folder / WEIGHTS).stat().st_size, "dtype": stored.get("dtype", "float32"),
-            "grids": stored.get("grids", []),
-            "bits_per_targeted_param": stored.get("bits_per_targeted_param")}
+    stored = manifest.storage or StorageRecord("float32")
+    return {"bytes": (folder / WEIGHTS).stat().st_size, "dtype": stored.dtype,
+            "grids": stored.grids, "bits_per_targeted_param": stored.bits_per_targeted_param}
 
 
 def _content(cache: Cache, spec: str | None) -> str:
@@ -124,8 +127,10 @@ def _scored(model, windows: torch.Tensor, reference, keys: dict | None, config: 
     on = {**keys["reference"], "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest()}
     report_key = {**on, "scored": keys["model"], "rankwise": __version__}
     folder = cache.get("report", report_key)
-    if folder is not None:
-        return Report(**json.loads((folder / "report.json").read_text()))
+    kept = None if folder is None else cache.usable(
+        lambda: Report(**json.loads((folder / "report.json").read_text())))
+    if kept is not None:
+        return kept
     report = _against_dense(model, windows, reference, on, config, cache, progress)
     cache.put("report", report_key,
               lambda folder: (folder / "report.json").write_text(json.dumps(asdict(report))))
@@ -138,8 +143,9 @@ def _against_dense(model, windows: torch.Tensor, reference, key: dict, config: E
     user's cache when an earlier run left them (keyed by the reference's content, the
     windows' tokens, the dtype and device kind), else recorded for the next run."""
     folder = cache.get("reference", key)
-    if folder is not None:
-        inputs = load_file(folder / "head_inputs.safetensors")["inputs"]
+    inputs = None if folder is None else cache.usable(
+        lambda: load_file(folder / "head_inputs.safetensors")["inputs"])
+    if inputs is not None and tuple(inputs.shape[:2]) == tuple(windows.shape):
         return evaluate(model, windows, HeadInputs(reference.get_output_embeddings(), inputs),
                         config.batch_size, progress)
     with head_inputs_of(reference) as collected:

@@ -5,16 +5,19 @@ import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..cache import Cache
-from ..data import (CALIBRATION_TEXT, EVALUATION_TEXT, calibration_windows, evaluation_windows,
-                    read_text, tokenize)
-from ..evaluate import Report, evaluate, reference_log_probs
-from ..io import write_model
-from ..models import load_model, model_path, resolve_device, target_linears
+from ..data.windows import (CALIBRATION_TEXT, EVALUATION_TEXT, calibration_windows,
+                            evaluation_windows, read_text, tokenize)
+from ..evaluation.plots import write_training_outputs
+from ..evaluation.scoring import Report, evaluate, reference_log_probs
+from ..formats.atomic import Output
+from ..formats.cache import Cache
+from ..formats.folder import write_model
+from ..formats.loading import load_model, model_path
+from ..formats.manifest import Manifest
+from ..models.blocks import target_linears
+from ..models.host import resolve_device
 from ..options import check_choice, check_int, check_number, option
-from ..outputs import Output, write_file
-from ..plots import training_curves
-from ..train import FinetuneConfig, FinetuneResult, LanguageTask, finetune, history_json
+from ..train import FinetuneConfig, FinetuneResult, LanguageTask, finetune
 from ..train.config import TrainingRun
 from ..train.distill import DistillTask
 
@@ -91,22 +94,14 @@ def finetune_model(run: FinetuneRun, config: FinetuneConfig,
                       checkpoint=run.checkpoint, checkpoint_every=run.checkpoint_every,
                       resume=run.resume, progress=progress)
     report = evaluate(model.cpu(), test, ref, progress=progress)
-    manifest = {"source_model": source, "finetune": asdict(result.config),
-                "objective": run.objective,
-                "achieved_ratio": result.achieved_ratio,
-                "targeted_params": {"dense": result.dense_params, "compressed": result.final_params},
-                "evaluation": {"perplexity": report.perplexity, "kl": report.kl,
-                               "dense_perplexity": report.reference_perplexity},
-                "seconds": {"total": result.seconds}}
+    manifest = Manifest(source_model=source, finetune=asdict(result.config),
+                        objective=run.objective, achieved_ratio=result.achieved_ratio,
+                        targeted_params={"dense": result.dense_params,
+                                         "compressed": result.final_params},
+                        evaluation={"perplexity": report.perplexity, "kl": report.kl,
+                                    "dense_perplexity": report.reference_perplexity},
+                        seconds={"total": result.seconds})
     with out.writing() as tmp:
         write_model(tmp, model, manifest, tokenizer)
         write_training_outputs(result, tmp)
     return FinetuneOutcome(out.path, result, report)
-
-
-def write_training_outputs(result: FinetuneResult, folder: Path) -> None:
-    """history.json (every step's record) and training.png (loss and ranks by step)."""
-    c = result.config
-    write_file(folder / "history.json", history_json(result))
-    training_curves(result.history, result.shapes, folder / "training.png",
-                    f"{c.method}, {c.metric}, ratio {result.achieved_ratio:.3f}")

@@ -1,16 +1,18 @@
 """heal_model: distil a compressed rankwise output back toward its dense teacher."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..cache import Cache
-from ..data import Draw, mixture_windows, parse_sources
+from ..data.windows import Draw, mixture_windows, parse_sources
 from ..errors import RankwiseError
-from ..io import dense_source, is_output, open_model, read_manifest, write_model
-from ..models import load_model, model_path, resolve_device
+from ..formats.atomic import Output
+from ..formats.cache import Cache
+from ..formats.folder import dense_source, is_output, open_model, read_manifest, write_model
+from ..formats.loading import load_model, model_path
+from ..models.host import resolve_device
 from ..options import check_int, option
-from ..outputs import Output
 from ..train.config import TrainingRun
 from ..train.distill import DistillTask
 from ..train.heal import HealConfig, HealResult, heal
@@ -49,7 +51,7 @@ def heal_model(run: HealRun, config: HealConfig, progress: bool = True) -> HealO
     manifest = read_manifest(run.model)
     teacher_spec = run.teacher if run.teacher is not None else dense_source(manifest)
     out = Output(run.out, "heal", inputs=[run.model, model_path(teacher_spec)])
-    specs = run.calib or [s["source"] for s in manifest.get("calibration", {}).get("sources", [])] \
+    specs = run.calib or [s["source"] for s in (manifest.calibration or {}).get("sources", [])] \
         or ["wikitext"]
     sources = parse_sources(specs)
     device = resolve_device(run.device)
@@ -65,11 +67,11 @@ def heal_model(run: HealRun, config: HealConfig, progress: bool = True) -> HealO
     student.to(device)
     result = heal(student, task, config, run.checkpoint, run.checkpoint_every, run.resume,
                   progress)
-    record = {**manifest, "heal": {**asdict(config), "sources": drawn, "steps_done": result.steps,
-                                   "seconds": result.seconds,
-                                   "kl_first": result.losses[0] if result.losses else None,
-                                   "kl_last": result.losses[-1] if result.losses else None,
-                                   "trained_params": result.trained_params}}
+    record = dataclasses.replace(manifest, heal={
+        **asdict(config), "sources": drawn, "steps_done": result.steps, "seconds": result.seconds,
+        "kl_first": result.losses[0] if result.losses else None,
+        "kl_last": result.losses[-1] if result.losses else None,
+        "trained_params": result.trained_params})
     with out.writing() as tmp:
         write_model(tmp, student.cpu(), record, tokenizer)
     return HealOutcome(out.path, result)

@@ -1,24 +1,28 @@
 """quantize_output: round an existing rankwise output, in its own metric, and save it as a
 new output: its layers as they are at --factor-bits, or every layer given the form a
 budget in --bits buys among those its form allows (a factored layer stays factors, of
-its rank or lower). The same compression as `rankwise compress` (rankwise.plans), anchored
+its rank or lower). The same compression as `rankwise compress` (rankwise.cut.plans), anchored
 to the output as it was given."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from ..compress import Execution, compress_
-from ..config import CompressConfig, StorageConfig
-from ..ct_format import quantized_modules, require_package
-from ..data import Draw, mixture_windows, parse_sources
+from ..cut.compress import Execution, check_compressible, compress_
+from ..cut.config import CompressConfig
+from ..data.windows import Draw, mixture_windows, parse_sources
 from ..errors import RankwiseError
-from ..grids import DEFAULT_WEIGHT_BITS, GROUP_SIZES, ROUNDINGS, WEIGHT_BITS
-from ..io import is_output, open_model, read_manifest, write_model
-from ..models import fix_mmap_threshold, model_path, resolve_device
+from ..formats.atomic import Output
+from ..formats.folder import is_output, open_model, read_manifest, write_model
+from ..formats.loading import model_path
+from ..formats.manifest import Manifest
+from ..formats.storage import StorageConfig
+from ..forms.grids import DEFAULT_WEIGHT_BITS, GROUP_SIZES, ROUNDINGS, WEIGHT_BITS
+from ..models.host import fix_mmap_threshold, resolve_device
 from ..options import check_int, option
-from ..outputs import Output
 
 
 @dataclass
@@ -75,35 +79,33 @@ class QuantizeConfig:
 
 
 def quantize_output(run: QuantizeRun, config: QuantizeConfig, storage: StorageConfig,
-                    progress: bool = True) -> dict:
-    """Round run.model as `config` says and write the result to run.out; returns the new
-    manifest."""
+                    progress: bool = True) -> tuple[Path, Manifest]:
+    """Round run.model as `config` says and write the result to run.out; returns the
+    folder and its manifest."""
     model_path(run.model)
     if not is_output(run.model):
         raise RankwiseError(f"{run.model} is not a rankwise output; compress a model first "
                             "(or use rankwise compress --bits / --factor-bits)")
-    require_package()
     compression = config.compression()
     manifest = read_manifest(run.model)
     out = Output(run.out, "quantize", inputs=[run.model])
     fix_mmap_threshold()         # resident memory flat over the walks (models.py says why)
     model, tokenizer, _, _ = open_model(run.model)
-    if quantized_modules(model):
-        raise RankwiseError(f"{run.model} already holds rounded weights; quantize the float "
-                            "output it was made from")
-    stored = manifest.get("storage", {}).get("dtype", "bfloat16")
+    check_compressible(model)
+    stored = manifest.storage.dtype if manifest.storage else "bfloat16"
     dtype = getattr(torch, stored if storage.save_dtype == "auto" else storage.save_dtype)
     # `self` is left out: it would sample the compressed model, not the dense one
-    specs = run.calib or [s["source"] for s in manifest.get("calibration", {}).get("sources", [])]
+    specs = run.calib or [s["source"] for s in (manifest.calibration or {}).get("sources", [])]
     sources = parse_sources([s for s in specs if s != "self"] or ["wikitext"])
     windows, _ = mixture_windows(sources, tokenizer, model,
                                  Draw(run.windows, run.seqlen, run.seed), progress=progress)
     model.to(resolve_device(run.device))
     summary = compress_(model, compression, windows, progress=progress, scale_dtype=dtype,
                         execution=Execution(batch_size=run.batch_size, seed=run.seed))
-    record = {**manifest, "quantized": compression.to_dict(), "bits": summary.bits,
-              "forms": summary.layer_records(compression.group_size),
-              "rounding": summary.made.tally.record(compression.rounding)}
+    recorded = summary.recorded(compression)
+    recorded.pop("seconds")            # the compression's own times stay; decompositions too
+    recorded.pop("decompositions")
+    record = dataclasses.replace(manifest, quantized=compression.to_dict(), **recorded)
     with out.writing() as tmp:
         record = write_model(tmp, model.cpu(), record, tokenizer, dtype)
-    return {"folder": out.path, **record}
+    return out.path, record

@@ -155,6 +155,14 @@ def spectra_many(problems: list[tuple[torch.Tensor, dict]],
             for lam, root in zip(solvers.batched(grams, solvers.eigvalsh), roots)]
 
 
+def metric_totals(problems: list[tuple[torch.Tensor, dict]],
+                  damping: float = DEFAULT_DAMPING) -> list[float]:
+    """Each problem's whole squared norm in its metric, rooted and damped exactly as
+    `decompose_many` roots and damps it: the sum of its spectrum, which a truncation to
+    rank 0 costs (what prices of full-rank errors are compared with truncations in)."""
+    return [float(torch.diagonal(K).sum()) for K in _grams(problems, damping)[2]]
+
+
 def _grams(problems, damping):
     """(forms, the root of the metric side each uses, the Gram matrices) of
     `decompose_many`'s problems: the left form's F W R W^T F^T (L = F^T F), the right

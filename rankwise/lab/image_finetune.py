@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..entrypoints.finetune import write_training_outputs
-from ..models import resolve_device, target_linears
-from ..options import check_int, check_choice, option
-from ..outputs import Output
+from ..evaluation.plots import write_training_outputs
+from ..formats.atomic import Output
+from ..models.blocks import target_linears
+from ..models.host import resolve_device
+from ..options import check_choice, check_int, option
 from ..train import FinetuneConfig, finetune
 from ..train.config import TrainingRun
 from .vision import DATASETS, accuracy, build_model, fit, load_images

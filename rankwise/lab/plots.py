@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..plots import pyplot, save_figure
+from ..evaluation.plots import pyplot, save_figure
 
 
 def recovery_curves(runs: dict[str, list], path: str | Path, title: str = "") -> Path:

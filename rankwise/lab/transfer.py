@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import RankwiseError
-from ..layers import set_module
+from ..models.layers import set_module
 from .vision import History, ImageData, build_model, fit
 
 

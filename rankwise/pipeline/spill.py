@@ -31,8 +31,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RankwiseError
-from ..outputs import left_by_dead_process, owner_tag
-
+from ..formats.atomic import left_by_dead_process, owner_tag
 
 _PREFIX = "rankwise-spill-"
 IN_FLIGHT = 2             # groups copied to the host and waiting for the writer
@@ -77,7 +76,7 @@ class Spill:
         if size and self._kept_bytes() + size <= self.keep_bytes:
             self.kept[group] = {k: t.detach().clone() for k, t in tensors.items()}
             return
-        from safetensors.torch import save_file        # looked up now: a test may stand in
+        from safetensors.torch import save_file  # looked up now: a test may stand in
         host = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
         while len(self._pending) >= IN_FLIGHT:
             self._settle(next(iter(self._pending)))

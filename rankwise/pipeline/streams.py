@@ -19,7 +19,7 @@ For every block holding targeted layers, on the device the placement names:
            stream through the reference (its outputs are the targets already computed).
 Blocks in between without targeted layers carry both streams through unchanged.
 
-The dense reference of a block is what `reference(k, block)` gives (rankwise.compress
+The dense reference of a block is what `reference(k, block)` gives (rankwise.cut.compress
 decides: a copy of the block before its cut, or the layers as they were before the first
 of several cuts). What the walk holds is one block and its reference, three boundaries of
 activations (both streams' inputs and the dense outputs) and one group's sums: the same at
@@ -37,9 +37,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import stats
-from ..layers import factorable_modules
-from ..models import find_blocks, names_by_block, release_host_memory
+from ..models.blocks import find_blocks, names_by_block
+from ..models.host import release_host_memory
+from ..models.layers import factorable_modules
+from ..statistics import hooks as stats
 from .walk import Route, block_inputs, run_block
 
 
@@ -47,7 +48,7 @@ from .walk import Route, block_inputs, run_block
 class GroupInputs:
     """The sums of one input, shared by `names`, over every process's tokens; with token
     weights, per layer given them the covariance with each token weighted by the layer's
-    weight, H = sum_t w_t x_t x_t^T (what rounding reads: rankwise.rounding)."""
+    weight, H = sum_t w_t x_t x_t^T (what rounding reads: rankwise.forms.rounding)."""
     names: list[str]
     cov: torch.Tensor        # C = sum x_c x_c^T (compressed stream)
     cross: torch.Tensor      # X = sum x_c x_d^T (compressed against dense)

@@ -37,10 +37,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import stats
 from ..errors import RankwiseError
-from ..layers import factorable_modules
-from ..models import find_blocks, names_by_block, release_host_memory
+from ..models.blocks import find_blocks, names_by_block
+from ..models.host import release_host_memory
+from ..models.layers import factorable_modules
+from ..statistics import hooks as stats
 from .distributed import Comm
 from .placement import Placement
 from .spill import Spill

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from ..errors import RankwiseError
 from ..geometry import DEFAULT_DAMPING
-from .svt import SHRINKS
-from ..metrics import METRICS
-from ..models import DEVICES, resolve_device
+from ..models.host import DEVICES, resolve_device
 from ..options import check_bool, check_choice, check_int, check_number, option
+from ..statistics.metrics import METRICS
+from .svt import SHRINKS
 
 METHODS = ("factors", "hard", "svt")
 OPTIMIZERS = ("adamw", "sgd")

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import stats
 from ..errors import RankwiseError
+from ..statistics import hooks as stats
 from .tasks import LanguageTask
 
 

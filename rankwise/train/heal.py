@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import RankwiseError
-from ..layers import LowRankLinear
+from ..models.layers import LowRankLinear
 from ..options import check_bool, check_int, check_number, option
 from .config import check_resume
 from .runner import Runner, load_checkpoint, training

@@ -33,14 +33,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .. import allocate, geometry, metrics
-from ..layers import (LowRankLinear, linear_shape, linear_weight, params_at, ranks_of,
-                      set_module)
-from .config import FinetuneConfig, check_resume
-from .runner import Runner, load_checkpoint, training
+from .. import geometry
+from ..forms import allocate
+from ..models.layers import (LowRankLinear, linear_shape, linear_weight, params_at, ranks_of,
+                             set_module)
+from ..statistics import metrics
 from . import svt
+from .config import FinetuneConfig, check_resume
 from .prox import (budget_threshold, cubic_schedule, metric_roots, penalty_weights,
                    removed_loss, thresholded, truncated)
+from .runner import Runner, load_checkpoint, training
 
 log = logging.getLogger(__name__)
 

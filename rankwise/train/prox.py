@@ -13,8 +13,11 @@ import math
 import torch
 from torch import nn
 
-from .. import allocate, geometry, metrics, stats
-from ..layers import params_at
+from .. import geometry
+from ..forms import allocate
+from ..models.layers import params_at
+from ..statistics import hooks as stats
+from ..statistics import metrics
 from . import svt
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .. import geometry
-from ..layers import CorrectedLinear, LowRankLinear
+from ..models.layers import CompositeLinear
 from ..pipeline.distributed import Comm
 from ..pipeline.streams import BlockStream
 from .runner import Runner
@@ -37,10 +37,9 @@ log = logging.getLogger(__name__)
 
 
 def factor_parameters(block: nn.Module) -> list[nn.Parameter]:
-    """The factors of every LowRankLinear and the corrections of every CorrectedLinear in
-    the block (no biases, no norms, no rounded weight)."""
-    return [p for m in block.modules() if isinstance(m, (LowRankLinear, CorrectedLinear))
-            for p in (m.A.weight, m.B.weight)]
+    """The factors of every composite layer in the block (low-rank factors, corrections;
+    no biases, no norms, no rounded weight)."""
+    return [p for m in block.modules() if isinstance(m, CompositeLinear) for p in m.factors()]
 
 
 class _BlockTask:

@@ -20,12 +20,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import RankwiseError
-from ..outputs import write_file
+from ..formats.atomic import write_file
 from ..pipeline.distributed import ONE_PROCESS, Comm
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """`state` to `path` through the one atomic writer (rankwise.outputs.write_file): a
+    """`state` to `path` through the one atomic writer (rankwise.formats.atomic.write_file): a
     checkpoint is the old one or the new one, whichever process writes, and a full disk
     is one sentence."""
     def write(tmp: Path) -> None:

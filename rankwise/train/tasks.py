@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import stats
 from ..errors import RankwiseError
+from ..statistics import hooks as stats
 
 
 class LanguageTask:

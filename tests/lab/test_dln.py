@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from rankwise.lab import dln
 from rankwise.errors import RankwiseError
+from rankwise.lab import dln
 
 
 @pytest.mark.parametrize("d,depth,width", [(20, 3, 4), (50, 4, 10), (7, 2, 3)])

@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 from rankwise.errors import RankwiseError
-from rankwise.lab.transfer import (WIDE_LAYERS, DeepLowRankLinear, compress_wide_, run_transfer,
-                                   spectral_block, two_timescale_groups)
+from rankwise.lab.transfer import (WIDE_LAYERS, DeepLowRankLinear, compress_wide_,
+                                   run_transfer, spectral_block, two_timescale_groups)
 from rankwise.lab.vision import ViT, build_model, load_images
 
 
