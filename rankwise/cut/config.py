@@ -170,8 +170,9 @@ class CompressConfig:
             check_choice("serve", self.serve, ENGINES)
             engine = ENGINES[self.serve]
             if self.factor_bits is not None and self.factor_bits not in engine.native_bits:
-                raise RankwiseError(f"--serve {self.serve} runs {engine.native_bits} bit weights "
-                                    f"packed, not --factor-bits {self.factor_bits}")
+                raise RankwiseError(f"--serve {self.serve} runs " + " and ".join(
+                    f"int{b}" for b in engine.native_bits) + f" weights packed, not "
+                    f"--factor-bits {self.factor_bits}")
 
     @property
     def rounds(self) -> bool:

@@ -99,8 +99,10 @@ class Oneshot(_Plan):
                  calib, originals):
         self.recipe, self.target, self.work, self.calib = recipe, target, work, calib
         rounds = recipe.budget.rounds
-        self.parking = _Parking(work.spill, gradients=False, weights=True, fisher=False) \
-            if rounds else None
+        # the rounding walk reads each token's weight, and each layer's gradient side to
+        # price what rounding its factors changed
+        self.parking = _Parking(work.spill, gradients=bool(recipe.metric.gradients),
+                                weights=True, fisher=False) if rounds else None
         self.chooser = Parked(recipe, target, work, ratio, fitness) \
             if recipe.allocation.needs_spectra and ratio > 0 else \
             Known(_known(target, recipe, ratio))

@@ -175,10 +175,16 @@ class StreamPass:
             else None
 
     def _cut_group(self, group: GroupInputs) -> None:
+        wanted = [n for n in group.names if self.target.needs_fit(n, self.forms[n])]
+        if wanted:
+            self._make(group, wanted)
+        for name in group.names:          # a layer whose factors round reads it once more
+            if not self.forms[name].rounds_factors:
+                self.parked.done(f"gradients.{name}")
+
+    def _make(self, group: GroupInputs, wanted: list[str]) -> None:
+        """The forms of a group's layers that need making, on the inputs it now gets."""
         c, target = self.recipe.config, self.target
-        wanted = [n for n in group.names if target.needs_fit(n, self.forms[n])]
-        if not wanted:
-            return
         root = geometry.cholesky_root(group.cov, c.anchor_damping)
         target.made.damping(wanted, root.damping, c.anchor_damping)
         fit = GroupFit(self.recipe, target, self.work, group, self.forms, self.parked, root)
@@ -189,8 +195,6 @@ class StreamPass:
                                  {n: self.forms[n].rank for n in to_solve})
         for name in wanted:
             self.forms[name].of.make(fit, name, self.forms[name], solved.get(name))
-        for name in group.names:
-            self.parked.done(f"gradients.{name}")
 
     def _refine(self, stream: BlockStream) -> tuple[float, float]:
         c, work = self.recipe.config, self.work
@@ -202,16 +206,28 @@ class StreamPass:
 
     def _round_factors(self, stream: BlockStream) -> None:
         """The block's factors that its forms round, in the covariance of their inputs on
-        the block as it now is; the block's outputs are then computed again."""
+        the block as it now is; what the rounding changed priced in the metric (the
+        layer's gradient side and that covariance) and added to its predicted loss; the
+        block's outputs are then computed again."""
         names = [n for n in stream.names if self.forms[n].rounds_factors]
-        covariances = {}
-        if names and self.recipe.config.rounding == "gptq":
-            covariances = measure_inputs(stream, {n: self.target.layers[n] for n in names},
-                                         {n: self._weights(n) for n in names},
-                                         self.work.route.comm)
+        gptq = self.recipe.config.rounding == "gptq"
+        covariances = measure_inputs(stream, {n: self.target.layers[n] for n in names},
+                                     {n: self._weights(n) for n in names} if gptq else None,
+                                     self.work.route.comm) if names else {}
         for name in stream.names:
             self.parked.done(f"weights.{name}")
         for name in names:
-            self.target.round_factors(name, self.forms[name], covariances.get(name))
+            layer = self.target.layers[name]
+            before = (layer.B.weight @ layer.A.weight).detach().to(torch.float64)
+            self.target.round_factors(name, self.forms[name], covariances[name]["weighted"])
+            after = (layer.B.weight @ layer.A.weight).detach().to(torch.float64)
+            side = {k: v.to(self.work.device) for k, v in
+                    self.parked.last_read(f"gradients.{name}").items()} \
+                if self.recipe.metric.gradients else {}
+            predicted = self.target.made.predicted
+            predicted[name] = predicted.get(name, 0.0) + geometry.metric_totals(
+                [(before - after, dict(left=side.get("grad_cov"),
+                                       right=covariances[name]["plain"]))],
+                self.recipe.config.damping)[0]
         if names:
             stream.outputs = None

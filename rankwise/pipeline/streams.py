@@ -217,17 +217,20 @@ def _token_roots(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def measure_inputs(stream: BlockStream, layers: dict[str, nn.Module],
-                   weights: dict[str, list[torch.Tensor]], comm) -> dict[str, torch.Tensor]:
-    """H = sum_t w_t x_t x_t^T of each of `layers`' inputs (the block's own layers), the
-    block run as it now is on this process's batches of the compressed stream, summed over
-    every process: what the rounding of its factors reads."""
+                   weights: dict[str, list[torch.Tensor]] | None, comm
+                   ) -> dict[str, dict[str, torch.Tensor]]:
+    """Per layer of `layers` (the block's own), the covariance C = sum_t x_t x_t^T of its
+    inputs and, given token weights, H = sum_t w_t x_t x_t^T (what the rounding of its
+    factors reads), the block run as it now is on this process's batches of the
+    compressed stream, summed over every process."""
     sums = stats.Sums()
 
     def hook(name):
         def pre(module, args):
             x = args[0]
-            scaled = x * _token_roots(weights[name][j], x)
-            sums.gram(name, scaled)
+            sums.gram(("plain", name), x)
+            if weights is not None:
+                sums.gram(("weighted", name), x * _token_roots(weights[name][j], x))
         return pre
 
     handles = [layer.register_forward_pre_hook(hook(n)) for n, layer in layers.items()]
@@ -239,4 +242,6 @@ def measure_inputs(stream: BlockStream, layers: dict[str, nn.Module],
         for handle in handles:
             handle.remove()
     comm.all_reduce(sums.totals)
-    return sums.pop()
+    totals = sums.pop()
+    return {name: {"plain": totals[("plain", name)], "weighted": totals.get(("weighted", name))}
+            for name in layers}

@@ -117,6 +117,9 @@ class Plan:
                 group = columns // scale.shape[1]
                 weight = q.float().reshape(rows, -1, group) * scale[:, :, None]
                 yield f"{owner}.weight", weight.reshape(rows, columns).to(self.dtype)
+        if waiting:
+            raise RankwiseError(f"the weights file lacks part of {next(iter(waiting))}'s "
+                                "packed weight (weight_packed, weight_scale, weight_shape)")
 
 
 class _Deferred(LinearMethodBase):
