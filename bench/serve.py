@@ -79,6 +79,42 @@ def measure(folder: str, windows_file: str, rounds: int, dtype: str) -> dict:
     return result
 
 
+def evaluated_perplexity(result: dict, dense: bool) -> float:
+    """WikiText-2 perplexity `rankwise eval` wrote for this folder (float32, same windows), if
+    it was run; for the dense row, the reference perplexity any evaluated output recorded."""
+    path = Path(result.get("reference_eval" if dense else "folder", "")) / "eval.json"
+    if not path.is_file():
+        return float("nan")
+    text = json.loads(path.read_text())["texts"].get("wikitext", {})
+    return text.get("reference_perplexity" if dense else "perplexity", float("nan"))
+
+
+def table(results: list[dict]) -> str:
+    """The markdown table of measured models, dense first, each against the dense row."""
+    dense = next((r for r in results if r["dense"]), None)
+    if dense is None:
+        return "the dense model was not measured, so there is nothing to compare against"
+    for r in results[1:]:
+        dense.setdefault("reference_eval", r["folder"])
+        if not math.isnan(evaluated_perplexity(dense, True)):
+            break
+    rows = [dense["header"],
+            "| model | WikiText-2 ppl | x dense | `rankwise eval` ppl | vLLM / eval | "
+            "RSS after load | x dense | added by the model | prefill b1 | prefill b8 | "
+            "decode b1 | decode b8 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        name = "dense (HF folder)" if r["dense"] else Path(r["folder"]).name
+        evaluated = evaluated_perplexity(r, r["dense"])
+        rows.append(
+            f"| {name} | {r['perplexity']:.3f} | {r['perplexity'] / dense['perplexity']:.3f} | "
+            f"{evaluated:.3f} | {r['perplexity'] / evaluated:.3f} | "
+            f"{r['rss_bytes'] / 2**30:.2f} GiB | {r['rss_bytes'] / dense['rss_bytes']:.2f} | "
+            f"{r['added_bytes'] / 2**30:.2f} GiB | {r['prefill_1']:.0f} | {r['prefill_8']:.0f} | "
+            f"{r['decode_1']:.1f} | {r['decode_8']:.1f} |")
+    return "\n".join(rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--outputs", nargs="*", default=[], help="rankwise output folders")
@@ -87,10 +123,15 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--table", help="print the table of a --json file again (reading each "
+                        "folder's eval.json as it is now) and stop")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)   # internal: one model
     args = parser.parse_args()
     if args.one:
         print("RESULT " + json.dumps(measure(*args.one, args.rounds, args.dtype)), flush=True)
+        return
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
         return
     root = Path(tempfile.mkdtemp(prefix="rankwise-serve-"))
     dense = dense_folder(root)
@@ -98,6 +139,8 @@ def main():
     windows_file.write_text(json.dumps(windows(dense, args.windows, args.seqlen)))
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    header = (f"vLLM {__import__('vllm').__version__}, {args.dtype}, {platform.machine()} "
+              f"{os.cpu_count()} cores; WikiText-2 {args.windows} x {args.seqlen}")
     results = []
     for folder in [str(dense), *args.outputs]:
         run = subprocess.run([sys.executable, __file__, "--one", folder, str(windows_file),
@@ -107,20 +150,10 @@ def main():
         if run.returncode or not lines:
             print(f"{folder}: failed\n{run.stderr[-3000:]}", file=sys.stderr)
             continue
-        results.append(json.loads(lines[-1][len("RESULT "):]))
+        results.append({**json.loads(lines[-1][len("RESULT "):]), "dense": folder == str(dense),
+                        "header": header})
         print(f"measured {folder}", file=sys.stderr, flush=True)
-    dense_ppl = results[0]["perplexity"] if results else float("nan")
-    print(f"vLLM {__import__('vllm').__version__}, {args.dtype}, {platform.machine()} "
-          f"{os.cpu_count()} cores; WikiText-2 {args.windows} x {args.seqlen}")
-    print("| model | WikiText-2 ppl | x dense | RSS after load | added by the model | "
-          "prefill b1 | prefill b8 | decode b1 | decode b8 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        name = "dense (HF folder)" if r["folder"] == str(dense) else Path(r["folder"]).name
-        print(f"| {name} | {r['perplexity']:.3f} | {r['perplexity'] / dense_ppl:.3f} | "
-              f"{r['rss_bytes'] / 2**30:.2f} GiB | {r['added_bytes'] / 2**30:.2f} GiB | "
-              f"{r['prefill_1']:.0f} | {r['prefill_8']:.0f} | {r['decode_1']:.1f} | "
-              f"{r['decode_8']:.1f} |")
+    print(table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
