@@ -88,10 +88,6 @@ class Form:
         return {"form": self.kind, **({"rank": self.rank} if self.rank is not None else {}),
                 "bits": self.bits}
 
-    @classmethod
-    def from_record(cls, record: dict) -> "Form":
-        return cls(record["form"], record.get("rank"), record.get("bits", FLOAT_BITS))
-
 
 class Kind:
     """The behaviour of one form (module docstring). Subclasses set the class attributes

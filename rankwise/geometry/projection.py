@@ -104,10 +104,6 @@ class Decomposition:
         """The damping the metric's root took (None: no root)."""
         return self.root.damping if self.root is not None else None
 
-    def dropped_loss(self, rank: int) -> float:
-        """The metric error of the rank-`rank` approximation: the dropped spectrum's sum."""
-        return float(self.spectrum[rank:].sum())
-
 
 def decompose(W: torch.Tensor, left: torch.Tensor | None = None,
               right: torch.Tensor | None = None, damping: float = DEFAULT_DAMPING, *,

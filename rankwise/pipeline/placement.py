@@ -50,10 +50,6 @@ class Placement:
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, copy=self.copy)
 
-    def to_host(self, t: torch.Tensor) -> torch.Tensor:
-        """A tensor to the CPU memory the walk parks activations in."""
-        return t.to("cpu", copy=self.copy)
-
     @staticmethod
     def _tensors(module: nn.Module) -> list[torch.Tensor]:
         return [*module.parameters(), *module.buffers()]
