@@ -84,8 +84,9 @@ def measure(folder: str, windows_file: str, rounds: int, dtype: str) -> dict:
 def evaluated_perplexity(result: dict, dense: bool) -> float:
     """WikiText-2 perplexity `rankwise eval` wrote for this folder (float32, same windows), if
     it was run; for the dense row, the reference perplexity any evaluated output recorded."""
-    path = Path(result.get("reference_eval" if dense else "folder", "")) / "eval.json"
-    if not path.is_file():
+    folder = result.get("reference_eval" if dense else "folder")
+    path = Path(folder or "") / "eval.json"
+    if folder is None or not path.is_file():
         return float("nan")
     text = json.loads(path.read_text())["texts"].get("wikitext", {})
     return text.get("reference_perplexity" if dense else "perplexity", float("nan"))
@@ -96,10 +97,10 @@ def table(results: list[dict]) -> str:
     dense = next((r for r in results if r["dense"]), None)
     if dense is None:
         return "the dense model was not measured, so there is nothing to compare against"
-    for r in results[1:]:
-        dense.setdefault("reference_eval", r["folder"])
-        if not math.isnan(evaluated_perplexity(dense, True)):
-            break
+    dense["reference_eval"] = next(
+        (r["folder"] for r in results if not r["dense"]
+         and not math.isnan(evaluated_perplexity({**dense, "reference_eval": r["folder"]}, True))),
+        None)
     rows = [dense["header"],
             "| model | WikiText-2 ppl | x dense | `rankwise eval` ppl | vLLM / eval | "
             "RSS after load | x dense | added by loading | "
