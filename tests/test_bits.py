@@ -17,6 +17,7 @@ from rankwise.formats.folder import read_manifest
 from rankwise.formats.manifest import Manifest
 from rankwise.forms.allocate import knapsack
 from rankwise.forms.kinds import CorrectedLinear
+from rankwise.forms.pricing import HeldOut, Pricing, price
 from rankwise.forms.registry import Form, Storage
 from rankwise.forms.rounding import is_quantized
 from rankwise.models.layers import LowRankLinear
@@ -266,8 +267,7 @@ def test_budgets_made_from_one_measurement_equal_their_own_compressions(windows)
                       windows.roll(1, 0), progress=False, measurement=measurement)
 
 
-def test_corrections_exported_as_a_peft_lora_adapter_over_the_rounded_base(made, windows,
-                                                                           tmp_path):
+def test_corrections_exported_as_a_peft_lora_adapter_over_the_rounded_base(windows, tmp_path):
     """`export --format lora`: base/ holds the rounded model without its corrections and
     adapter/ the corrections as LoRA (alpha = r, so PEFT's scale is 1); peft puts them
     together into what the output computes. The dense export merges corrections too.
@@ -277,7 +277,8 @@ def test_corrections_exported_as_a_peft_lora_adapter_over_the_rounded_base(made,
     from transformers import AutoModelForCausalLM
 
     from rankwise.entrypoints.export import ExportConfig, export
-    model, _ = made
+    model, _ = bits_model(windows, forms=["corrected"])
+    assert any(isinstance(m, CorrectedLinear) for m in model.modules())
     folder = save(model, tmp_path / "q", storage=torch.bfloat16)
     lora = export(ExportConfig(model=str(folder), out=str(tmp_path / "lora"), format="lora"))
     dense = export(ExportConfig(model=str(folder), out=str(tmp_path / "dense")))
@@ -301,3 +302,35 @@ def test_an_output_without_corrections_has_no_lora_to_export(tmp_path, windows):
     folder = save(model, tmp_path / "lowrank")
     with pytest.raises(RankwiseError, match="no rounded layer with a low-rank correction"):
         export(ExportConfig(model=str(folder), out=str(tmp_path / "lora"), format="lora"))
+
+
+def test_a_truncation_priced_on_held_out_batches_costs_what_it_costs_out_of_sample():
+    """Tokens drawn from a known input covariance: a truncation's own spectrum prices it on
+    the tokens that chose which directions to drop and undercounts what it costs on the
+    population (about 0.6 of it here); fitted on half the tokens and priced on the other
+    half, its price is the population's, up to sampling noise."""
+    from rankwise import geometry
+    g = torch.Generator().manual_seed(0)
+    m, n, T, r = 48, 64, 96, 16
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    Sigma = Q @ torch.diag(torch.logspace(0, -3, n, dtype=torch.float64)) @ Q.T
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+
+    def draw():
+        X = torch.randn(T, n, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(Sigma).T
+        Y = torch.randn(T, m, generator=g, dtype=torch.float64)       # gradients: G = T I
+        return Y.T @ Y, X.T @ X
+
+    def population(G, C):          # the price of the rank-r cut, in the units of 2T tokens
+        B, A = geometry.decompose(W, left=G, right=C, damping=1e-6).factors(r)
+        E = W - B @ A
+        return (2 * T) ** 2 * float(torch.trace(E @ Sigma @ E.T))
+
+    (Gf, Cf), (Gh, Ch) = draw(), draw()
+    setting = Pricing.of(["lowrank"], [8], 32, "rtn", torch.float16, 1e-6)
+    held = price(W, Gf, Cf, None, HeldOut(Gh, Ch, 4.0), setting).measured["lowrank"][0]
+    inside = price(W, Gf + Gh, Cf + Ch, None, None, setting).measured["lowrank"][0]
+    out_of_sample = float(held[r:].sum()) / population(Gf, Cf)
+    in_sample = float(inside[r:].sum()) / population(Gf + Gh, Cf + Ch)
+    assert in_sample < 0.75
+    assert 0.8 < out_of_sample < 1.25

@@ -199,6 +199,46 @@ def test_walked_statistics_equal_the_whole_models(family, calib):
                     torch.testing.assert_close(other, value, rtol=1e-5, atol=1e-5 * float(value.abs().max()))
 
 
+def test_a_walk_holding_windows_out_sums_them_apart_and_the_totals_are_unchanged(calib):
+    """Every other window held out: the totals over every window are a plain walk's (the
+    same sampled labels), and the held-out sums are those of the odd windows alone (input
+    sides need no labels, so one pass over those windows gives them)."""
+    from rankwise.pipeline.distributed import ONE_PROCESS
+    from rankwise.pipeline.placement import Placement
+    from rankwise.pipeline.spill import Spill
+    from rankwise.pipeline.walk import Route, Wants, walk
+    from rankwise.statistics import hooks as stats
+    model = structured_tiny("llama")
+    layers = target_linears(model)
+    batches = list(calib.split(3))        # odd windows at either end of a batch
+    assert len(batches) >= 3
+
+    def walked(held_out):
+        with Spill() as spill:
+            route = Route(Placement("cpu"), spill, ONE_PROCESS, progress=False)
+            wants = Wants(gradients="full", seed=3, both_sides=True, weighted_inputs=True,
+                          held_out=held_out)
+            return {name: s for block in walk(model, layers, batches, route, wants)
+                    for name, s in block.layers.items()}
+
+    plain, split = walked(False), walked(True)
+    odd = stats.collect(model, layers, [calib[1::2]], gradients=None, both_sides=True,
+                        progress=False)
+    for name, s in split.items():
+        assert plain[name].held_out is None and s.held_out is not None
+        assert s.held_out.tokens == calib[1::2].numel()
+        for kind in ("input_cov", "grad_cov", "weighted_cov"):     # float32 products
+            want = getattr(plain[name], kind)
+            torch.testing.assert_close(getattr(s, kind), want, rtol=1e-4,
+                                       atol=1e-4 * float(want.abs().max()))
+        want = odd[name].input_cov
+        torch.testing.assert_close(s.held_out.input_cov, want, rtol=1e-4,
+                                   atol=1e-4 * float(want.abs().max()))
+        for kind in ("grad_cov", "weighted_cov"):     # a part of the whole, not all of it
+            part, whole = getattr(s.held_out, kind), getattr(s, kind)
+            assert 0 < float(torch.trace(part)) < float(torch.trace(whole))
+
+
 def test_onloaded_compression_equals_the_resident_ones(calib):
     from rankwise.pipeline.placement import Placement
     dense = structured_tiny("llama")

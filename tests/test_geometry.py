@@ -428,3 +428,30 @@ def test_a_full_rank_error_is_priced_in_the_metric_a_truncation_is():
         total = geometry.metric_totals([(W, kw)], 1e-6)[0]
         assert total == pytest.approx(float(geometry.decompose(W, damping=1e-6, **kw)
                                             .spectrum.sum()), rel=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12)], ids=["left form", "right form"])
+def test_truncation_prices_are_the_spectrum_tails_in_sample_and_the_errors_price_out_of_it(shape):
+    """In the statistics it was decomposed in, the price of every rank is its spectrum's
+    tail; in other statistics, the damped price of the explicit error at that rank."""
+    g = torch.Generator().manual_seed(0)
+    m, n = shape
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+
+    def sides():
+        X = torch.randn(40, n, generator=g, dtype=torch.float64)
+        Y = torch.randn(40, m, generator=g, dtype=torch.float64)
+        return Y.T @ Y, X.T @ X
+
+    G, C = sides()
+    d = geometry.decompose(W, left=G, right=C, damping=1e-6)
+    tails = d.spectrum.flip(0).cumsum(0).flip(0)
+    prices = geometry.truncation_prices(d, G, C, 1e-6)
+    assert prices.shape == (min(shape) + 1,) and prices[-1] == 0
+    torch.testing.assert_close(prices[:-1], tails, rtol=1e-9, atol=1e-9 * float(tails[0]))
+    G2, C2 = sides()
+    prices = geometry.truncation_prices(d, G2, C2, 1e-6)
+    for r in (1, 5, min(shape) - 1):
+        B, A = d.factors(r)
+        error = geometry.metric_totals([(W - B @ A, dict(left=G2, right=C2))], 1e-6)[0]
+        assert float(prices[r]) == pytest.approx(error, rel=1e-9)

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import RankwiseError
 from ..forms import allocate
-from ..forms.pricing import Menu, Pricing, unmeasured
+from ..forms.pricing import HeldOut, Menu, Pricing, unmeasured
 from ..forms.registry import Form
 from ..models.layers import LowRankLinear, linear_weight
 from ..pipeline.spill import Spill
@@ -160,10 +160,16 @@ class Priced:
         biased = {n: layers[n].bias is not None for n in block.names}
 
         def problem(name):
-            s = block.layers[name]
-            return (work.to_device(linear_weight(layers[name]).detach()),
-                    s.grad_cov.to(work.device), s.input_cov.to(work.device),
-                    s.weighted_cov.to(work.device) if s.weighted_cov is not None else None)
+            s, device = block.layers[name], work.device
+            held, W = s.held_out, work.to_device(linear_weight(layers[name]).detach())
+            if held is None:
+                return (W, s.grad_cov.to(device), s.input_cov.to(device),
+                        s.weighted_cov.to(device) if s.weighted_cov is not None else None, None)
+            rest = lambda every, out: (every - out).to(device)      # noqa: E731
+            return (W, rest(s.grad_cov, held.grad_cov), rest(s.input_cov, held.input_cov),
+                    rest(s.weighted_cov, held.weighted_cov) if s.weighted_cov is not None else None,
+                    HeldOut(held.grad_cov.to(device), held.input_cov.to(device),
+                            (s.tokens / held.tokens) ** 2))
         work.solver.menus(block.names, problem, self.target.shapes, self.setting, factored,
                           biased, self.menus.update, work.overlap)
 

@@ -166,7 +166,8 @@ class Anchored(_Plan):
         measured = not isinstance(self.choice, Known)
         self.wants = None if measurement is not None and measurement.filled else \
             recipe.wants(work.seed, inputs=measured and metric.inputs, output_fisher=fisher,
-                         both_sides=priced, weighted_inputs=priced, token_weights=rounds)
+                         both_sides=priced, weighted_inputs=priced, token_weights=rounds,
+                         held_out=priced)
 
     def block(self, block: BlockStatistics) -> None:
         self.choice.block(block)

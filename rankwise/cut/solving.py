@@ -100,7 +100,8 @@ class Solver:
     def menus(self, names: list[str], problem, shapes: dict[str, tuple[int, int]],
               setting: pricing.Pricing, factored: dict[str, int | None],
               biased: dict[str, bool], then: Callable[[dict], None], overlap=Inline()) -> None:
-        """{name: Menu} of the layers (problem(name) = (W, G, C, H)) to `then`."""
+        """{name: Menu} of the layers (problem(name) = (W, G, C, H, HeldOut or None):
+        rankwise.forms.pricing.price's arguments) to `then`."""
         def solve(mine, problems):
             return {name: pricing.price(*p, setting, factored[name]).tensors()
                     for name, p in zip(mine, problems)}

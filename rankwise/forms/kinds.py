@@ -6,9 +6,10 @@
   corrected   the weight on a grid plus a float low-rank correction B A of its error
               (EoRA's form; stored like a LoRA adapter over the rounded weight)
 
-Prices are predicted losses in the K-FAC metric (rankwise.forms.pricing): a truncation
-costs its spectrum's tail, a rounding error E costs tr(G E C E^T), a rounded weight plus
-a rank-r correction the tail of E's spectrum beyond r. The factor errors of a low-rank
+Prices are predicted losses in the K-FAC metric, read on held-out calibration batches
+(rankwise.forms.pricing): a truncation costs the error of the directions it drops, a
+rounding error E costs tr(G E C E^T), a rounded weight plus a rank-r correction the error
+of E's directions beyond r. The factor errors of a low-rank
 layer are an estimate: the rank-one terms of the balanced factors at the largest rank,
 each rounded to nearest, cost (B_i^T G B_i)(e_i^T C e_i) for A's row error e_i and
 (f_i^T G f_i)(A_i^T C A_i) for B's column error f_i (cross terms dropped), scaled by what
@@ -31,9 +32,10 @@ from .rounding import round_to_nearest
 CORRECTED_BITS = (4, 3, 2)      # a correction pays only on a weight rounded coarsely
 
 
-def _tails(spectrum: torch.Tensor) -> torch.Tensor:
-    """tail[r] = the sum of spectrum[r:], for r = 0 .. k."""
-    s = spectrum.to(torch.float64).clamp_min(0)
+def _tails(costs: torch.Tensor) -> torch.Tensor:
+    """tail[r] = the sum of costs[r:], for r = 0 .. k: the price of rank r (costs: each
+    direction's, rankwise.forms.pricing.Layer.truncation_costs)."""
+    s = costs.to(torch.float64)
     return torch.cat([s.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
 
 
@@ -100,7 +102,7 @@ class LowRank(Kind):
         rounded = tuple(b for b in widths if b < FLOAT_BITS)
         k = min(layer.shape)
         errors = _factor_errors(layer, rounded, min(layer.cap, k))
-        return [layer.decomposition.spectrum.cpu(),
+        return [layer.truncation_costs(layer.decomposition),
                 *(torch.cat([errors[b], torch.zeros(k - errors[b].numel(), dtype=torch.float64)])
                   for b in rounded)]
 
@@ -246,9 +248,8 @@ class Corrected(Kind):
 
     def measure(self, layer, widths):
         errors = [layer.W - layer.rounded(b) for b in widths]
-        spectra = geometry.spectra_many([(E, dict(left=layer.G, right=layer.C)) for E in errors],
-                                        layer.damping)
-        return [s.values.cpu() for s in spectra]
+        return [layer.truncation_costs(d) for d in geometry.decompose_many(
+            [(E, dict(left=layer.G, right=layer.C)) for E in errors], layer.damping)]
 
     def layout(self, shape, widths):
         return [(min(shape),)] * len(widths)
@@ -284,11 +285,11 @@ def _empty(kind: type[CompositeLinear], linear: nn.Module, rank: int) -> Composi
 
 def _factor_errors(layer, widths: tuple[int, ...], cap: int) -> dict[int, torch.Tensor]:
     """Per direction, the estimated loss of rounding the balanced factors at each width
-    (module docstring)."""
+    (module docstring), in the held-out statistics."""
     if not widths or cap < 1:
         return {b: torch.zeros(0, dtype=torch.float64) for b in widths}
     B, A = layer.decomposition.factors(cap)
-    G, C = layer.G.to(torch.float64), layer.C.to(torch.float64)
+    G, C = layer.held.G.to(torch.float64), layer.held.C.to(torch.float64)
     b_metric = ((G @ B) * B).sum(0)                      # B_i^T G B_i
     a_metric = ((A @ C) * A).sum(1)                      # A_i^T C A_i
     group, dtype, out = layer.pricing.group_size, layer.pricing.scale_dtype, {}
@@ -300,7 +301,7 @@ def _factor_errors(layer, widths: tuple[int, ...], cap: int) -> dict[int, torch.
         E_B = (padded - round_to_nearest(padded, grid, dtype).weight.to(B))[:, :cap]
         from_A = ((E_A @ C) * E_A).sum(1) * b_metric
         from_B = ((G @ E_B) * E_B).sum(0) * a_metric
-        out[bits] = layer.rounding_gain(bits) * (from_A + from_B)
+        out[bits] = layer.held.scale * layer.rounding_gain(bits) * (from_A + from_B)
     return out
 
 

@@ -2,6 +2,17 @@
 K-FAC second-order KL, tr(G E C E^T) for an error E of the weight (G, C the unnormalised
 gradient and input covariances), the units the spectrum allocation already spends.
 
+Prices are read on batches the forms were not fitted on. A truncation priced by its own
+spectrum is priced on the tokens that chose which directions to drop (those they hardly
+use), and so is a rounding compensated in their covariance: on one block of the embedded
+model with 8 calibration windows, each layer cut alone to a third of its rank cost 16 to
+68 times its in-sample price in KL on other text, rounded to nearest at 4 or 3 bits 2 to 4
+times, which sends the budget to whichever form overfits most (docs/design.md). So the walk holds every other calibration batch out
+(rankwise.pipeline.walk's Wants.held_out): each form is fitted (decomposed, rounded) in
+the statistics of the rest and priced in those of the held-out batches (`HeldOut`,
+scaled to every batch's token count); the cut then fits the chosen forms on every batch.
+With a single batch nothing is held out and prices are read in-sample.
+
 `price` measures a layer once for every kind a recipe offers (each kind says what it
 needs: rankwise.forms.kinds), sharing what several need (the layer's K-FAC
 decomposition, its weight rounded at each width the way the cut will round it: GPTQ in the
@@ -71,13 +82,26 @@ class Pricing:
             (other.group_size, other.rounding, other.scale_dtype)
 
 
+@dataclass
+class HeldOut:
+    """The statistics of the held-out batches a layer's forms are priced in, and what their
+    prices are multiplied by to read in every batch's units ((all tokens / held-out
+    tokens)^2: both sides are sums over tokens)."""
+    G: torch.Tensor
+    C: torch.Tensor
+    scale: float
+
+
 class Layer:
-    """One layer's weight and statistics as the kinds measure them, with what several
-    kinds share computed once."""
+    """One layer's weight and the statistics its forms are fitted in (G, C, H), with those
+    they are priced in (`held`; None: the same), as the kinds measure them, with what
+    several kinds share computed once."""
 
     def __init__(self, W: torch.Tensor, G: torch.Tensor, C: torch.Tensor,
-                 H: torch.Tensor | None, pricing: Pricing, factored_rank: int | None):
+                 H: torch.Tensor | None, pricing: Pricing, factored_rank: int | None,
+                 held: HeldOut | None = None):
         self.W, self.G, self.C, self.H = W.to(torch.float64), G, C, H
+        self.held = held or HeldOut(G, C, 1.0)
         self.pricing, self.damping = pricing, pricing.damping
         self.shape = tuple(W.shape)
         self.cap = factored_rank if factored_rank is not None else max_useful_rank(*self.shape)
@@ -110,14 +134,27 @@ class Layer:
         return self._rounded[bits]
 
     def error_price(self, approx: torch.Tensor) -> float:
-        """tr(G E C E^T) of the error E = W - approx (undamped: what ratios of errors read)."""
-        return geometry.metric_error(self.W, approx, self.G, self.C)
+        """tr(G E C E^T) of the error E = W - approx in the held-out statistics, undamped
+        and unscaled (what ratios of errors read)."""
+        return geometry.metric_error(self.W, approx, self.held.G, self.held.C)
 
     def error_prices(self, approximations: list[torch.Tensor]) -> list[float]:
-        """The price of each error W - approx in the metric as the decompositions take it
-        (their damping too), so a full-rank error and a truncation are priced alike."""
-        return geometry.metric_totals([(self.W - a, dict(left=self.G, right=self.C))
-                                       for a in approximations], self.damping)
+        """The price of each error W - approx in the held-out metric as the decompositions
+        take theirs (their damping too), so a full-rank error and a truncation are priced
+        alike."""
+        held = self.held
+        return [held.scale * p for p in geometry.metric_totals(
+            [(self.W - a, dict(left=held.G, right=held.C)) for a in approximations],
+            self.damping)]
+
+    def truncation_costs(self, decomposition: geometry.Decomposition) -> torch.Tensor:
+        """What each further direction kept saves, in the held-out metric: cost[i] = the
+        price of truncating at rank i less that at i + 1, so the tail sum from r is the
+        price of rank r (a decomposition's spectrum, read in-sample; out of sample a
+        direction may even cost: a negative entry)."""
+        held = self.held
+        prices = geometry.truncation_prices(decomposition, held.G, held.C, self.damping)
+        return (held.scale * (prices[:-1] - prices[1:])).cpu()
 
     def rounding_gain(self, bits: int) -> float:
         """What the cut's rounding leaves of round-to-nearest's error at `bits` (1 where
@@ -192,10 +229,12 @@ def unmeasured(shape: tuple[int, int], pricing: Pricing, factored_rank: int | No
 
 
 def price(W: torch.Tensor, G: torch.Tensor, C: torch.Tensor, H: torch.Tensor | None,
-          pricing: Pricing, factored_rank: int | None = None, bias: bool = False) -> Menu:
+          held: HeldOut | None, pricing: Pricing, factored_rank: int | None = None,
+          bias: bool = False) -> Menu:
     """A layer's menu from its weight (B A for factors), G (m x m), C (n x n) and H (n x n;
-    unused for factors), all on one device."""
-    layer = Layer(W, G, C, H, pricing, factored_rank)
+    unused for factors) of the batches its forms are fitted on, and the held-out batches'
+    statistics they are priced in (None: priced in G, C), all on one device."""
+    layer = Layer(W, G, C, H, pricing, factored_rank, held)
     widths = pricing.offered(factored_rank)
     measured = {name: KINDS[name].measure(layer, w) for name, w in widths.items()}
     return Menu(layer.shape, widths, measured, factored_rank, bias)

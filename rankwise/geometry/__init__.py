@@ -24,7 +24,8 @@ Training's singular value thresholding builds on these in rankwise.train.svt.
 """
 from .projection import (Decomposition, Factors, Spectrum, anchored, anchored_target,
                          apply_root, balance, decompose, decompose_many, metric_error,
-                         metric_totals, project, residual_problem, spectra_many, weigh)
+                         metric_totals, project, residual_problem, spectra_many,
+                         truncation_prices, weigh)
 from .roots import (DAMPING_FLOOR, DEFAULT_DAMPING, ROUNDOFF_DAMPING, Root, SharedRoots,
                     cholesky_root, damping_tries, psd_root, raised, triangular_roots)
 from .solvers import EIGH_BATCH, EIGH_COUNT, EIGH_RTOL, EighCount, eigh, eigvalsh
@@ -32,6 +33,6 @@ from .solvers import EIGH_BATCH, EIGH_COUNT, EIGH_RTOL, EighCount, eigh, eigvals
 __all__ = ["DAMPING_FLOOR", "DEFAULT_DAMPING", "Decomposition", "EIGH_BATCH", "EIGH_COUNT",
            "EIGH_RTOL", "EighCount", "Factors", "ROUNDOFF_DAMPING", "Root", "SharedRoots",
            "Spectrum", "anchored", "anchored_target", "apply_root", "balance", "cholesky_root", "damping_tries",
-           "decompose", "decompose_many", "eigh", "eigvalsh", "metric_error", "metric_totals",
+           "decompose", "decompose_many", "eigh", "eigvalsh", "metric_error", "metric_totals", "truncation_prices",
            "project",
            "psd_root", "raised", "residual_problem", "spectra_many", "triangular_roots", "weigh"]

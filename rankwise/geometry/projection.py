@@ -254,6 +254,33 @@ def project(W: torch.Tensor, rank: int, left: torch.Tensor | None = None,
     return Factors(B=B.to(W.dtype), A=A.to(W.dtype), spectrum=d.spectrum)
 
 
+def truncation_prices(d: Decomposition, left: torch.Tensor | None = None,
+                      right: torch.Tensor | None = None, damping: float = DEFAULT_DAMPING
+                      ) -> torch.Tensor:
+    """prices[r], r = 0 .. k: the squared norm in the metric (left, right) of the error
+    W - B_r A_r of d's rank-r approximation, for every r at once (prices[k] = 0).
+
+    With all k terms W = sum_i b_i a_i^T, so the error at rank r is sum_{i >= r} b_i a_i^T
+    and its price sum_{i, j >= r} (b_i^T L b_j)(a_i^T R a_j): the lower-right corner sums
+    of M = (B^T L B) o (A R A^T). The side d's root damps is damped here the way
+    `decompose_many` damps it, so in d's own statistics M is diagonal and the prices are
+    the tail sums of its spectrum. In statistics of tokens the decomposition never saw
+    they are what the truncation costs out of sample, which its own spectrum understates
+    (the directions it drops were chosen as the ones those same tokens hardly use)."""
+    k = d.spectrum.numel()
+    B, A = d.factors(k)
+    side = left if d.left_form else right
+    root = triangular_roots([side], damping)[0] if side is not None else None
+    if d.left_form:
+        FB = apply_root(root, B) if root is not None else B
+        M = (FB.T @ FB) * (A @ weigh(right, A.T))
+    else:
+        FA = apply_root(root, A.T) if root is not None else A.T
+        M = (B.T @ weigh(left, B)) * (FA.T @ FA)
+    corners = M.flip(0, 1).cumsum(0).cumsum(1).flip(0, 1)
+    return torch.cat([corners.diagonal(), M.new_zeros(1)])
+
+
 def balance(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rescale each rank-one term so column i of B and row i of A have equal norms.
 

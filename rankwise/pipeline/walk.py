@@ -71,7 +71,10 @@ class Wants:
     "diag" or "full"; labels sampled with `seed`), each block's output Fisher, both sides
     of every layer whichever is smaller (`both_sides`: C and G, what pricing a rounded
     weight needs), and what rounding reads (`weighted_inputs`: each layer's inputs weighted
-    by its squared output gradient; `token_weights`: those weights themselves)."""
+    by its squared output gradient; `token_weights`: those weights themselves), and whether
+    every other window is held out (`held_out`: their sums kept apart as well, for pricing
+    what is fitted on the rest; the odd windows in calibration order, so each source of a
+    mixture gives both sides; none with a single window)."""
     inputs: bool = True
     gradients: str | None = None
     output_fisher: bool = False
@@ -79,6 +82,17 @@ class Wants:
     both_sides: bool = False
     weighted_inputs: bool = False
     token_weights: bool = False
+    held_out: bool = False
+
+    def held(self, batches: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Per batch, the mask of its windows held out (None: nothing held out)."""
+        starts = [0]
+        for batch in batches:
+            starts.append(starts[-1] + len(batch))
+        if not self.held_out or starts[-1] < 2:
+            return [None] * len(batches)
+        return [(torch.arange(start, start + len(batch)) % 2 == 1)
+                for start, batch in zip(starts, batches)]
 
     @property
     def backward(self) -> bool:
@@ -213,6 +227,8 @@ def walk(model: nn.Module, layers, batches: list[torch.Tensor], route: Route,
     placement, spill, comm = route.placement, route.spill, route.comm
     mine = route.mine(len(batches))
     tokens = sum(b.numel() for b in batches)
+    held = wants.held(batches)
+    held_tokens = sum(b[rows].numel() for b, rows in zip(batches, held) if rows is not None)
     backward = wants.backward
     lowest, highest = targeted[0], targeted[-1]
     last = len(blocks) - 1 if backward else highest
@@ -227,12 +243,14 @@ def walk(model: nn.Module, layers, batches: list[torch.Tensor], route: Route,
                                  on_the_way_back and wants.token_weights)
 
     def handed_over(k, acc, fisher=None):
+        if held_tokens:
+            acc.pair_up()
         comm.all_reduce(acc.sums.totals)
         output_fisher = None
         if fisher is not None:
             comm.all_reduce(fisher.totals)
             output_fisher = fisher.pop()["output_fisher"]
-        return BlockStatistics(k, list(owned[k]), acc.result(tokens), output_fisher)
+        return BlockStatistics(k, list(owned[k]), acc.result(tokens, held_tokens), output_fisher)
 
     was_training = model.training
     model.eval()
@@ -254,7 +272,9 @@ def walk(model: nn.Module, layers, batches: list[torch.Tensor], route: Route,
                             if owned[k] and not backward else None
                         outs = []
                         with torch.no_grad(), (acc.attached() if acc else contextlib.nullcontext()):
-                            for h, r in zip(hidden, rest):
+                            for j, (h, r) in enumerate(zip(hidden, rest)):
+                                if acc:
+                                    acc.held = held[mine[j]]
                                 out, as_tuple = run_block(block, h, r)
                                 outs.append(out)
                         if acc:
@@ -279,6 +299,8 @@ def walk(model: nn.Module, layers, batches: list[torch.Tensor], route: Route,
                     below = []
                     with torch.enable_grad(), (acc.attached() if acc else contextlib.nullcontext()):
                         for j, (r, g) in enumerate(zip(rest, grads)):
+                            if acc:
+                                acc.held = held[mine[j]]
                             if fisher is not None:
                                 fisher.gram("output_fisher", g)
                             h = stored[j].requires_grad_(True)

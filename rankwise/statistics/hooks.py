@@ -46,6 +46,7 @@ class LayerStats:
     grad_diag: torch.Tensor | None = None       # m, diag(G)
     weighted_cov: torch.Tensor | None = None    # n x n, H = sum |g|^2 x x^T (rounding)
     token_weights: list[torch.Tensor] | None = None   # |g_t|^2 per token, one per batch
+    held_out: "LayerStats | None" = None        # the same sums over the held-out batches alone
 
     def matrices(self, kinds: tuple[str, ...] = KINDS) -> dict[str, torch.Tensor | None]:
         return {k: getattr(self, k) for k in kinds}
@@ -150,7 +151,12 @@ class Accumulator:
     things the backward pass gives: `weighted`, the sum H = sum_t |g_t|^2 x_t x_t^T of the
     layer's inputs weighted by the squared gradient at its output, and `token_weights`,
     those |g_t|^2 themselves, per batch (a number a token), for weighing the inputs of a
-    later forward-only walk the same way."""
+    later forward-only walk the same way.
+
+    While `held` is set (a mask over the windows of the batch being run), what the hooks
+    see of the held-out windows goes into sums of its own, and the result gives the totals
+    over every window with the held-out sums beside them (LayerStats.held_out), so what is
+    fitted on the rest can be priced on windows it never saw (rankwise.forms.pricing)."""
 
     def __init__(self, layers: dict[str, nn.Module], leader: dict[str, str], inputs: bool,
                  gradients: str | None, both_sides: bool = False, weighted: bool = False,
@@ -162,6 +168,22 @@ class Accumulator:
         self.weights: dict[str, list[torch.Tensor]] | None = {} if token_weights else None
         self.sums = Sums()
         self.input_cov = {n: self._uses_input_cov(n) for n in layers}
+        self.held: torch.Tensor | None = None
+
+    def _parts(self, x: torch.Tensor, held: torch.Tensor | None):
+        """(whether held out, x's rows of that side) for each side with rows (windows
+        along x's first dimension)."""
+        if held is None:
+            yield False, x
+            return
+        held = held.to(x.device)
+        for side, rows in ((False, ~held), (True, held)):
+            if bool(rows.any()):
+                yield side, x[rows]
+
+    @staticmethod
+    def _key(kind: str, name: str, held: bool) -> tuple:
+        return (kind, name, "held") if held else (kind, name)
 
     def _wide(self, name: str) -> bool:
         m, n = linear_shape(self.layers[name])
@@ -175,9 +197,12 @@ class Accumulator:
         return self.both_sides or any(self._wide(k) for k in group) or \
             n * n <= sum(linear_shape(self.layers[k])[0] ** 2 for k in group)
 
-    def gram(self, kind: str, name: str, x: torch.Tensor) -> None:
-        """Add x^T x over every token of x (..., features) to the (kind, name) sum."""
-        self.sums.gram((kind, name), x)
+    def gram(self, kind: str, name: str, x: torch.Tensor, held: torch.Tensor | None = None
+             ) -> None:
+        """Add x^T x over every token of x (windows, ..., features) to the (kind, name) sum,
+        the windows `held` marks to the held-out one."""
+        for side, part in self._parts(x, held):
+            self.sums.gram(self._key(kind, name, side), part)
 
     def _pre_hook(self, name: str):
         leader, input_cov, wide = self.leader[name], self.input_cov[name], self._wide(name)
@@ -185,11 +210,12 @@ class Accumulator:
         def hook(module, args):
             x = args[0]
             if self.inputs and input_cov and leader == name:
-                self.gram("input_cov", name, x)
+                self.gram("input_cov", name, x, self.held)
             if self.gradients == "full" and wide and x.requires_grad:
                 # a private view, so its gradient is this layer's W^T g alone
                 x = x.view_as(x)
-                x.register_hook(lambda g: self.gram("input_grad_cov", name, g))
+                held = self.held
+                x.register_hook(lambda g: self.gram("input_grad_cov", name, g, held))
                 return (x, *args[1:])
         return hook
 
@@ -199,25 +225,28 @@ class Accumulator:
 
         def hook(module, args, out):
             if self.inputs and not input_cov:
-                self.gram("output_cov", name, out if module.bias is None else out - module.bias)
+                self.gram("output_cov", name, out if module.bias is None else out - module.bias,
+                          self.held)
             if (self.gradients or per_token) and out.requires_grad:
-                x = args[0].detach() if self.weighted else None
-                out.register_hook(lambda g: self._output_grad(name, wide, g, x))
+                x, held = args[0].detach() if self.weighted else None, self.held
+                out.register_hook(lambda g: self._output_grad(name, wide, g, x, held))
         return hook
 
-    def _output_grad(self, name: str, wide: bool, g: torch.Tensor, x: torch.Tensor | None
-                     ) -> None:
+    def _output_grad(self, name: str, wide: bool, g: torch.Tensor, x: torch.Tensor | None,
+                     held: torch.Tensor | None) -> None:
         g = g.detach()
         if self.gradients:
-            self.sums.add(("grad_diag", name), g.float().square().reshape(-1, g.shape[-1]).sum(0))
+            for side, part in self._parts(g, held):
+                self.sums.add(self._key("grad_diag", name, side),
+                              part.float().square().reshape(-1, g.shape[-1]).sum(0))
         if self.gradients == "full" and not wide:
-            self.gram("grad_cov", name, g)
+            self.gram("grad_cov", name, g, held)
         if self.weighted or self.weights is not None:
-            w = g.float().square().sum(-1).reshape(-1)
+            w = g.float().square().sum(-1)
             if self.weights is not None:
-                self.weights.setdefault(name, []).append(w)
+                self.weights.setdefault(name, []).append(w.reshape(-1))
             if self.weighted:
-                self.gram("weighted_cov", name, x.reshape(-1, x.shape[-1]).float() * w.sqrt()[:, None])
+                self.gram("weighted_cov", name, x.float() * w.sqrt()[..., None], held)
 
     @contextlib.contextmanager
     def attached(self):
@@ -231,18 +260,40 @@ class Accumulator:
             for h in handles:
                 h.remove()
 
-    def result(self, tokens: int) -> dict[str, LayerStats]:
-        """Per-layer statistics; the accumulator lets go of them."""
+    def pair_up(self) -> None:
+        """Give every sum its held-out twin and every held-out sum its twin over the rest
+        (zeros where this process saw no such batch), so that processes whose batches fell
+        on one side only still hold the same sums to add up."""
+        totals = self.sums.totals
+        for key in list(totals):
+            twin = key[:2] if key[2:] == ("held",) else (*key, "held")
+            if twin not in totals:
+                totals[twin] = torch.zeros_like(totals[key])
+
+    def result(self, tokens: int, held_tokens: int = 0) -> dict[str, LayerStats]:
+        """Per-layer statistics over every batch (`tokens`), with those of the held-out
+        batches (`held_tokens`) beside them when any were; the accumulator lets go of
+        them. A statistic shared by a group of layers stays one object."""
         out, sums = {}, self.sums.pop()
+        held = {key[:2]: value for key, value in sums.items() if key[2:] == ("held",)}
+        every = {key: value for key, value in sums.items() if key[2:] != ("held",)}
+        for key, value in held.items():
+            every[key] = every[key] + value if key in every else value
         for name in self.layers:
-            s = LayerStats(tokens=tokens)
-            s.input_cov = sums.get(("input_cov", self.leader[name]))
-            for kind in ("output_cov", *GRADIENT_SIDE, "weighted_cov"):
-                setattr(s, kind, sums.get((kind, name)))
+            s = self._stats(every, name, tokens)
+            if held:
+                s.held_out = self._stats(held, name, held_tokens)
             if self.weights is not None:
                 s.token_weights = self.weights.pop(name, [])
             out[name] = s
         return out
+
+    def _stats(self, sums: dict, name: str, tokens: int) -> LayerStats:
+        s = LayerStats(tokens=tokens)
+        s.input_cov = sums.get(("input_cov", self.leader[name]))
+        for kind in ("output_cov", *GRADIENT_SIDE, "weighted_cov"):
+            setattr(s, kind, sums.get((kind, name)))
+        return s
 
 
 def sample_logit_gradient(logits: torch.Tensor, generator: torch.Generator,
