@@ -118,3 +118,17 @@ def test_bad_rounding_options_are_one_sentence(bad, message):
         Grid(1, None)
     with pytest.raises(RankwiseError, match="save_dtype"):
         StorageConfig(save_dtype="int4")
+
+
+def test_a_scale_clips_an_outlier_when_that_leaves_less_error_and_never_more_than_the_maximum():
+    """The scale is the least-error one among the largest magnitude and clipped versions of
+    it: never worse than the largest magnitude's step, and clipping a row with one outlier."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, generator=g)
+    w[0, 0] = 12.0                                          # one outlier in row 0
+    grid = Grid(3, 64)
+    chosen = grid.scale(w, torch.float16)
+    widest = (w.abs().amax(1) / grid.qmax).half().float()
+    left = lambda step: (w - grid.round(w, step)).square().sum(1)      # noqa: E731
+    assert (left(chosen) <= left(widest) + 1e-6).all()
+    assert chosen[0] < widest[0] and float(left(chosen).sum()) < float(left(widest).sum())
