@@ -199,7 +199,8 @@ def test_walked_statistics_equal_the_whole_models(family, calib):
                     torch.testing.assert_close(other, value, rtol=1e-5, atol=1e-5 * float(value.abs().max()))
 
 
-def test_a_walk_holding_windows_out_sums_them_apart_and_the_totals_are_unchanged(calib):
+@pytest.mark.parametrize("family", ["llama", "opt"])      # OPT's feed-forward flattens tokens
+def test_a_walk_holding_windows_out_sums_them_apart_and_the_totals_are_unchanged(family, calib):
     """Every other window held out: the totals over every window are a plain walk's (the
     same sampled labels), and the held-out sums are those of the odd windows alone (input
     sides need no labels, so one pass over those windows gives them)."""
@@ -208,7 +209,7 @@ def test_a_walk_holding_windows_out_sums_them_apart_and_the_totals_are_unchanged
     from rankwise.pipeline.spill import Spill
     from rankwise.pipeline.walk import Route, Wants, walk
     from rankwise.statistics import hooks as stats
-    model = structured_tiny("llama")
+    model = structured_tiny(family)
     layers = target_linears(model)
     batches = list(calib.split(3))        # odd windows at either end of a batch
     assert len(batches) >= 3

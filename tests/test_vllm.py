@@ -25,7 +25,8 @@ from rankwise.serving.engines import DEQUANTIZED, ENGINES, PACKED, REPACKED  # n
 # bfloat16 resolves logits of the size these models make (their head sharpened tenfold, so
 # greedy choices are decided) to about 0.06; observed at most 0.065
 LOGPROB_TOLERANCE = 0.15
-PROMPTS = [[1, 5, 9, 30, 2, 77, 120, 4], [3, 4, 5, 6, 7, 8]]
+PROMPTS = [[1, 5, 9, 30, 2, 77, 120, 4], [3, 4, 5, 6, 7, 8], [12, 40, 7, 99, 150, 3],
+           [200, 17, 64, 8, 31], [5, 61, 140, 22, 90, 11, 6], [250, 2, 33, 48]]
 # sizes vLLM's CPU kernels take: head_dim 32, widths multiples of 32
 SHAPES = {"opt": dict(hidden_size=128, ffn_dim=256, num_attention_heads=4,
                       word_embed_proj_dim=128)}

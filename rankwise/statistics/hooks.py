@@ -171,11 +171,14 @@ class Accumulator:
         self.held: torch.Tensor | None = None
 
     def _parts(self, x: torch.Tensor, held: torch.Tensor | None):
-        """(whether held out, x's rows of that side) for each side with rows (windows
-        along x's first dimension)."""
+        """(whether held out, x's rows of that side) for each side with rows: windows along
+        x's first dimension, or their tokens where a block has flattened them (OPT's
+        feed-forward reads (windows x tokens, features))."""
         if held is None:
             yield False, x
             return
+        if x.shape[0] != held.numel():
+            held = held.repeat_interleave(x.shape[0] // held.numel())
         held = held.to(x.device)
         for side, rows in ((False, ~held), (True, held)):
             if bool(rows.any()):
