@@ -304,7 +304,7 @@ def test_an_output_without_corrections_has_no_lora_to_export(tmp_path, windows):
         export(ExportConfig(model=str(folder), out=str(tmp_path / "lora"), format="lora"))
 
 
-def test_a_truncation_priced_on_held_out_batches_costs_what_it_costs_out_of_sample():
+def test_a_truncation_priced_on_held_out_tokens_costs_what_it_costs_out_of_sample():
     """Tokens drawn from a known input covariance: a truncation's own spectrum prices it on
     the tokens that chose which directions to drop and undercounts what it costs on the
     population (about 0.6 of it here); fitted on half the tokens and priced on the other

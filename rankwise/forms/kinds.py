@@ -6,7 +6,7 @@
   corrected   the weight on a grid plus a float low-rank correction B A of its error
               (EoRA's form; stored like a LoRA adapter over the rounded weight)
 
-Prices are predicted losses in the K-FAC metric, read on held-out calibration batches
+Prices are predicted losses in the K-FAC metric, read on held-out calibration windows
 (rankwise.forms.pricing): a truncation costs the error of the directions it drops, a
 rounding error E costs tr(G E C E^T), a rounded weight plus a rank-r correction the error
 of E's directions beyond r. The factor errors of a low-rank

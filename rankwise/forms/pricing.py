@@ -2,16 +2,17 @@
 K-FAC second-order KL, tr(G E C E^T) for an error E of the weight (G, C the unnormalised
 gradient and input covariances), the units the spectrum allocation already spends.
 
-Prices are read on batches the forms were not fitted on. A truncation priced by its own
+Prices are read on calibration windows the forms were not fitted on. A truncation priced by its own
 spectrum is priced on the tokens that chose which directions to drop (those they hardly
 use), and so is a rounding compensated in their covariance: on one block of the embedded
 model with 8 calibration windows, each layer cut alone to a third of its rank cost 16 to
 68 times its in-sample price in KL on other text, rounded to nearest at 4 or 3 bits 2 to 4
-times, which sends the budget to whichever form overfits most (docs/design.md). So the walk holds every other calibration batch out
-(rankwise.pipeline.walk's Wants.held_out): each form is fitted (decomposed, rounded) in
-the statistics of the rest and priced in those of the held-out batches (`HeldOut`,
-scaled to every batch's token count); the cut then fits the chosen forms on every batch.
-With a single batch nothing is held out and prices are read in-sample.
+times, which sends the budget to whichever form overfits most (docs/design.md). So the
+walk holds every other calibration window out (rankwise.pipeline.walk's Wants.held_out):
+each form is fitted (decomposed, rounded) in the statistics of the rest and priced in
+those of the held-out windows (`HeldOut`, scaled to every window's token count); the cut
+then fits the chosen forms on every window. With a single window nothing is held out and
+prices are read in-sample.
 
 `price` measures a layer once for every kind a recipe offers (each kind says what it
 needs: rankwise.forms.kinds), sharing what several need (the layer's K-FAC
@@ -84,8 +85,8 @@ class Pricing:
 
 @dataclass
 class HeldOut:
-    """The statistics of the held-out batches a layer's forms are priced in, and what their
-    prices are multiplied by to read in every batch's units ((all tokens / held-out
+    """The statistics of the held-out windows a layer's forms are priced in, and what their
+    prices are multiplied by to read in every window's units ((all tokens / held-out
     tokens)^2: both sides are sums over tokens)."""
     G: torch.Tensor
     C: torch.Tensor
@@ -232,7 +233,7 @@ def price(W: torch.Tensor, G: torch.Tensor, C: torch.Tensor, H: torch.Tensor | N
           held: HeldOut | None, pricing: Pricing, factored_rank: int | None = None,
           bias: bool = False) -> Menu:
     """A layer's menu from its weight (B A for factors), G (m x m), C (n x n) and H (n x n;
-    unused for factors) of the batches its forms are fitted on, and the held-out batches'
+    unused for factors) of the windows its forms are fitted on, and the held-out windows'
     statistics they are priced in (None: priced in G, C), all on one device."""
     layer = Layer(W, G, C, H, pricing, factored_rank, held)
     widths = pricing.offered(factored_rank)

@@ -46,7 +46,7 @@ class LayerStats:
     grad_diag: torch.Tensor | None = None       # m, diag(G)
     weighted_cov: torch.Tensor | None = None    # n x n, H = sum |g|^2 x x^T (rounding)
     token_weights: list[torch.Tensor] | None = None   # |g_t|^2 per token, one per batch
-    held_out: "LayerStats | None" = None        # the same sums over the held-out batches alone
+    held_out: "LayerStats | None" = None        # the same sums over the held-out windows alone
 
     def matrices(self, kinds: tuple[str, ...] = KINDS) -> dict[str, torch.Tensor | None]:
         return {k: getattr(self, k) for k in kinds}
