@@ -23,7 +23,7 @@ Columns: stored bits per original targeted parameter (as the weights file holds 
 perplexity and its ratio to dense on WikiText-2, pydoc and code; KL and top-1 on WikiText-2;
 the weights file's bytes (embeddings and norms included, bfloat16); compress seconds.
 
-    python bench/bytes.py [--bits 3.0 3.5 4.0 4.25 4.5] [--mixed 3.75 4.25] [--uniform 8 4 3]
+    python bench/bytes.py [--bits 3.0 3.5 4.25] [--mixed 4.25] [--uniform 4]
                           [--hqq 128 64] [--calib-samples 16] [--windows 10]
                           [--png docs/figures/bytes.png]
 """
@@ -51,10 +51,10 @@ from rankwise.formats.manifest import Manifest
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bits", nargs="*", type=float, default=[3.0, 3.5, 4.0, 4.25, 4.5])
-    p.add_argument("--mixed", nargs="*", type=float, default=[3.75, 4.25],
+    p.add_argument("--bits", nargs="*", type=float, default=[3.0, 3.5, 4.25])
+    p.add_argument("--mixed", nargs="*", type=float, default=[4.25],
                    help="mixed-precision budgets (the least they make is about 3.3 bits)")
-    p.add_argument("--uniform", nargs="*", type=int, default=[8, 4, 3])
+    p.add_argument("--uniform", nargs="*", type=int, default=[4])
     p.add_argument("--hqq", nargs="*", type=int, default=[128, 64],
                    help="HQQ 4-bit group sizes (pip install hqq)")
     p.add_argument("--calib-samples", type=int, default=16, help="calibration windows of 512")
