@@ -81,7 +81,10 @@ def compression_peak(blocks: int, placement: Placement, overlap=overlap_for, **c
 def test_peak_memory_does_not_grow_with_depth(copy, config):
     placement = Placement("cpu", copy=copy)
     compression_peak(2, placement, **config)            # first-time allocations of the runtime
-    shallow, deep = (compression_peak(n, placement, **config) for n in (2, 8))
+    # a sampled peak can only fall short of the true one (a transient the watcher did not
+    # see: once 5 MB short in a full-suite run), so the shallow peak is the larger of two
+    shallow = max(compression_peak(2, placement, **config) for _ in range(2))
+    deep = compression_peak(8, placement, **config)
     # each of the 6 extra blocks holds ~6 MB of statistics and ~2.6 MB of factors: keeping
     # them all would add ~50 MB; one block's worth of slack is allowed
     assert deep <= shallow + 4e6, (shallow, deep)
