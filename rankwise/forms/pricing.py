@@ -2,17 +2,17 @@
 K-FAC second-order KL, tr(G E C E^T) for an error E of the weight (G, C the unnormalised
 gradient and input covariances), the units the spectrum allocation already spends.
 
-Prices are read on calibration windows the forms were not fitted on. A truncation priced by its own
-spectrum is priced on the tokens that chose which directions to drop (those they hardly
-use), and so is a rounding compensated in their covariance: on one block of the embedded
-model with 8 calibration windows, each layer cut alone to a third of its rank cost 16 to
-68 times its in-sample price in KL on other text, rounded to nearest at 4 or 3 bits 2 to 4
-times, which sends the budget to whichever form overfits most (docs/design.md). So the
-walk holds every other calibration window out (rankwise.pipeline.walk's Wants.held_out):
-each form is fitted (decomposed, rounded) in the statistics of the rest and priced in
-those of the held-out windows (`HeldOut`, scaled to every window's token count); the cut
-then fits the chosen forms on every window. With a single window nothing is held out and
-prices are read in-sample.
+Prices are read on calibration windows the forms were not fitted on. A truncation priced
+by its own spectrum is priced on the tokens that chose which directions to drop (those
+they hardly use), and so is a rounding compensated in their covariance: on one block of
+the embedded model with 8 calibration windows, each layer cut alone to a third of its
+rank cost 16 to 68 times its in-sample price in KL on other text, rounded to nearest at 4
+or 3 bits 2 to 4 times, which sends the budget to whichever form overfits most
+(docs/design.md). So the walk holds every other calibration window out
+(rankwise.pipeline.walk's Wants.held_out): each form is fitted (decomposed, rounded) in
+the statistics of the rest and priced in those of the held-out windows (`HeldOut`, scaled
+to every window's token count); the cut then fits the chosen forms on every window. With
+a single window nothing is held out and prices are read in-sample.
 
 `price` measures a layer once for every kind a recipe offers (each kind says what it
 needs: rankwise.forms.kinds), sharing what several need (the layer's K-FAC
